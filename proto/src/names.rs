@@ -1,0 +1,106 @@
+//! Names that cross pods: NATS subjects and stream, Redis keys, route scripts.
+//!
+//! Services never `format!` one of these inline; a rename here is a protocol change.
+
+use std::time::Duration;
+
+/// The JetStream stream that carries uplink envelopes from edges to workers.
+pub const UPLINK_STREAM: &str = "TCPC_UPLINK";
+/// Every subject of [`UPLINK_STREAM`].
+pub const UPLINK_SUBJECTS: &str = "tcpc.up.>";
+/// Default number of device partitions. Edges and workers must agree on it.
+pub const DEFAULT_PARTITIONS: u32 = 16;
+/// JetStream de-duplication window: a publish retried within it is stored once.
+pub const UPLINK_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The subject a device's envelopes go to: one per partition, so that a partition's
+/// consumer sees each device's envelopes in order.
+pub fn uplink_subject(partition: u32) -> String {
+    format!("tcpc.up.{partition}")
+}
+
+/// The partition of a device: FNV-1a of its id, stable across builds and languages.
+pub fn partition_of(device_id: &str, partitions: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in device_id.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions.max(1)
+}
+
+/// JetStream message id of an envelope: connection id and sequence, so that a retried
+/// publish is stored once.
+pub fn uplink_message_id(connection_id: &str, sequence: u64) -> String {
+    format!("{connection_id}-{sequence}")
+}
+
+/// Request/reply subject of device authentication (edge asks, a worker answers).
+pub const AUTH_SUBJECT: &str = "tcpc.auth";
+/// Queue group of the auth responders, so that exactly one worker answers.
+pub const AUTH_QUEUE_GROUP: &str = "tcpc-auth";
+
+/// Redis hash holding a device's route: fields [`ROUTE_CONNECTION`], [`ROUTE_POD`],
+/// [`ROUTE_GRPC_ADDR`], [`ROUTE_SINCE_MS`].
+pub fn route_key(device_id: &str) -> String {
+    format!("tcpc:route:{device_id}")
+}
+/// Route field: the connection id, the fence.
+pub const ROUTE_CONNECTION: &str = "conn";
+/// Route field: the edge pod's name.
+pub const ROUTE_POD: &str = "pod";
+/// Route field: where workers reach that pod's gRPC.
+pub const ROUTE_GRPC_ADDR: &str = "addr";
+/// Route field: when the route was written, Unix milliseconds.
+pub const ROUTE_SINCE_MS: &str = "since";
+
+/// Redis key that exists while an edge pod is alive (value: its gRPC address). A route
+/// whose pod has no liveness key belongs to a dead pod.
+pub fn pod_liveness_key(pod: &str) -> String {
+    format!("tcpc:pod:{pod}")
+}
+/// How long a liveness key lives without refresh.
+pub const POD_LIVENESS_TTL: Duration = Duration::from_secs(15);
+/// How often a live pod refreshes its key.
+pub const POD_LIVENESS_REFRESH: Duration = Duration::from_secs(5);
+
+/// Writes a route, replacing any older one; returns the connection id it replaced (or
+/// nil). KEYS[1] route key; ARGV conn, pod, addr, since.
+pub const ROUTE_REGISTER_SCRIPT: &str = r#"
+local old = redis.call('HGET', KEYS[1], 'conn')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'conn', ARGV[1], 'pod', ARGV[2], 'addr', ARGV[3], 'since', ARGV[4])
+return old
+"#;
+
+/// Deletes a route only if it still names this connection (the fence): a late close on
+/// an old pod never deletes a newer route. Returns 1 if deleted. KEYS[1] route key;
+/// ARGV[1] conn.
+pub const ROUTE_REMOVE_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], 'conn') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_fnv1a() {
+        // FNV-1a 32 of "a" is 0xe40c292c; pinned so that a change of hash is noticed.
+        assert_eq!(partition_of("a", u32::MAX), 0xe40c_292c % u32::MAX);
+        assert_eq!(partition_of("device", 1), 0);
+        assert!(partition_of("6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10", 16) < 16);
+        assert_eq!(partition_of("x", 0), 0, "zero partitions is treated as one");
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(uplink_subject(3), "tcpc.up.3");
+        assert_eq!(uplink_message_id("c1", 7), "c1-7");
+        assert_eq!(route_key("d"), "tcpc:route:d");
+        assert_eq!(pod_liveness_key("edge-0"), "tcpc:pod:edge-0");
+    }
+}
