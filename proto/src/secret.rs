@@ -32,10 +32,8 @@ mod tests {
 
     #[test]
     fn auth_request_debug_never_shows_the_token() {
-        let request = crate::v1::AuthRequest {
-            access_token: "secret-token-value".into(),
-            ..Default::default()
-        };
+        let request =
+            crate::v1::AuthRequest { access_token: "secret-token-value".into(), ..Default::default() };
         let shown = format!("{request:?}");
         assert!(!shown.contains("secret-token-value"), "{shown}");
         assert!(shown.contains("secr…(18 chars)"), "{shown}");

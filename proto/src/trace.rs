@@ -44,16 +44,12 @@ pub fn extract<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Context {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry::trace::{
-        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-    };
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
     use std::collections::HashMap;
 
     #[test]
     fn round_trips_through_a_header_map() {
-        global::set_text_map_propagator(
-            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-        );
+        global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
         let span = SpanContext::new(
             TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
             SpanId::from_hex("00f067aa0ba902b7").unwrap(),
@@ -66,10 +62,7 @@ mod tests {
         inject(&cx, |k, v| {
             headers.insert(k.to_owned(), v);
         });
-        assert_eq!(
-            headers[TRACEPARENT],
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        );
+        assert_eq!(headers[TRACEPARENT], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let back = extract(|k| headers.get(k).map(String::as_str));
         assert_eq!(back.span().span_context().trace_id(), span.trace_id());
         assert_eq!(back.span().span_context().span_id(), span.span_id());

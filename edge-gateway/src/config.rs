@@ -1,0 +1,196 @@
+//! Edge-gateway configuration: every flag has an env var; durations and sizes are parsed
+//! once at start-up and cross-checked in [`Config::validate`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log collectors).
+    Json,
+    /// Human-readable lines (for terminals).
+    Pretty,
+}
+
+/// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
+/// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "edge-gateway", version, about, long_about = None)]
+pub struct Config {
+    /// Listener for the official TP protocol.
+    #[arg(long, env = "EDGE_OFFICIAL_LISTEN", default_value = "0.0.0.0:7653")]
+    pub official_listen: SocketAddr,
+    /// Listener for the custom (pass-through) protocol.
+    #[arg(long, env = "EDGE_CUSTOM_LISTEN", default_value = "0.0.0.0:7654")]
+    pub custom_listen: SocketAddr,
+    /// gRPC listener of the EdgeGateway service (workers deliver downlinks here).
+    #[arg(long, env = "EDGE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+    /// host:port at which workers reach this pod's gRPC (default: the gRPC listener,
+    /// with 127.0.0.1 for an unspecified address).
+    #[arg(long, env = "EDGE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// This pod's name: the owner recorded in routes (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prometheus metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
+    pub metrics_listen: SocketAddr,
+
+    /// Connections this pod holds at most; more are refused.
+    #[arg(long, env = "EDGE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Largest frame payload (TP LENGTH) or custom message, e.g. 65536 or 64KiB.
+    #[arg(long, env = "EDGE_MAX_FRAME", default_value = "64KiB", value_parser = parse_size)]
+    pub max_frame: usize,
+    /// Time from connect to a successful authentication.
+    #[arg(long, env = "EDGE_AUTH_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub auth_timeout: Duration,
+    /// A connection that sends no frame for this long is closed (3x a 60 s heartbeat).
+    #[arg(long, env = "EDGE_IDLE_TIMEOUT", default_value = "180s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Messages per second one connection may send; past it the edge stops reading that
+    /// socket until the budget refills (0 = unlimited).
+    #[arg(long, env = "EDGE_RATE_LIMIT", default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// Messages one connection may send in a burst above the rate.
+    #[arg(long, env = "EDGE_RATE_BURST", default_value_t = 1000)]
+    pub rate_burst: u32,
+    /// Publishes of one connection awaiting JetStream's ack; past it the edge stops
+    /// reading that socket.
+    #[arg(long, env = "EDGE_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
+    /// Downlinks queued for one connection; past it a delivery fails at once.
+    #[arg(long, env = "EDGE_DOWNLINK_QUEUE", default_value_t = 64)]
+    pub downlink_queue: usize,
+    /// Deadline of a write to a device.
+    #[arg(long, env = "EDGE_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+    /// Deadline of a publish to JetStream, and of each Redis call.
+    #[arg(long, env = "EDGE_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+    /// Custom protocol: a silence this long after the first bytes ends the AccessToken
+    /// (devices that send no newline).
+    #[arg(long, env = "EDGE_TOKEN_GAP", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub token_gap: Duration,
+    /// Custom protocol: longest AccessToken line.
+    #[arg(long, env = "EDGE_MAX_TOKEN", default_value_t = 256)]
+    pub max_token: usize,
+    /// Device partitions of the uplink stream (must match the workers').
+    #[arg(long, env = "EDGE_UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
+    pub uplink_partitions: u32,
+    /// On SIGTERM, connections are closed spread over this window so that the fleet
+    /// reconnects elsewhere without a thundering herd.
+    #[arg(long, env = "EDGE_DRAIN_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Cross-field checks; a message for the operator when the configuration cannot work.
+    ///
+    /// # Errors
+    /// The first inconsistency found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: &str| Err(ConfigError(message.to_owned()));
+        if self.max_connections == 0 {
+            return fail("--max-connections must be at least 1");
+        }
+        if self.max_frame == 0 || self.max_frame > u32::MAX as usize {
+            return fail("--max-frame must be between 1 byte and 4 GiB");
+        }
+        if self.max_in_flight == 0 || self.downlink_queue == 0 {
+            return fail("--max-in-flight and --downlink-queue must be at least 1");
+        }
+        if self.uplink_partitions == 0 {
+            return fail("--uplink-partitions must be at least 1");
+        }
+        if self.auth_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return fail("--auth-timeout and --idle-timeout must be positive");
+        }
+        if self.rate_limit > 0 && self.rate_burst == 0 {
+            return fail("--rate-burst must be at least 1 when --rate-limit is set");
+        }
+        Ok(())
+    }
+
+    /// This pod's name: --pod-name, else the host name.
+    pub fn pod(&self) -> String {
+        self.pod_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_else(|_| "edge".to_owned())
+        })
+    }
+
+    /// Where workers reach this pod's gRPC, given the address the listener got.
+    pub fn advertised(&self, bound: SocketAddr) -> String {
+        match &self.advertise_addr {
+            Some(addr) => addr.clone(),
+            None if bound.ip().is_unspecified() => format!("127.0.0.1:{}", bound.port()),
+            None => bound.to_string(),
+        }
+    }
+}
+
+/// Parses `65536`, `64KiB`, `1MiB` (also `KB`/`MB`, read as binary units).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: usize = digits.parse().map_err(|_| format!("not a size: {text:?}"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("unknown size unit in {text:?} (use KiB or MiB)")),
+    };
+    number.checked_mul(factor).ok_or_else(|| format!("size too large: {text:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("KiB").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_contract() {
+        let config = Config::try_parse_from(["edge-gateway"]).unwrap();
+        assert_eq!(config.official_listen.to_string(), "0.0.0.0:7653");
+        assert_eq!(config.custom_listen.to_string(), "0.0.0.0:7654");
+        assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:50051");
+        assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9100");
+        assert_eq!(config.max_frame, 64 * 1024);
+        assert_eq!(config.auth_timeout, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout, Duration::from_secs(180));
+        config.validate().unwrap();
+        assert_eq!(config.advertised("0.0.0.0:50051".parse().unwrap()), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn validate_refuses_nonsense() {
+        let config = Config::try_parse_from(["edge-gateway", "--max-in-flight", "0"]).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("--max-in-flight"));
+    }
+}

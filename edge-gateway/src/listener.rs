@@ -1,0 +1,60 @@
+//! Accept loops of the official (TP) and custom listeners.
+//!
+//! A connection is refused at accept, with an error frame, when the pod is at its
+//! connection limit or the uplink bus cannot take publishes (new devices would only
+//! add to what the pod cannot deliver). Accept errors are logged and the loop goes on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tcpc_proto::v1::Protocol;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::Shared;
+use crate::metrics::ReasonLabel;
+use crate::session;
+
+/// Accepts connections until `accepting` is cancelled; each session runs on `tracker`.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    accepting: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(%error, listener = session::listener_label(protocol), "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !shared.bus.is_ready() {
+            refuse(&shared, stream, protocol, "service unavailable, retry later", "bus_unavailable");
+            continue;
+        }
+        let Ok(permit) = shared.connection_limit.clone().try_acquire_owned() else {
+            refuse(&shared, stream, protocol, "too many connections", "connection_limit");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(session::serve(shared.clone(), stream, peer, protocol, permit));
+    }
+}
+
+/// Tells the device why and closes, without blocking the accept loop: a fresh socket's
+/// send buffer takes the few bytes at once, and if it does not, the device loses only
+/// the explanation.
+fn refuse(shared: &Shared, stream: TcpStream, protocol: Protocol, message: &str, reason: &'static str) {
+    shared.metrics.refused.get_or_create(&ReasonLabel { reason }).inc();
+    let _ = stream.try_write(&session::error_bytes(protocol, true, message));
+}
