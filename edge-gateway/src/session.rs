@@ -100,12 +100,14 @@ impl Close {
 }
 
 /// The `{"result":1,"message":"…"}` payload of refusals and error frames.
-pub fn error_payload(message: &str) -> Bytes {
-    serde_json::json!({ "result": 1, "message": message }).to_string().into()
+pub(crate) fn error_payload(message: &str) -> Bytes {
+    // Written by hand so that `result` comes first, as the protocol documents it.
+    let message = serde_json::Value::from(message);
+    format!(r#"{{"result":1,"message":{message}}}"#).into()
 }
 
 /// What a refusal or error looks like on a listener's wire.
-pub fn error_bytes(protocol: Protocol, during_auth: bool, message: &str) -> Bytes {
+pub(crate) fn error_bytes(protocol: Protocol, during_auth: bool, message: &str) -> Bytes {
     match protocol {
         Protocol::Official => {
             let cmd = if during_auth { codec::cmd::AUTH } else { codec::cmd::ERROR };

@@ -1,0 +1,124 @@
+//! An edge-gateway run in-process on loopback listeners, stopped on drop.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use edge_gateway::{Config, Listeners};
+use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use crate::servers::{NatsServer, RedisServer};
+use crate::wait_until;
+
+pub struct TestEdge {
+    pub pod: String,
+    pub official: SocketAddr,
+    pub custom: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestEdge {
+    /// Starts an edge named `pod`; `tweak` adjusts its configuration (short timeouts).
+    /// Returns once it reports ready.
+    pub async fn spawn(
+        nats: &NatsServer,
+        redis: &RedisServer,
+        pod: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let any = "127.0.0.1:0";
+        let mut config = Config::try_parse_from([
+            "edge-gateway",
+            "--pod-name",
+            pod,
+            "--nats-url",
+            &nats.url(),
+            "--redis-url",
+            &redis.url(),
+            "--official-listen",
+            any,
+            "--custom-listen",
+            any,
+            "--grpc-listen",
+            any,
+            "--metrics-listen",
+            any,
+            "--drain-window",
+            "200ms",
+            "--publish-timeout",
+            "2s",
+            "--log-format",
+            "pretty",
+        ])
+        .expect("valid flags");
+        tweak(&mut config);
+        let listeners = Listeners::bind(&config).await.expect("bind loopback listeners");
+        let addr = |l: &tokio::net::TcpListener| l.local_addr().unwrap();
+        let (official, custom, grpc, metrics) = (
+            addr(&listeners.official),
+            addr(&listeners.custom),
+            addr(&listeners.grpc),
+            addr(&listeners.metrics),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            edge_gateway::run(config, listeners, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("edge ran");
+        });
+        let edge = TestEdge {
+            pod: pod.to_owned(),
+            official,
+            custom,
+            grpc,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        wait_until("the edge to be ready", || async { edge.http_status("/readyz").await == Some(200) }).await;
+        edge
+    }
+
+    /// The status code of a GET on the metrics port.
+    pub async fn http_status(&self, path: &str) -> Option<u16> {
+        let body = self.http_get(path).await?;
+        body.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The raw HTTP/1.0 response of a GET on the metrics port.
+    pub async fn http_get(&self, path: &str) -> Option<String> {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.ok()?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: edge\r\n\r\n").as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response)
+    }
+
+    pub async fn grpc_client(&self) -> EdgeGatewayClient<tonic::transport::Channel> {
+        EdgeGatewayClient::connect(format!("http://{}", self.grpc)).await.expect("gRPC connection")
+    }
+
+    /// Drains and stops the edge.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("edge task");
+        }
+    }
+}
+
+impl Drop for TestEdge {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Real `redis-server` and `nats-server` processes on free loopback ports.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::wait_until;
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+async fn accepts(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+}
+
+fn spawn(program: &str, args: &[String]) -> Child {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} (see README: the test command installs it): {e}"))
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A `redis-server` that keeps nothing on disk.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn spawn() -> Self {
+        let port = free_port();
+        let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .map(String::from);
+        let server = RedisServer { port, child: Some(spawn("redis-server", &args)) };
+        wait_until("redis-server to accept connections", || accepts(port)).await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection for the test's own checks.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("valid url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A `nats-server -js` with its own store directory; can be stopped and started again
+/// on the same port with the same store.
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub async fn spawn() -> Self {
+        let port = free_port();
+        let store = std::env::temp_dir().join(format!("tcpc-nats-{}-{port}", std::process::id()));
+        let mut server = NatsServer { port, store, child: None };
+        server.start().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until JetStream answers.
+    pub async fn start(&mut self) {
+        let args = [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+            &self.store.display().to_string(),
+        ]
+        .map(String::from);
+        self.child = Some(spawn("nats-server", &args));
+        let url = self.url();
+        wait_until("nats-server JetStream to answer", || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = async_nats::connect(&url).await else { return false };
+                // The raw API call: its reply shape differs across server versions.
+                client.request("$JS.API.INFO", "".into()).await.is_ok_and(|reply| !reply.payload.is_empty())
+            }
+        })
+        .await;
+    }
+
+    /// Kills the server (SIGKILL: an outage, not a shutdown) and waits for it.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// A client for the test's own checks.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(self.url())
+            .await
+            .expect("nats connection")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
