@@ -55,8 +55,6 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub ids: ConnectionIds,
     pub connection_limit: Arc<Semaphore>,
-    /// Hard stop: sessions end at once (after the drain's deadline).
-    pub stopped: CancellationToken,
 }
 
 /// The pod's pre-bound listeners (tests bind port 0 and know the ports up front).
@@ -152,7 +150,6 @@ pub async fn run_with(
         metrics: metrics.clone(),
         ids: ConnectionIds::default(),
         connection_limit: Arc::new(Semaphore::new(config.max_connections)),
-        stopped: CancellationToken::new(),
         config,
     });
     info!(pod = %shared.pod, grpc = %shared.grpc_addr, "edge-gateway starting");
@@ -172,7 +169,8 @@ pub async fn run_with(
             accepting.clone(),
         ));
     }
-    let stopped = shared.stopped.clone();
+    // Stops the servers once the sessions are gone (or the drain gave up on them).
+    let stopped = CancellationToken::new();
     servers.spawn({
         let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() });
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
@@ -208,10 +206,9 @@ pub async fn run_with(
         }
     });
     servers.spawn({
-        let shared = shared.clone();
+        let (shared, stopped) = (shared.clone(), stopped.clone());
         async move {
-            routes::keep_pod_alive(&*shared.routes, &shared.pod, &shared.grpc_addr, shared.stopped.clone())
-                .await;
+            routes::keep_pod_alive(&*shared.routes, &shared.pod, &shared.grpc_addr, stopped).await;
         }
     });
     servers.close();
@@ -224,11 +221,12 @@ pub async fn run_with(
     info!(sessions = shared.registry.len(), window = ?shared.config.drain_window, "draining");
     drain::spread_closes(&shared.registry, shared.config.drain_window).await;
     sessions.close();
+    // A closing session flushes its window for at most 10 s; past that it is abandoned
+    // (its uplinks were not stored, which it logged) and dies with the process.
     if tokio::time::timeout(Duration::from_secs(15), sessions.wait()).await.is_err() {
-        warn!("sessions still open after the drain; stopping them");
+        warn!(left = shared.registry.len(), "sessions still open after the drain; abandoning them");
     }
     stopped.cancel();
-    sessions.wait().await;
     servers.wait().await;
     info!("edge-gateway stopped");
     Ok(())

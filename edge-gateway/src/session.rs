@@ -61,7 +61,6 @@ pub enum Close {
     IdleTimeout,
     WriteFailed,
     Order(CloseOrder),
-    Stopped,
 }
 
 impl Close {
@@ -79,14 +78,13 @@ impl Close {
             Close::Order(CloseOrder::Disconnected) => "disconnected",
             Close::Order(CloseOrder::Superseded) => "superseded",
             Close::Order(CloseOrder::Draining) => "draining",
-            Close::Stopped => "stopped",
         }
     }
 
     /// What the device is told before the close, if anything.
     fn device_message(&self) -> Option<String> {
         Some(match self {
-            Close::PeerClosed | Close::Io(_) | Close::WriteFailed | Close::Stopped => return None,
+            Close::PeerClosed | Close::Io(_) | Close::WriteFailed => return None,
             Close::AuthTimeout => "no authentication within the deadline".to_owned(),
             Close::AuthRefused(message) => message.clone(),
             Close::AuthUnavailable => "authentication unavailable, retry later".to_owned(),
@@ -122,7 +120,8 @@ pub(crate) fn error_bytes(protocol: Protocol, during_auth: bool, message: &str) 
 /// How a listener's stream is cut.
 enum Inbound {
     Tp(TpCodec),
-    Custom(CustomFramer),
+    /// Boxed: most connections are TP, and every byte of a session counts.
+    Custom(Box<CustomFramer>),
 }
 
 /// One envelope the bus has not acknowledged yet.
@@ -150,7 +149,8 @@ struct Session {
     /// Last byte (custom) or frame (official) from the device.
     last_input: Instant,
     handle: Option<Arc<SessionHandle>>,
-    subject: String,
+    /// The device's partition of the uplink stream.
+    partition: u32,
     sequence: u64,
     window: VecDeque<InFlight>,
     /// A failed publish or ack: the window is re-sent at this time.
@@ -203,7 +203,7 @@ impl Session {
             .then(|| RateBudget { tokens: shared.config.rate_burst as f32, refilled: Instant::now() });
         Session {
             inbound: match protocol {
-                Protocol::Custom => Inbound::Custom(CustomFramer::FixedLength(1)),
+                Protocol::Custom => Inbound::Custom(Box::new(CustomFramer::FixedLength(1))),
                 _ => Inbound::Tp(TpCodec::new(max_frame)),
             },
             shared,
@@ -213,7 +213,7 @@ impl Session {
             buf: BytesMut::new(),
             last_input: Instant::now(),
             handle: None,
-            subject: String::new(),
+            partition: 0,
             sequence: 0,
             window: VecDeque::new(),
             resend_at: None,
@@ -223,11 +223,37 @@ impl Session {
         }
     }
 
-    /// Reads what the socket has into the buffer (auth phase).
+    /// Waits until the socket has bytes and reads them into the buffer.
+    ///
+    /// Cancel-safe: `readable()` is, and the read itself does not await.
     async fn read_some(&mut self) -> Result<(), Close> {
-        read_into(&self.stream, &mut self.buf).await?;
-        self.last_input = Instant::now();
+        let before = self.buf.len();
+        while self.buf.len() == before {
+            self.stream.readable().await.map_err(|e| Close::Io(e.to_string()))?;
+            self.try_read()?;
+        }
         Ok(())
+    }
+
+    /// Reads what the socket has, allocating room only now that bytes are there; a
+    /// stale readiness (it stays set until a read would block) reads nothing.
+    fn try_read(&mut self) -> Result<(), Close> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match self.stream.try_read_buf(&mut self.buf) {
+            Ok(0) => Err(Close::PeerClosed),
+            Ok(_) => {
+                self.last_input = Instant::now();
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Do not keep the buffer allocated while waiting for the next bytes.
+                self.release_idle_buffer();
+                Ok(())
+            }
+            Err(e) => Err(Close::Io(e.to_string())),
+        }
     }
 
     /// Gives back the read buffer once every byte in it is decoded.
@@ -337,7 +363,7 @@ impl Session {
 
     async fn authenticated(&mut self, reply: AuthReply) -> Result<(), Close> {
         if let Inbound::Custom(framer) = &mut self.inbound {
-            *framer = CustomFramer::from_proto(reply.framing.as_ref(), self.shared.config.max_frame)
+            **framer = CustomFramer::from_proto(reply.framing.as_ref(), self.shared.config.max_frame)
                 .map_err(|e| {
                     warn!(error = %e, "device config has an unusable framing");
                     Close::AuthRefused("device framing misconfigured".to_owned())
@@ -348,8 +374,7 @@ impl Session {
         let handle = Arc::new(SessionHandle::new(&reply.device_id, self.id, self.protocol));
         shared.registry.insert(handle.clone());
         self.handle = Some(handle);
-        self.subject =
-            names::uplink_subject(names::partition_of(&reply.device_id, shared.config.uplink_partitions));
+        self.partition = names::partition_of(&reply.device_id, shared.config.uplink_partitions);
         self.register_route().await;
         if self.protocol == Protocol::Official {
             self.write(&Frame::data(codec::cmd::AUTH, &b"{\"result\":0}"[..]).to_bytes()).await?;
@@ -411,7 +436,7 @@ impl Session {
         let envelope: Bytes = UplinkEnvelope { body: Some(body) }.encode_to_vec().into();
         let mut entry = InFlight { sequence, envelope, ack: None };
         if self.resend_at.is_none() {
-            match publish_one(&self.shared, &self.subject, self.id, sequence, entry.envelope.clone()).await {
+            match publish_one(&self.shared, self.partition, self.id, sequence, entry.envelope.clone()).await {
                 Some(ack) => entry.ack = Some(ack),
                 None => self.schedule_resend(),
             }
@@ -432,7 +457,7 @@ impl Session {
         self.resend_at = None;
         for index in 0..self.window.len() {
             let (sequence, envelope) = (self.window[index].sequence, self.window[index].envelope.clone());
-            match publish_one(&self.shared, &self.subject, self.id, sequence, envelope).await {
+            match publish_one(&self.shared, self.partition, self.id, sequence, envelope).await {
                 Some(ack) => {
                     self.window[index].ack = Some(ack);
                     self.shared.metrics.republished.inc();
@@ -517,13 +542,14 @@ impl Session {
     /// flushed (or the flush deadline passed).
     async fn run(&mut self) -> Close {
         let handle = self.handle.clone().expect("run after authentication");
-        let stopped = self.shared.stopped.clone();
         let mut closing: Option<(Close, Instant)> = None;
         let timer = tokio::time::sleep_until(self.next_deadline(None));
         tokio::pin!(timer);
         loop {
+            // The handlers' futures are boxed: they run briefly, and inline they would
+            // weigh on every idle session's task for its whole life.
             if closing.is_none()
-                && let Err(close) = self.decode_available().await
+                && let Err(close) = Box::pin(self.decode_available()).await
             {
                 closing = Some((close, Instant::now() + CLOSE_FLUSH));
             }
@@ -536,16 +562,16 @@ impl Session {
             let reading = closing.is_none() && self.has_room() && self.within_rate();
             timer.as_mut().reset(self.next_deadline(closing.as_ref().map(|c| c.1)));
             let outcome: Result<(), Close> = tokio::select! {
-                _ = stopped.cancelled() => return Close::Stopped,
                 ack = Self::head_ack(&mut self.window) => {
                     self.on_ack(ack);
                     Ok(())
                 }
-                read = read_into(&self.stream, &mut self.buf), if reading => {
-                    read.map(|()| self.last_input = Instant::now())
-                }
-                _ = handle.woken() => self.serve_mailbox(&handle).await,
-                _ = &mut timer => self.on_timer(closing.is_some()).await,
+                ready = self.stream.readable(), if reading => match ready {
+                    Ok(()) => self.try_read(),
+                    Err(error) => Err(Close::Io(error.to_string())),
+                },
+                _ = handle.woken() => Box::pin(self.serve_mailbox(&handle)).await,
+                _ = &mut timer => Box::pin(self.on_timer(closing.is_some())).await,
             };
             if let Err(close) = outcome
                 && closing.is_none()
@@ -701,34 +727,16 @@ impl Session {
     }
 }
 
-/// Reads what the socket has into `buf`, allocating room only now that bytes are there.
-///
-/// Cancel-safe: `readable()` is, and the read itself does not await.
-async fn read_into(stream: &TcpStream, buf: &mut BytesMut) -> Result<(), Close> {
-    loop {
-        stream.readable().await.map_err(|e| Close::Io(e.to_string()))?;
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Err(Close::PeerClosed),
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Close::Io(e.to_string())),
-        }
-    }
-}
-
 /// Hands one envelope to the bus; None when that failed (the caller schedules a re-send).
 async fn publish_one(
     shared: &Shared,
-    subject: &str,
+    partition: u32,
     id: ConnectionId,
     sequence: u64,
     envelope: Bytes,
 ) -> Option<AckFuture> {
     let message_id = names::uplink_message_id(&id.to_string(), sequence);
-    let publish = shared.bus.publish(subject.to_owned(), message_id, envelope);
+    let publish = shared.bus.publish(names::uplink_subject(partition), message_id, envelope);
     match tokio::time::timeout(shared.config.publish_timeout, publish).await {
         Ok(Ok(ack)) => Some(ack),
         Ok(Err(error)) => {

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Measures the edge-gateway's resident memory per idle authenticated TP connection.
+#   scripts/idle-rss.sh [connections]   (default 10000)
+# Starts its own nats-server and redis-server on free ports, a release edge-gateway,
+# and the idle-load client (tests/src/bin/idle-load.rs), which answers auth requests
+# and holds the connections. Prints the edge's VmRSS before and after, and per connection.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=${1:-10000}
+cargo build --release -q -p edge-gateway -p tcpc-tests --bin edge-gateway --bin idle-load
+bin=${CARGO_TARGET_DIR:-target}/release
+work=$(mktemp -d)
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+nats=$(port); redis=$(port); official=$(port); custom=$(port); grpc=$(port); metrics=$(port)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+nats-server -a 127.0.0.1 -p "$nats" -js -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+redis-server --port "$redis" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 & pids+=($!)
+env RUST_LOG=warn ${EDGE_ENV:-} ${EDGE_WRAP:-} "$bin/edge-gateway" --pod-name rss --nats-url "nats://127.0.0.1:$nats" \
+  --redis-url "redis://127.0.0.1:$redis" --official-listen "127.0.0.1:$official" \
+  --custom-listen "127.0.0.1:$custom" --grpc-listen "127.0.0.1:$grpc" \
+  --metrics-listen "127.0.0.1:$metrics" >"$work/edge.log" 2>&1 & edge=$!; pids+=($edge)
+for _ in $(seq 600); do
+  curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null 2>&1 && break; sleep 0.1
+done
+rss() { awk '/VmRSS/ {print $2}' "/proc/$edge/status"; }
+before=$(rss)
+mkfifo "$work/hold"
+"$bin/idle-load" --edge "127.0.0.1:$official" --nats-url "nats://127.0.0.1:$nats" \
+  --connections "$n" <"$work/hold" >"$work/load.out" & pids+=($!)
+exec 3>"$work/hold"
+for _ in $(seq 600); do grep -q ready "$work/load.out" 2>/dev/null && break; sleep 0.1; done
+grep ready "$work/load.out"
+sleep "${SETTLE:-2}" # let the allocator settle after the auth burst
+after=$(rss)
+gauge=$(curl -s "http://127.0.0.1:$metrics/metrics" | grep '^edge_connections{listener="official"}')
+echo "$gauge"
+echo "edge VmRSS: before ${before} KiB, with $n idle connections ${after} KiB"
+awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN { printf "per connection: %.2f KiB\n", (a-b)/n }'
+exec 3>&-
