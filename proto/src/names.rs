@@ -83,6 +83,37 @@ end
 return 0
 "#;
 
+/// Redis: a device config the workers fetched from the platform, by voucher digest
+/// (JSON; shared by every worker so that the platform is asked once).
+pub fn device_config_key(voucher_digest: &str) -> String {
+    format!("tcpc:config:{voucher_digest}")
+}
+
+/// Redis: the voucher digest of a device id, so that `device/disconnect` (which names
+/// the device) can drop the cached config.
+pub fn device_voucher_key(device_id: &str) -> String {
+    format!("tcpc:config-of:{device_id}")
+}
+
+/// Redis: held for the platform's 3 s per-voucher rate limit by the one worker that
+/// calls the platform for that voucher.
+pub fn platform_call_key(voucher_digest: &str) -> String {
+    format!("tcpc:platform-call:{voucher_digest}")
+}
+
+/// Redis sorted set of live workers (score: expiry, Unix ms).
+pub const WORKERS_KEY: &str = "tcpc:workers";
+
+/// Redis: the lease of an uplink partition (value: the owning worker).
+pub fn partition_lease_key(partition: u32) -> String {
+    format!("tcpc:lease:{partition}")
+}
+
+/// JetStream durable consumer of a partition, owned by one worker at a time.
+pub fn partition_consumer(partition: u32) -> String {
+    format!("tcpc-p{partition}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,7 +121,7 @@ mod tests {
     #[test]
     fn partition_is_stable_fnv1a() {
         // FNV-1a 32 of "a" is 0xe40c292c; pinned so that a change of hash is noticed.
-        assert_eq!(partition_of("a", u32::MAX), 0xe40c_292c % u32::MAX);
+        assert_eq!(partition_of("a", u32::MAX), 0xe40c_292c);
         assert_eq!(partition_of("device", 1), 0);
         assert!(partition_of("6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10", 16) < 16);
         assert_eq!(partition_of("x", 0), 0, "zero partitions is treated as one");
