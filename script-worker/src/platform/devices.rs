@@ -1,0 +1,284 @@
+//! Devices from the platform, cached so that the platform is asked rarely.
+//!
+//! - Configs are cached in memory and in Redis (shared by every worker), positive ones
+//!   for an hour, unknown tokens for 30 s; `device/disconnect` drops a device's entry.
+//! - The platform allows one call per voucher per 3 s: calls are single-flight per
+//!   voucher in a worker, and across workers a Redis key taken with `SET NX PX 3000`
+//!   admits one caller per voucher per 3 s.
+//! - When the platform is down, calls back off (1 s doubling to 30 s) and known
+//!   devices keep authenticating from their (stale) cached config.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tcpc_proto::names;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::client::{ConfigQuery, PlatformClient, PlatformError};
+use super::voucher;
+use crate::devices::Device;
+use crate::source::{DeviceSource, Lookup, SourceError};
+
+/// How long a known device's config is used without asking again.
+const POSITIVE_TTL: Duration = Duration::from_secs(3600);
+/// How long an unknown token stays unknown without asking again.
+const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// The platform's per-voucher rate limit.
+const PER_VOUCHER: Duration = Duration::from_secs(3);
+/// Longest back-off while the platform is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Deadline of each Redis call: the cache must never hold up authentication long.
+const REDIS_DEADLINE: Duration = Duration::from_millis(500);
+
+/// What Redis holds per voucher digest.
+#[derive(Serialize, Deserialize)]
+struct Shared {
+    device: Option<Device>,
+    fetched_ms: i64,
+}
+
+#[derive(Clone)]
+struct Cached {
+    device: Option<Arc<Device>>,
+    fetched: Instant,
+}
+
+impl Cached {
+    fn is_fresh(&self) -> bool {
+        let ttl = if self.device.is_some() { POSITIVE_TTL } else { NEGATIVE_TTL };
+        self.fetched.elapsed() < ttl
+    }
+
+    fn lookup(&self) -> Lookup {
+        match &self.device {
+            Some(device) => Lookup::Found(device.clone()),
+            None => Lookup::Unknown("unknown access token".to_owned()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Memory {
+    by_digest: HashMap<String, Cached>,
+    digest_of_id: HashMap<String, String>,
+    last_call: HashMap<String, Instant>,
+}
+
+struct Outage {
+    until: Option<Instant>,
+    backoff: Duration,
+}
+
+/// The platform as a device source.
+pub struct PlatformDevices {
+    client: PlatformClient,
+    redis: Option<ConnectionManager>,
+    memory: Mutex<Memory>,
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    outage: Mutex<Outage>,
+}
+
+impl PlatformDevices {
+    /// Without `redis` the caches and the rate gate are this process's only.
+    pub fn new(client: PlatformClient, redis: Option<ConnectionManager>) -> Self {
+        PlatformDevices {
+            client,
+            redis,
+            memory: Mutex::default(),
+            flights: Mutex::default(),
+            outage: Mutex::new(Outage { until: None, backoff: Duration::ZERO }),
+        }
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cached(&self, digest: &str) -> Option<Cached> {
+        self.memory().by_digest.get(digest).cloned()
+    }
+
+    fn remember(&self, digest: &str, device: Option<Arc<Device>>, fetched: Instant) {
+        let mut memory = self.memory();
+        if let Some(device) = &device {
+            memory.digest_of_id.insert(device.id.clone(), digest.to_owned());
+        }
+        memory.by_digest.insert(digest.to_owned(), Cached { device, fetched });
+    }
+
+    /// One call per voucher at a time in this worker.
+    fn flight(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        flights.retain(|_, lock| Arc::strong_count(lock) > 1);
+        flights.entry(digest.to_owned()).or_default().clone()
+    }
+
+    async fn shared_get(&self, digest: &str) -> Option<Cached> {
+        let mut redis = self.redis.clone()?;
+        let text: Option<String> =
+            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_config_key(digest))).await.ok()?.ok()?;
+        let shared: Shared = serde_json::from_str(&text?).ok()?;
+        let age = Duration::from_millis((tcpc_proto::now_ms() - shared.fetched_ms).max(0) as u64);
+        Some(Cached {
+            device: shared.device.map(Arc::new),
+            fetched: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        })
+    }
+
+    async fn shared_put(&self, digest: &str, device: Option<&Device>) {
+        let Some(mut redis) = self.redis.clone() else { return };
+        let shared = Shared { device: device.cloned(), fetched_ms: tcpc_proto::now_ms() };
+        let Ok(text) = serde_json::to_string(&shared) else { return };
+        // Kept a day: a stale entry still authenticates a known device in an outage.
+        let mut pipe = redis::pipe();
+        pipe.set_ex(names::device_config_key(digest), text, 24 * 3600).ignore();
+        if let Some(device) = device {
+            pipe.set_ex(names::device_voucher_key(&device.id), digest, 24 * 3600).ignore();
+        }
+        let stored = tokio::time::timeout(REDIS_DEADLINE, pipe.query_async::<()>(&mut redis)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            debug!("device config not shared in Redis");
+        }
+    }
+
+    /// Whether this worker may call the platform for `digest` now: the platform is
+    /// not backing off, and no call for it (here or by another worker) in 3 s.
+    async fn may_call(&self, digest: &str) -> Result<(), SourceError> {
+        {
+            let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+            if outage.until.is_some_and(|until| Instant::now() < until) {
+                return Err(SourceError("platform unavailable, retrying".to_owned()));
+            }
+        }
+        {
+            let mut memory = self.memory();
+            if memory.last_call.get(digest).is_some_and(|at| at.elapsed() < PER_VOUCHER) {
+                return Err(SourceError("asked the platform less than 3 s ago".to_owned()));
+            }
+            memory.last_call.retain(|_, at| at.elapsed() < PER_VOUCHER);
+            memory.last_call.insert(digest.to_owned(), Instant::now());
+        }
+        if let Some(mut redis) = self.redis.clone() {
+            let taken: Result<Result<Option<String>, _>, _> = tokio::time::timeout(
+                REDIS_DEADLINE,
+                redis::cmd("SET")
+                    .arg(names::platform_call_key(digest))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(PER_VOUCHER.as_millis() as u64)
+                    .query_async(&mut redis),
+            )
+            .await;
+            // Redis down: the local gate above still holds; the platform's own limit
+            // answers 201003 to the rare second caller.
+            if let Ok(Ok(None)) = taken {
+                return Err(SourceError("another worker asked the platform less than 3 s ago".to_owned()));
+            }
+        }
+        Ok(())
+    }
+
+    fn record_outcome(&self, result: &Result<Option<Device>, PlatformError>) {
+        let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Err(PlatformError::Unreachable(error)) => {
+                outage.backoff = (outage.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
+                outage.until = Some(Instant::now() + outage.backoff);
+                warn!(%error, backoff = ?outage.backoff, "platform unreachable; known devices are served from cache");
+            }
+            _ => {
+                outage.backoff = Duration::ZERO;
+                outage.until = None;
+            }
+        }
+    }
+
+    /// Cache, then shared cache, then (rate-gated) the platform; a stale entry when the
+    /// platform cannot answer.
+    async fn resolve(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
+        if let Some(cached) = self.cached(digest).filter(Cached::is_fresh) {
+            return Ok(cached);
+        }
+        let flight = self.flight(digest);
+        let _one_at_a_time = flight.lock().await;
+        if let Some(cached) = self.cached(digest).filter(Cached::is_fresh) {
+            return Ok(cached);
+        }
+        let shared = self.shared_get(digest).await;
+        if let Some(cached) = shared.clone().filter(Cached::is_fresh) {
+            self.remember(digest, cached.device.clone(), cached.fetched);
+            return Ok(cached);
+        }
+        let stale = self.cached(digest).or(shared);
+        if let Err(gated) = self.may_call(digest).await {
+            return stale.ok_or(gated);
+        }
+        let result = self.client.device_config(query).await;
+        self.record_outcome(&result);
+        match result {
+            Ok(device) => {
+                self.shared_put(digest, device.as_ref()).await;
+                let device = device.map(Arc::new);
+                self.remember(digest, device.clone(), Instant::now());
+                Ok(Cached { device, fetched: Instant::now() })
+            }
+            Err(error) => stale.ok_or_else(|| SourceError(error.to_string())),
+        }
+    }
+}
+
+impl DeviceSource for PlatformDevices {
+    fn by_token<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Lookup, SourceError>> {
+        Box::pin(async move {
+            let voucher = voucher::of_token(token);
+            let digest = voucher::digest(&voucher);
+            Ok(self.resolve(&digest, ConfigQuery::Voucher(&voucher)).await?.lookup())
+        })
+    }
+
+    fn by_id<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Arc<Device>>, SourceError>> {
+        Box::pin(async move {
+            let known = self.memory().digest_of_id.get(device_id).cloned();
+            let digest = match known {
+                Some(digest) => digest,
+                None => match self.redis.clone() {
+                    Some(mut redis) => {
+                        let shared: Option<String> =
+                            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_voucher_key(device_id)))
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                                .flatten();
+                        shared.unwrap_or_else(|| voucher::digest(&format!("device:{device_id}")))
+                    }
+                    None => voucher::digest(&format!("device:{device_id}")),
+                },
+            };
+            Ok(self.resolve(&digest, ConfigQuery::DeviceId(device_id)).await?.device)
+        })
+    }
+
+    fn forget<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let digest = {
+                let mut memory = self.memory();
+                let digest = memory.digest_of_id.remove(device_id);
+                if let Some(digest) = &digest {
+                    memory.by_digest.remove(digest);
+                }
+                digest
+            };
+            let Some(mut redis) = self.redis.clone() else { return };
+            let mut keys = vec![names::device_voucher_key(device_id)];
+            keys.extend(digest.map(|d| names::device_config_key(&d)));
+            let _ = tokio::time::timeout(REDIS_DEADLINE, redis.del::<_, ()>(keys)).await;
+        })
+    }
+}

@@ -1,0 +1,6 @@
+//! The ThingsPanel adapter: its HTTP API ([`client`]), devices from it with caches
+//! ([`devices`]), vouchers ([`voucher`]) and MQTT ([`mqtt`]).
+
+pub mod client;
+pub mod devices;
+pub mod voucher;

@@ -1,0 +1,258 @@
+//! Device scripts: JavaScript converters, sandboxed.
+//!
+//! - [`ScriptEngine`]: one trait, two engines — [`quickjs`] (default) and `v8`
+//!   (deno_core, cargo feature `v8`). Entry points `decode(bytes, ctx)` → platform
+//!   JSON, `encode(msg, ctx)` → bytes, and ThingsPanel 0.x's `encodeInp(msg, topic)`.
+//! - [`Scripts`]: what the pipelines call. It resolves `lib:<name>` references in the
+//!   script library, runs the engine on its own thread (engines are not `Send`), and
+//!   quarantines a script that keeps failing.
+//!
+//! Sandbox, per call: CPU time, heap, output size; no file, network, timer or module
+//! access (the engines are built without them).
+
+pub mod library;
+pub mod quickjs;
+#[cfg(feature = "v8")]
+pub mod v8;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+pub use library::Library;
+
+/// A script's identity: the digest of its source.
+pub type ScriptHash = String;
+
+/// The digest of a script source.
+pub fn hash(source: &str) -> ScriptHash {
+    Sha256::digest(source.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The functions a script may define.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Entry {
+    Decode,
+    Encode,
+    /// ThingsPanel 0.x: `encodeInp(msg, topic)`, strings in and out.
+    EncodeInp,
+}
+
+impl Entry {
+    pub fn name(self) -> &'static str {
+        match self {
+            Entry::Decode => "decode",
+            Entry::Encode => "encode",
+            Entry::EncodeInp => "encodeInp",
+        }
+    }
+}
+
+/// What a call tells the script about the message (its `ctx` argument).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallContext {
+    pub device_id: String,
+    pub device_number: String,
+    /// `uplink`, or the downlink's kind (`command`, `attribute_set`, …).
+    pub kind: String,
+    /// The platform topic of the message, when there is one.
+    pub topic: String,
+}
+
+/// The sandbox's limits, per call.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub cpu_time: Duration,
+    pub heap: usize,
+    /// Largest result (JSON size or bytes).
+    pub output: usize,
+    /// Compiled scripts kept (by content hash).
+    pub cached_scripts: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { cpu_time: Duration::from_millis(100), heap: 16 << 20, output: 64 << 10, cached_scripts: 256 }
+    }
+}
+
+/// Why a script produced no result.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScriptError {
+    #[error("script exceeded its CPU time limit")]
+    Timeout,
+    #[error("script exceeded its memory limit")]
+    OutOfMemory,
+    #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Thrown { message: String, line: Option<u32> },
+    #[error("script defines no {0} function")]
+    Missing(&'static str),
+    #[error("script result: {0}")]
+    Output(String),
+    #[error("script quarantined after repeated failures")]
+    Quarantined,
+    #[error("script library: {0}")]
+    Library(String),
+    #[error("script engine: {0}")]
+    Engine(String),
+    #[error("script not loaded")]
+    NotLoaded,
+}
+
+/// A JavaScript engine holding compiled scripts by hash. Lives on one thread.
+pub trait ScriptEngine {
+    /// Compiles `source` unless a script with this hash is ready.
+    fn prepare(&mut self, hash: &ScriptHash, source: &str, name: &str) -> Result<(), ScriptError>;
+    /// The entry points a prepared script defines.
+    fn entries(&self, hash: &ScriptHash) -> Vec<Entry>;
+    /// `decode(bytes, ctx)`.
+    fn decode(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError>;
+    /// `encode(msg, ctx)`, or 0.x `encodeInp(JSON text, topic)` when there is no encode.
+    fn encode(&mut self, hash: &ScriptHash, message: &Json, call: &CallContext) -> Result<Vec<u8>, ScriptError>;
+    /// 0.x uplink: `encodeInp(text of the bytes, topic)` → JSON (string or object).
+    fn decode_0x(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError>;
+}
+
+/// Which engine runs the scripts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    Quickjs,
+    #[cfg(feature = "v8")]
+    V8,
+}
+
+impl EngineKind {
+    /// A new engine of this kind.
+    pub fn build(self, limits: Limits) -> Box<dyn ScriptEngine> {
+        match self {
+            EngineKind::Quickjs => Box::new(quickjs::QuickJs::new(limits)),
+            #[cfg(feature = "v8")]
+            EngineKind::V8 => Box::new(v8::V8::new(limits)),
+        }
+    }
+}
+
+/// Runs one call of a prepared or new script on an engine: the part shared by the
+/// engine thread and `script-worker try`.
+pub fn run_call(engine: &mut dyn ScriptEngine, source: &str, name: &str, call: &Call) -> Result<Output, ScriptError> {
+    let hash = hash(source);
+    engine.prepare(&hash, source, name)?;
+    match call {
+        Call::Decode { bytes, context } => {
+            if engine.entries(&hash).contains(&Entry::Decode) {
+                engine.decode(&hash, bytes, context).map(Output::Json)
+            } else if engine.entries(&hash).contains(&Entry::EncodeInp) {
+                engine.decode_0x(&hash, bytes, context).map(Output::Json)
+            } else {
+                Err(ScriptError::Missing("decode"))
+            }
+        }
+        Call::Encode { message, context } => engine.encode(&hash, message, context).map(Output::Bytes),
+    }
+}
+
+/// One invocation.
+#[derive(Clone, Debug)]
+pub enum Call {
+    Decode { bytes: Vec<u8>, context: CallContext },
+    Encode { message: Json, context: CallContext },
+}
+
+/// What an invocation returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Json(Json),
+    Bytes(Vec<u8>),
+}
+
+struct Job {
+    source: std::sync::Arc<str>,
+    name: String,
+    call: Call,
+    answer: oneshot::Sender<Result<Output, ScriptError>>,
+}
+
+/// Failures in a row that quarantine a script.
+const QUARANTINE_AFTER: u32 = 5;
+/// How long a quarantined script is not run.
+const QUARANTINE_FOR: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    quarantined_until: Option<Instant>,
+}
+
+/// The scripts service: library resolution, an engine thread, quarantine.
+pub struct Scripts {
+    jobs: mpsc::Sender<Job>,
+    library: Library,
+    health: Mutex<HashMap<ScriptHash, Health>>,
+}
+
+impl Scripts {
+    /// Starts the engine thread.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start(kind: EngineKind, limits: Limits, library: Library) -> std::io::Result<Self> {
+        // Bounded: a flood of messages waits for the engine instead of queueing without end.
+        let (jobs, mut queue) = mpsc::channel::<Job>(1024);
+        std::thread::Builder::new().name("scripts".to_owned()).spawn(move || {
+            let mut engine = kind.build(limits);
+            while let Some(job) = queue.blocking_recv() {
+                let result = run_call(engine.as_mut(), &job.source, &job.name, &job.call);
+                let _ = job.answer.send(result);
+            }
+        })?;
+        Ok(Scripts { jobs, library, health: Mutex::default() })
+    }
+
+    /// Runs a call of the script `reference` (inline source or `lib:<name>`).
+    ///
+    /// # Errors
+    /// The script is missing, quarantined, or failed.
+    pub async fn run(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
+        let (source, name) = self.library.resolve(reference)?;
+        let hash = hash(&source);
+        if self.quarantined(&hash) {
+            return Err(ScriptError::Quarantined);
+        }
+        let (answer, result) = oneshot::channel();
+        self.jobs
+            .send(Job { source, name, call, answer })
+            .await
+            .map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
+        let result = result.await.map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
+        self.record(&hash, result.is_ok());
+        result
+    }
+
+    fn quarantined(&self, hash: &ScriptHash) -> bool {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        health.get(hash).and_then(|h| h.quarantined_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record(&self, hash: &ScriptHash, ok: bool) {
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            health.remove(hash);
+            return;
+        }
+        let entry = health.entry(hash.clone()).or_default();
+        entry.failures += 1;
+        if entry.failures >= QUARANTINE_AFTER {
+            entry.failures = 0;
+            entry.quarantined_until = Some(Instant::now() + QUARANTINE_FOR);
+            tracing::error!(script = %hash, "script quarantined for {QUARANTINE_FOR:?} after {QUARANTINE_AFTER} failures in a row");
+        }
+    }
+}
+
+#[cfg(test)]
+mod engine_suite;
