@@ -4,16 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-/// How log lines are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line (for log collectors).
-    Json,
-    /// Human-readable lines (for terminals).
-    Pretty,
-}
+use clap::Parser;
+pub use tcpc_observe::LogFormat;
 
 /// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
 /// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
@@ -44,6 +36,15 @@ pub struct Config {
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
 
+    #[command(flatten)]
+    pub limits: Limits,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+/// Limits and timings of sessions (also flags of the all-in-one).
+#[derive(Clone, Debug, clap::Args)]
+pub struct Limits {
     /// Connections this pod holds at most; more are refused.
     #[arg(long, env = "EDGE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -92,8 +93,6 @@ pub struct Config {
     /// reconnects elsewhere without a thundering herd.
     #[arg(long, env = "EDGE_DRAIN_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
-    pub log_format: LogFormat,
 }
 
 /// A configuration that cannot work.
@@ -108,22 +107,22 @@ impl Config {
     /// The first inconsistency found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |message: &str| Err(ConfigError(message.to_owned()));
-        if self.max_connections == 0 {
+        if self.limits.max_connections == 0 {
             return fail("--max-connections must be at least 1");
         }
-        if self.max_frame == 0 || self.max_frame > u32::MAX as usize {
+        if self.limits.max_frame == 0 || self.limits.max_frame > u32::MAX as usize {
             return fail("--max-frame must be between 1 byte and 4 GiB");
         }
-        if self.max_in_flight == 0 || self.downlink_queue == 0 {
+        if self.limits.max_in_flight == 0 || self.limits.downlink_queue == 0 {
             return fail("--max-in-flight and --downlink-queue must be at least 1");
         }
-        if self.uplink_partitions == 0 {
+        if self.limits.uplink_partitions == 0 {
             return fail("--uplink-partitions must be at least 1");
         }
-        if self.auth_timeout.is_zero() || self.idle_timeout.is_zero() {
+        if self.limits.auth_timeout.is_zero() || self.limits.idle_timeout.is_zero() {
             return fail("--auth-timeout and --idle-timeout must be positive");
         }
-        if self.rate_limit > 0 && self.rate_burst == 0 {
+        if self.limits.rate_limit > 0 && self.limits.rate_burst == 0 {
             return fail("--rate-burst must be at least 1 when --rate-limit is set");
         }
         Ok(())
@@ -183,9 +182,9 @@ mod tests {
         assert_eq!(config.custom_listen.to_string(), "0.0.0.0:7654");
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:50051");
         assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9100");
-        assert_eq!(config.max_frame, 64 * 1024);
-        assert_eq!(config.auth_timeout, Duration::from_secs(10));
-        assert_eq!(config.idle_timeout, Duration::from_secs(180));
+        assert_eq!(config.limits.max_frame, 64 * 1024);
+        assert_eq!(config.limits.auth_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(180));
         config.validate().unwrap();
         assert_eq!(config.advertised("0.0.0.0:50051".parse().unwrap()), "127.0.0.1:50051");
     }

@@ -41,14 +41,14 @@ impl EdgeGatewayService {
             let Ok(cmd) = u8::try_from(request.tp_cmd) else {
                 return reply(DeliverStatus::Failed, "tp_cmd does not fit a TP CMD byte");
             };
-            if request.payload.len() > self.shared.config.max_frame {
+            if request.payload.len() > self.shared.config.limits.max_frame {
                 return reply(DeliverStatus::Failed, "payload exceeds the maximum frame length");
             }
             Frame::data(cmd, request.payload).to_bytes()
         } else {
             request.payload
         };
-        let written = match handle.deliver(bytes, self.shared.config.downlink_queue) {
+        let written = match handle.deliver(bytes, self.shared.config.limits.downlink_queue) {
             Ok(written) => written,
             Err(QueueError::Ended) => return reply(DeliverStatus::Offline, "device not connected"),
             Err(QueueError::Full) => return reply(DeliverStatus::Failed, "downlink queue full"),

@@ -113,8 +113,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EdgeError> {
     config.validate()?;
-    let bus = Arc::new(NatsBus::connect(&config.nats_url, config.publish_timeout).await?);
-    let routes = Arc::new(RedisRoutes::connect(&config.redis_url, config.publish_timeout)?);
+    let bus = Arc::new(NatsBus::connect(&config.nats_url, config.limits.publish_timeout).await?);
+    let routes = Arc::new(RedisRoutes::connect(&config.redis_url, config.limits.publish_timeout)?);
     let ensure = CancellationToken::new();
     let stream_task = tokio::spawn({
         let (bus, ensure) = (bus.clone(), ensure.clone());
@@ -149,7 +149,7 @@ pub async fn run_with(
         registry: Registry::default(),
         metrics: metrics.clone(),
         ids: ConnectionIds::default(),
-        connection_limit: Arc::new(Semaphore::new(config.max_connections)),
+        connection_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
         config,
     });
     info!(pod = %shared.pod, grpc = %shared.grpc_addr, "edge-gateway starting");
@@ -187,8 +187,8 @@ pub async fn run_with(
         }
     });
     servers.spawn({
-        let health = metrics::Health {
-            metrics,
+        let health = tcpc_observe::Health {
+            metrics: Arc::new(move || metrics.render()),
             ready: Arc::new({
                 let bus = bus.clone();
                 move || bus.is_ready()
@@ -197,9 +197,7 @@ pub async fn run_with(
         };
         let stopped = stopped.clone();
         async move {
-            let served = axum::serve(listeners.metrics, metrics::router(health))
-                .with_graceful_shutdown(stopped.cancelled_owned())
-                .await;
+            let served = tcpc_observe::serve(listeners.metrics, health, stopped.cancelled_owned()).await;
             if let Err(error) = served {
                 tracing::error!(%error, "metrics server failed");
             }
@@ -218,8 +216,8 @@ pub async fn run_with(
     // close the sessions gradually; then a hard deadline.
     draining.store(true, Ordering::Release);
     accepting.cancel();
-    info!(sessions = shared.registry.len(), window = ?shared.config.drain_window, "draining");
-    drain::spread_closes(&shared.registry, shared.config.drain_window).await;
+    info!(sessions = shared.registry.len(), window = ?shared.config.limits.drain_window, "draining");
+    drain::spread_closes(&shared.registry, shared.config.limits.drain_window).await;
     sessions.close();
     // A closing session flushes its window for at most 10 s; past that it is abandoned
     // (its uplinks were not stored, which it logged) and dies with the process.

@@ -12,14 +12,7 @@ use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tcpc_proto::names;
 
-/// Where a device's current connection lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    pub device_id: String,
-    pub connection_id: String,
-    pub pod: String,
-    pub grpc_addr: String,
-}
+pub use tcpc_proto::route::Route;
 
 /// A route-store step failed.
 #[derive(Debug, thiserror::Error)]

@@ -198,9 +198,9 @@ pub(crate) fn listener_label(protocol: Protocol) -> &'static str {
 
 impl Session {
     fn new(shared: Arc<Shared>, stream: TcpStream, protocol: Protocol, id: ConnectionId) -> Self {
-        let max_frame = shared.config.max_frame;
-        let rate = (shared.config.rate_limit > 0)
-            .then(|| RateBudget { tokens: shared.config.rate_burst as f32, refilled: Instant::now() });
+        let max_frame = shared.config.limits.max_frame;
+        let rate = (shared.config.limits.rate_limit > 0)
+            .then(|| RateBudget { tokens: shared.config.limits.rate_burst as f32, refilled: Instant::now() });
         Session {
             inbound: match protocol {
                 Protocol::Custom => Inbound::Custom(Box::new(CustomFramer::FixedLength(1))),
@@ -264,7 +264,9 @@ impl Session {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Close> {
-        match tokio::time::timeout(self.shared.config.write_timeout, self.stream.write_all(bytes)).await {
+        match tokio::time::timeout(self.shared.config.limits.write_timeout, self.stream.write_all(bytes))
+            .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 debug!(error = %e, "write failed");
@@ -280,7 +282,7 @@ impl Session {
     // ---- authentication ----
 
     async fn authenticate(&mut self, peer: SocketAddr) -> Result<(), Close> {
-        let deadline = Instant::now() + self.shared.config.auth_timeout;
+        let deadline = Instant::now() + self.shared.config.limits.auth_timeout;
         let token = match self.protocol {
             Protocol::Custom => self.read_token(deadline).await?,
             _ => self.read_auth_frame(deadline).await?,
@@ -331,7 +333,7 @@ impl Session {
     }
 
     async fn read_token(&mut self, deadline: Instant) -> Result<String, Close> {
-        let max = self.shared.config.max_token;
+        let max = self.shared.config.limits.max_token;
         let mut gap_elapsed = false;
         loop {
             match framing::take_token(&mut self.buf, max, gap_elapsed) {
@@ -344,7 +346,7 @@ impl Session {
             let wait_until = if self.buf.is_empty() {
                 deadline
             } else {
-                deadline.min(self.last_input + self.shared.config.token_gap)
+                deadline.min(self.last_input + self.shared.config.limits.token_gap)
             };
             match tokio::time::timeout_at(wait_until, self.read_some()).await {
                 Ok(read) => read?,
@@ -363,7 +365,7 @@ impl Session {
 
     async fn authenticated(&mut self, reply: AuthReply) -> Result<(), Close> {
         if let Inbound::Custom(framer) = &mut self.inbound {
-            **framer = CustomFramer::from_proto(reply.framing.as_ref(), self.shared.config.max_frame)
+            **framer = CustomFramer::from_proto(reply.framing.as_ref(), self.shared.config.limits.max_frame)
                 .map_err(|e| {
                     warn!(error = %e, "device config has an unusable framing");
                     Close::AuthRefused("device framing misconfigured".to_owned())
@@ -374,7 +376,7 @@ impl Session {
         let handle = Arc::new(SessionHandle::new(&reply.device_id, self.id, self.protocol));
         shared.registry.insert(handle.clone());
         self.handle = Some(handle);
-        self.partition = names::partition_of(&reply.device_id, shared.config.uplink_partitions);
+        self.partition = names::partition_of(&reply.device_id, shared.config.limits.uplink_partitions);
         self.register_route().await;
         if self.protocol == Protocol::Official {
             self.write(&Frame::data(codec::cmd::AUTH, &b"{\"result\":0}"[..]).to_bytes()).await?;
@@ -497,15 +499,15 @@ impl Session {
     // ---- serving ----
 
     fn has_room(&self) -> bool {
-        self.resend_at.is_none() && self.window.len() < self.shared.config.max_in_flight
+        self.resend_at.is_none() && self.window.len() < self.shared.config.limits.max_in_flight
     }
 
     fn within_rate(&mut self) -> bool {
         let Some(rate) = &mut self.rate else { return true };
-        let per_second = self.shared.config.rate_limit as f32;
+        let per_second = self.shared.config.limits.rate_limit as f32;
         let now = Instant::now();
         let refill = now.duration_since(rate.refilled).as_secs_f32() * per_second;
-        rate.tokens = (rate.tokens + refill).min(self.shared.config.rate_burst as f32);
+        rate.tokens = (rate.tokens + refill).min(self.shared.config.limits.rate_burst as f32);
         rate.refilled = now;
         rate.tokens >= 1.0
     }
@@ -519,14 +521,14 @@ impl Session {
     /// When the timer should next fire.
     fn next_deadline(&self, closing_until: Option<Instant>) -> Instant {
         let config = &self.shared.config;
-        let mut deadline = closing_until.unwrap_or(self.last_input + config.idle_timeout);
+        let mut deadline = closing_until.unwrap_or(self.last_input + config.limits.idle_timeout);
         if let Some(at) = self.resend_at {
             deadline = deadline.min(at);
         }
         if let Some(rate) = &self.rate
             && rate.tokens < 1.0
         {
-            let wait = (1.0 - rate.tokens) / config.rate_limit as f32;
+            let wait = (1.0 - rate.tokens) / config.limits.rate_limit as f32;
             deadline = deadline.min(rate.refilled + Duration::from_secs_f32(wait));
         }
         if let Inbound::Custom(framer) = &self.inbound
@@ -657,7 +659,7 @@ impl Session {
         {
             self.on_message(UplinkKind::Raw, message).await;
         }
-        if !closing && self.last_input + self.shared.config.idle_timeout <= now {
+        if !closing && self.last_input + self.shared.config.limits.idle_timeout <= now {
             // A device is idle only if the edge was willing to read from it: a full
             // window or a pending re-send is the edge's silence, not the device's.
             if self.window.is_empty() {
@@ -714,7 +716,7 @@ impl Session {
         self.window.clear();
         self.resend_at = None;
         self.publish(self.session_event(SessionState::Offline, close.label(), owned_route)).await;
-        let deadline = Instant::now() + shared.config.publish_timeout;
+        let deadline = Instant::now() + shared.config.limits.publish_timeout;
         while !self.window.is_empty() && Instant::now() < deadline {
             tokio::select! {
                 ack = Self::head_ack(&mut self.window) => self.on_ack(ack),
@@ -737,7 +739,7 @@ async fn publish_one(
 ) -> Option<AckFuture> {
     let message_id = names::uplink_message_id(&id.to_string(), sequence);
     let publish = shared.bus.publish(names::uplink_subject(partition), message_id, envelope);
-    match tokio::time::timeout(shared.config.publish_timeout, publish).await {
+    match tokio::time::timeout(shared.config.limits.publish_timeout, publish).await {
         Ok(Ok(ack)) => Some(ack),
         Ok(Err(error)) => {
             debug!(%error, "publish failed");

@@ -2,12 +2,14 @@
 //!
 //! - [`v1`]: the `tcpc.v1` protobuf types and the `EdgeGateway` gRPC service.
 //! - [`names`]: NATS subjects, stream and queue names, Redis keys and the route scripts.
+//! - [`route`]: a device route as stored in Redis.
 //! - [`trace`]: W3C trace-context propagation over NATS headers and gRPC metadata.
 //! - [`secret`]: how AccessTokens and vouchers are shown in logs (never whole).
 //!
 //! Edge and worker both depend on this crate and on nothing of each other.
 
 pub mod names;
+pub mod route;
 pub mod secret;
 pub mod trace;
 

@@ -101,6 +101,10 @@ pub fn platform_call_key(voucher_digest: &str) -> String {
     format!("tcpc:platform-call:{voucher_digest}")
 }
 
+/// Core NATS subject on which a worker that was told a device's config changed tells
+/// every other worker to drop its cached copy (payload: the device id).
+pub const DEVICE_FORGET_SUBJECT: &str = "tcpc.device.forget";
+
 /// Redis sorted set of live workers (score: expiry, Unix ms).
 pub const WORKERS_KEY: &str = "tcpc:workers";
 

@@ -67,9 +67,18 @@ pub enum Framing {
     /// Bytes until a silence, or a full buffer (the original plugin's default).
     #[default]
     IdleGap,
-    Delimiter { delimiter: Vec<u8> },
-    FixedLength { length: u32 },
-    LengthField { offset: u32, width: u32, little_endian: bool, adjustment: i32 },
+    Delimiter {
+        delimiter: Vec<u8>,
+    },
+    FixedLength {
+        length: u32,
+    },
+    LengthField {
+        offset: u32,
+        width: u32,
+        little_endian: bool,
+        adjustment: i32,
+    },
 }
 
 /// Our per-device settings (the CFG form).
@@ -112,16 +121,30 @@ fn number<T: TryFrom<i64>>(form: &Map<String, Value>, key: &'static str) -> Resu
     T::try_from(value).map(Some).map_err(|_| bad("out of range"))
 }
 
+/// Reads hex bytes: `0a0b`, `0a 0b`, `0x0a0b`.
+///
+/// # Errors
+/// No digits, an odd number of them, or a non-hex digit.
+pub fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let text = text.trim();
+    let text = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")).unwrap_or(text);
+    let digits: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if digits.is_empty() || !digits.len().is_multiple_of(2) {
+        return Err("hex needs an even, non-zero number of digits".to_owned());
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let pair: String = pair.iter().collect();
+            u8::from_str_radix(&pair, 16).map_err(|_| format!("not hex: {pair:?}"))
+        })
+        .collect()
+}
+
 /// Reads a delimiter written as an escaped string (`\r\n`, `;`) or hex (`0x0d0a`).
 pub fn parse_delimiter(text: &str) -> Result<Vec<u8>, String> {
-    if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        if hex.is_empty() || hex.len() % 2 != 0 {
-            return Err("hex delimiter needs an even number of digits".to_owned());
-        }
-        return (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| "invalid hex digit".to_owned()))
-            .collect();
+    if text.starts_with("0x") || text.starts_with("0X") {
+        return parse_hex(text);
     }
     let mut out = Vec::new();
     let mut chars = text.chars();
@@ -157,14 +180,20 @@ impl DeviceSettings {
             Some("official") => Some(ProtocolChoice::Official),
             Some("custom") => Some(ProtocolChoice::Custom),
             Some(other) => {
-                return Err(SettingsError { key: "protocol", problem: format!("unknown protocol {other:?}") });
+                return Err(SettingsError {
+                    key: "protocol",
+                    problem: format!("unknown protocol {other:?}"),
+                });
             }
         };
         let cmd1 = match text(form, "cmd1_maps_to") {
             None | Some("telemetry") => Cmd1Mapping::Telemetry,
             Some("attributes") => Cmd1Mapping::Attributes,
             Some(other) => {
-                return Err(SettingsError { key: "cmd1_maps_to", problem: format!("unknown mapping {other:?}") });
+                return Err(SettingsError {
+                    key: "cmd1_maps_to",
+                    problem: format!("unknown mapping {other:?}"),
+                });
             }
         };
         let framing = match text(form, "framing") {
@@ -176,15 +205,21 @@ impl DeviceSettings {
                 Framing::Delimiter { delimiter }
             }
             Some("fixed_length") => Framing::FixedLength {
-                length: number(form, "fixed_length")?
-                    .filter(|&n| n > 0)
-                    .ok_or(SettingsError { key: "fixed_length", problem: "a positive length is required".into() })?,
+                length: number(form, "fixed_length")?.filter(|&n| n > 0).ok_or(SettingsError {
+                    key: "fixed_length",
+                    problem: "a positive length is required".into(),
+                })?,
             },
             Some("length_field") => Framing::LengthField {
                 offset: number(form, "length_offset")?.unwrap_or(0),
                 width: match number(form, "length_width")?.unwrap_or(2) {
                     w @ (1 | 2 | 4 | 8) => w,
-                    _ => return Err(SettingsError { key: "length_width", problem: "must be 1, 2, 4 or 8".into() }),
+                    _ => {
+                        return Err(SettingsError {
+                            key: "length_width",
+                            problem: "must be 1, 2, 4 or 8".into(),
+                        });
+                    }
                 },
                 little_endian: text(form, "length_endian") == Some("little"),
                 adjustment: number(form, "length_adjustment")?.unwrap_or(0),
@@ -296,6 +331,9 @@ mod tests {
         assert_eq!(parse_delimiter(";").unwrap(), b";");
         assert!(parse_delimiter("0x0").is_err());
         assert!(parse_delimiter("\\q").is_err());
+        assert_eq!(parse_hex("0a 0B").unwrap(), [0x0a, 0x0b]);
+        assert!(parse_hex("0a0").is_err());
+        assert!(parse_hex("zz").is_err());
     }
 
     #[test]
@@ -304,9 +342,6 @@ mod tests {
             framing: Framing::Delimiter { delimiter: b"\n".to_vec() },
             ..Default::default()
         };
-        assert_eq!(
-            settings.framing_proto().kind,
-            Some(framing::Kind::Delimiter(Bytes::from_static(b"\n")))
-        );
+        assert_eq!(settings.framing_proto().kind, Some(framing::Kind::Delimiter(Bytes::from_static(b"\n"))));
     }
 }

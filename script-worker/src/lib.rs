@@ -1,6 +1,275 @@
-//! The script-worker.
+//! The script-worker: everything platform-facing.
+//!
+//! Data flow:
+//! - [`auth`] answers the edges' auth requests from a [`source::DeviceSource`]: the
+//!   platform's HTTP API with caches ([`platform::devices`]), or a devices file.
+//! - [`consume`] owns uplink partitions of JetStream and feeds each envelope, in
+//!   order, to the [`pipeline`]: [`uplink`] maps it (running the device's script from
+//!   [`scripts`]) to platform messages for the [`sink::PlatformSink`] — the platform's
+//!   MQTT broker ([`platform::mqtt`]) or JSON lines — and the envelope is acknowledged
+//!   only after the broker acknowledged its messages.
+//! - [`api`] is the plugin HTTP API the platform calls; [`routes`] reads device routes
+//!   and reaches edge pods over gRPC. [`metrics`], [`config`], [`devices`] (the device
+//!   model) complete it.
 
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod consume;
 pub mod devices;
+pub mod metrics;
+pub mod pipeline;
 pub mod platform;
+pub mod routes;
 pub mod scripts;
+pub mod sink;
 pub mod source;
+pub mod uplink;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tcpc_proto::names;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use auth::Authenticator;
+use config::{Config, Settings};
+use metrics::Metrics;
+use pipeline::Pipeline;
+use platform::client::PlatformClient;
+use routes::RouteLookup;
+use scripts::{Library, Scripts};
+use sink::PlatformSink;
+use source::DeviceSource;
+
+/// The worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("start the script engine: {0}")]
+    Scripts(#[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Connect(&'static str, String),
+    #[error("serve: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The pieces every deployment shares, on the seams it chose.
+pub struct Core {
+    pub metrics: Arc<Metrics>,
+    pub scripts: Arc<Scripts>,
+    pub pipeline: Arc<Pipeline>,
+    pub authenticator: Arc<Authenticator>,
+}
+
+impl Core {
+    /// Builds the core on a device source, a route lookup and a platform sink.
+    ///
+    /// # Errors
+    /// The script engine's thread cannot start.
+    pub fn new(
+        settings: &Settings,
+        devices: Arc<dyn DeviceSource>,
+        routes: Arc<dyn RouteLookup>,
+        sink: Arc<dyn PlatformSink>,
+    ) -> Result<Self, WorkerError> {
+        let metrics = Arc::new(Metrics::default());
+        let library = Library::new(settings.scripts_dir.clone());
+        let scripts = Arc::new(
+            Scripts::start(settings.script_engine, settings.script_limits(), library)
+                .map_err(WorkerError::Scripts)?,
+        );
+        let mapper = uplink::Mapper {
+            devices: devices.clone(),
+            routes,
+            scripts: scripts.clone(),
+            metrics: metrics.clone(),
+        };
+        let pipeline = Arc::new(Pipeline { mapper, sink, metrics: metrics.clone() });
+        let authenticator =
+            Arc::new(Authenticator { devices, scripts: scripts.clone(), metrics: metrics.clone() });
+        Ok(Core { metrics, scripts, pipeline, authenticator })
+    }
+}
+
+/// The worker's pre-bound listeners.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub metrics: TcpListener,
+}
+
+/// Sends the plugin heartbeat until `shutdown`.
+pub async fn heartbeat(
+    client: PlatformClient,
+    service_identifier: String,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {
+                if let Err(error) = client.heartbeat(&service_identifier).await {
+                    warn!(%error, "plugin heartbeat not accepted");
+                }
+            }
+        }
+    }
+}
+
+/// A lazily connecting, self-reconnecting Redis connection.
+///
+/// # Errors
+/// The URL is invalid.
+pub fn redis(url: &str) -> Result<ConnectionManager, WorkerError> {
+    let client = redis::Client::open(url).map_err(|e| WorkerError::Connect("redis", e.to_string()))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| WorkerError::Connect("redis", e.to_string()))
+}
+
+/// Runs the distributed worker (NATS, Redis, MQTT, the platform) until `shutdown`.
+///
+/// # Errors
+/// Invalid configuration or URLs. Outages are not errors: the worker starts and waits.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let settings = &config.settings;
+    settings.validate().map_err(WorkerError::Config)?;
+    let worker = config.pod_name.clone().unwrap_or_else(config::host_name);
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let redis = redis(&config.redis_url)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name("tcpc-script-worker")
+        .retry_on_initial_connect()
+        .connect(&config.nats_url)
+        .await
+        .map_err(|e| WorkerError::Connect("nats", e.to_string()))?;
+    let mqtt = platform::mqtt::MqttConfig::from_url(
+        &config.mqtt_url,
+        &format!("tcpc-worker-{worker}"),
+        &settings.mqtt_username,
+        &settings.mqtt_password,
+    )
+    .map_err(WorkerError::Config)?;
+    let platform = PlatformClient::new(&config.platform_url, Duration::from_secs(5));
+    let devices: Arc<dyn DeviceSource> =
+        Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
+    let routes: Arc<dyn RouteLookup> = Arc::new(routes::RedisRoutes::new(redis.clone()));
+    let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, stop.clone()));
+    let core = Core::new(settings, devices.clone(), routes.clone(), sink)?;
+    info!(%worker, "script-worker starting");
+
+    tasks.spawn(auth_task(nats.clone(), core.authenticator.clone(), stop.clone()));
+    tasks.spawn(forget_task(nats.clone(), devices.clone(), stop.clone()));
+    tasks.spawn(
+        consume::Partitions {
+            jetstream: async_nats::jetstream::new(nats.clone()),
+            redis,
+            worker,
+            partitions: settings.uplink_partitions,
+            pipeline: core.pipeline.clone(),
+        }
+        .run(stop.clone()),
+    );
+    tasks.spawn(heartbeat(
+        platform,
+        settings.service_identifier.clone(),
+        settings.heartbeat_interval,
+        stop.clone(),
+    ));
+    let api = api::ApiState {
+        devices,
+        routes,
+        edges: Arc::default(),
+        broadcast_forget: {
+            let nats = nats.clone();
+            Arc::new(move |device_id: String| {
+                let nats = nats.clone();
+                Box::pin(async move {
+                    if let Err(error) = nats.publish(names::DEVICE_FORGET_SUBJECT, device_id.into()).await {
+                        warn!(%error, "other workers not told to forget a device config");
+                    }
+                })
+            })
+        },
+    };
+    tasks.spawn({
+        let stop = stop.clone();
+        let router = api::router(Arc::new(api));
+        async move {
+            if let Err(error) =
+                axum::serve(listeners.http, router).with_graceful_shutdown(stop.cancelled_owned()).await
+            {
+                tracing::error!(%error, "plugin API failed");
+            }
+        }
+    });
+    let draining = Arc::new(AtomicBool::new(false));
+    let health = tcpc_observe::Health {
+        metrics: Arc::new({
+            let metrics = core.metrics.clone();
+            move || metrics.render()
+        }),
+        ready: Arc::new(move || nats.connection_state() == async_nats::connection::State::Connected),
+        draining: draining.clone(),
+    };
+    tasks.spawn({
+        let stop = stop.clone();
+        async move {
+            if let Err(error) = tcpc_observe::serve(listeners.metrics, health, stop.cancelled_owned()).await {
+                tracing::error!(%error, "metrics server failed");
+            }
+        }
+    });
+    tasks.close();
+
+    shutdown.await;
+    draining.store(true, Ordering::Release);
+    info!("script-worker stopping");
+    stop.cancel();
+    tasks.wait().await;
+    Ok(())
+}
+
+async fn auth_task(nats: async_nats::Client, authenticator: Arc<Authenticator>, stop: CancellationToken) {
+    if let Err(error) = auth::serve(nats, authenticator, stop).await {
+        tracing::error!(%error, "auth responder could not subscribe");
+    }
+}
+
+/// Drops a device's cached config when another worker was told it changed.
+async fn forget_task(nats: async_nats::Client, devices: Arc<dyn DeviceSource>, stop: CancellationToken) {
+    let mut forgets = match nats.subscribe(names::DEVICE_FORGET_SUBJECT).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to config invalidations");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            message = forgets.next() => match message {
+                Some(message) => devices.forget(&String::from_utf8_lossy(&message.payload)).await,
+                None => return,
+            },
+        }
+    }
+}

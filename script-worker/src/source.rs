@@ -111,8 +111,8 @@ impl FileDevices {
                 Some(text) => DeviceKind::parse(text)
                     .ok_or_else(|| format!("device {}: unknown type {text:?}", entry.id))?,
             };
-            let settings =
-                DeviceSettings::from_form(&entry.settings).map_err(|e| format!("device {}: {e}", entry.id))?;
+            let settings = DeviceSettings::from_form(&entry.settings)
+                .map_err(|e| format!("device {}: {e}", entry.id))?;
             let device = Arc::new(Device {
                 id: entry.id.clone(),
                 number: if entry.number.is_empty() { entry.id.clone() } else { entry.number },

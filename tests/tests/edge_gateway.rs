@@ -186,7 +186,8 @@ async fn custom_token_ends_at_an_idle_gap_and_wrong_tokens_get_a_json_line() {
     let w = world().await;
     w.auth.add("gap-token", device("dev-gap"));
     let edge =
-        TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.token_gap = Duration::from_millis(100)).await;
+        TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.limits.token_gap = Duration::from_millis(100))
+            .await;
     let mut reader = UplinkReader::open(w.nats.client().await).await;
     let mut dev = RawDevice::connect(edge.custom).await;
     dev.send(b"gap-token").await;
@@ -203,7 +204,7 @@ async fn malformed_frames_close_only_their_connection() {
     w.auth.add("good", device("dev-good"));
     w.auth.add("big", device("dev-big"));
     w.auth.add("magic", device("dev-magic"));
-    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.max_frame = 1024).await;
+    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.limits.max_frame = 1024).await;
     let mut good = TpDevice::online(edge.official, "good").await;
 
     let mut big = TpDevice::online(edge.official, "big").await;
@@ -227,8 +228,8 @@ async fn auth_deadline_and_idle_timeout_close_with_an_error_frame() {
     let w = world().await;
     w.auth.add("idle", device("dev-idle"));
     let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| {
-        c.auth_timeout = Duration::from_millis(300);
-        c.idle_timeout = Duration::from_millis(500);
+        c.limits.auth_timeout = Duration::from_millis(300);
+        c.limits.idle_timeout = Duration::from_millis(500);
     })
     .await;
     let mut silent = TpDevice::connect(edge.official).await;
@@ -355,7 +356,7 @@ async fn grpc_disconnect_closes_the_device_connection() {
 async fn connections_past_the_limit_are_refused() {
     let w = world().await;
     w.auth.add("one", device("dev-one"));
-    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.max_connections = 1).await;
+    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.limits.max_connections = 1).await;
     let _one = TpDevice::online(edge.official, "one").await;
     let mut two = TpDevice::connect(edge.official).await;
     two.expect_closed_with(cmd::AUTH, "too many connections").await;

@@ -101,8 +101,9 @@ impl PlatformClient {
     /// # Errors
     /// Unreachable or refused.
     pub async fn heartbeat(&self, service_identifier: &str) -> Result<(), PlatformError> {
-        let reply =
-            self.post("/api/v1/plugin/heartbeat", json!({ "service_identifier": service_identifier })).await?;
+        let reply = self
+            .post("/api/v1/plugin/heartbeat", json!({ "service_identifier": service_identifier }))
+            .await?;
         match reply.code {
             OK => Ok(()),
             code => Err(PlatformError::Refused { code, message: reply.message }),
@@ -142,7 +143,13 @@ pub fn parse_device(data: &Value) -> Result<Device, PlatformError> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Device { id: id.to_owned(), number: str_field(data, "device_number").to_owned(), kind, sub_devices, settings })
+    Ok(Device {
+        id: id.to_owned(),
+        number: str_field(data, "device_number").to_owned(),
+        kind,
+        sub_devices,
+        settings,
+    })
 }
 
 #[cfg(test)]

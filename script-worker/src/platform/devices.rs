@@ -122,7 +122,10 @@ impl PlatformDevices {
     async fn shared_get(&self, digest: &str) -> Option<Cached> {
         let mut redis = self.redis.clone()?;
         let text: Option<String> =
-            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_config_key(digest))).await.ok()?.ok()?;
+            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_config_key(digest)))
+                .await
+                .ok()?
+                .ok()?;
         let shared: Shared = serde_json::from_str(&text?).ok()?;
         let age = Duration::from_millis((tcpc_proto::now_ms() - shared.fetched_ms).max(0) as u64);
         Some(Cached {
@@ -250,12 +253,14 @@ impl DeviceSource for PlatformDevices {
                 Some(digest) => digest,
                 None => match self.redis.clone() {
                     Some(mut redis) => {
-                        let shared: Option<String> =
-                            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_voucher_key(device_id)))
-                                .await
-                                .ok()
-                                .and_then(Result::ok)
-                                .flatten();
+                        let shared: Option<String> = tokio::time::timeout(
+                            REDIS_DEADLINE,
+                            redis.get(names::device_voucher_key(device_id)),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten();
                         shared.unwrap_or_else(|| voucher::digest(&format!("device:{device_id}")))
                     }
                     None => voucher::digest(&format!("device:{device_id}")),

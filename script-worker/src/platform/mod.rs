@@ -3,4 +3,6 @@
 
 pub mod client;
 pub mod devices;
+pub mod mqtt;
+pub mod topics;
 pub mod voucher;

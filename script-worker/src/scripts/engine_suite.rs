@@ -5,8 +5,10 @@ use serde_json::json;
 use super::*;
 
 fn engines() -> Vec<(&'static str, Box<dyn ScriptEngine>)> {
-    let limits = Limits { cpu_time: Duration::from_millis(100), heap: 8 << 20, output: 4096, cached_scripts: 8 };
-    let engines: Vec<(&'static str, Box<dyn ScriptEngine>)> = vec![("quickjs", EngineKind::Quickjs.build(limits))];
+    let limits =
+        Limits { cpu_time: Duration::from_millis(100), heap: 8 << 20, output: 4096, cached_scripts: 8 };
+    let engines: Vec<(&'static str, Box<dyn ScriptEngine>)> =
+        vec![("quickjs", EngineKind::Quickjs.build(limits))];
     #[cfg(feature = "v8")]
     let engines = {
         let mut engines = engines;
@@ -17,7 +19,12 @@ fn engines() -> Vec<(&'static str, Box<dyn ScriptEngine>)> {
 }
 
 fn decode(engine: &mut dyn ScriptEngine, source: &str, bytes: &[u8]) -> Result<Json, ScriptError> {
-    let context = CallContext { device_id: "dev-1".into(), device_number: "D001".into(), kind: "uplink".into(), ..Default::default() };
+    let context = CallContext {
+        device_id: "dev-1".into(),
+        device_number: "D001".into(),
+        kind: "uplink".into(),
+        ..Default::default()
+    };
     match run_call(engine, source, "uplink.js", &Call::Decode { bytes: bytes.to_vec(), context })? {
         Output::Json(json) => Ok(json),
         Output::Bytes(_) => unreachable!(),
@@ -25,7 +32,8 @@ fn decode(engine: &mut dyn ScriptEngine, source: &str, bytes: &[u8]) -> Result<J
 }
 
 fn encode(engine: &mut dyn ScriptEngine, source: &str, message: Json) -> Result<Vec<u8>, ScriptError> {
-    let context = CallContext { kind: "command".into(), topic: "devices/command/D001/m1".into(), ..Default::default() };
+    let context =
+        CallContext { kind: "command".into(), topic: "devices/command/D001/m1".into(), ..Default::default() };
     match run_call(engine, source, "downlink.js", &Call::Encode { message, context })? {
         Output::Bytes(bytes) => Ok(bytes),
         Output::Json(_) => unreachable!(),
@@ -111,7 +119,8 @@ fn an_endless_loop_is_stopped_and_the_engine_goes_on() {
 #[test]
 fn endless_allocation_hits_the_heap_limit() {
     for (name, mut engine) in engines() {
-        let script = "function decode(bytes) { var a = []; while (true) { a.push(new Array(1000).fill('x')); } }";
+        let script =
+            "function decode(bytes) { var a = []; while (true) { a.push(new Array(1000).fill('x')); } }";
         assert_eq!(decode(engine.as_mut(), script, b"").unwrap_err(), ScriptError::OutOfMemory, "{name}");
         assert!(decode(engine.as_mut(), METER, &[0, 1, 2]).is_ok(), "{name}: others still run");
     }
@@ -146,6 +155,10 @@ fn output_is_bounded() {
         let big = "function decode(b) { return { s: 'x'.repeat(100000) }; }";
         assert!(matches!(decode(engine.as_mut(), big, b""), Err(ScriptError::Output(_))), "{name}");
         let missing = "function encode(m) { return []; }";
-        assert_eq!(decode(engine.as_mut(), missing, b"").unwrap_err(), ScriptError::Missing("decode"), "{name}");
+        assert_eq!(
+            decode(engine.as_mut(), missing, b"").unwrap_err(),
+            ScriptError::Missing("decode"),
+            "{name}"
+        );
     }
 }

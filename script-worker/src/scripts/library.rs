@@ -44,7 +44,10 @@ impl Library {
             return Ok((Arc::from(reference), "inline.js".to_owned()));
         };
         let name = name.trim();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || name.starts_with('.')
+        {
             return Err(ScriptError::Library(format!("{name:?} is not a script name")));
         }
         let Some(dir) = &self.dir else {

@@ -113,9 +113,15 @@ pub trait ScriptEngine {
     /// `decode(bytes, ctx)`.
     fn decode(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError>;
     /// `encode(msg, ctx)`, or 0.x `encodeInp(JSON text, topic)` when there is no encode.
-    fn encode(&mut self, hash: &ScriptHash, message: &Json, call: &CallContext) -> Result<Vec<u8>, ScriptError>;
+    fn encode(
+        &mut self,
+        hash: &ScriptHash,
+        message: &Json,
+        call: &CallContext,
+    ) -> Result<Vec<u8>, ScriptError>;
     /// 0.x uplink: `encodeInp(text of the bytes, topic)` → JSON (string or object).
-    fn decode_0x(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError>;
+    fn decode_0x(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext)
+    -> Result<Json, ScriptError>;
 }
 
 /// Which engine runs the scripts.
@@ -139,7 +145,12 @@ impl EngineKind {
 
 /// Runs one call of a prepared or new script on an engine: the part shared by the
 /// engine thread and `script-worker try`.
-pub fn run_call(engine: &mut dyn ScriptEngine, source: &str, name: &str, call: &Call) -> Result<Output, ScriptError> {
+pub fn run_call(
+    engine: &mut dyn ScriptEngine,
+    source: &str,
+    name: &str,
+    call: &Call,
+) -> Result<Output, ScriptError> {
     let hash = hash(source);
     engine.prepare(&hash, source, name)?;
     match call {
@@ -203,7 +214,10 @@ impl Scripts {
     pub fn start(kind: EngineKind, limits: Limits, library: Library) -> std::io::Result<Self> {
         // Bounded: a flood of messages waits for the engine instead of queueing without end.
         let (jobs, mut queue) = mpsc::channel::<Job>(1024);
+        // V8 (deno_core) needs a tokio runtime to be current where it is created.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         std::thread::Builder::new().name("scripts".to_owned()).spawn(move || {
+            let _runtime = runtime.as_ref().map(|r| r.enter());
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
                 let result = run_call(engine.as_mut(), &job.source, &job.name, &job.call);
@@ -231,6 +245,14 @@ impl Scripts {
         let result = result.await.map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
         self.record(&hash, result.is_ok());
         result
+    }
+
+    /// The content hash of the script a reference names.
+    ///
+    /// # Errors
+    /// A library script that cannot be read.
+    pub fn hash_of(&self, reference: &str) -> Result<ScriptHash, ScriptError> {
+        Ok(hash(&self.library.resolve(reference)?.0))
     }
 
     fn quarantined(&self, hash: &ScriptHash) -> bool {

@@ -13,14 +13,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use rquickjs::context::{EvalOptions, intrinsic};
-use rquickjs::{CaughtError, Context, Ctx, Error, Function, Object, Persistent, Runtime, TypedArray, Type, Value};
+use rquickjs::{
+    CaughtError, Context, Ctx, Error, Function, Object, Persistent, Runtime, Type, TypedArray, Value,
+};
 use serde_json::Value as Json;
 
 use super::{CallContext, Entry, Limits, ScriptEngine, ScriptError, ScriptHash};
 
 /// Built-ins a converter needs; no Promise (nothing may outlive a call).
-type Intrinsics =
-    (intrinsic::Eval, intrinsic::Json, intrinsic::TypedArrays, intrinsic::RegExp, intrinsic::MapSet, intrinsic::Date);
+type Intrinsics = (
+    intrinsic::Eval,
+    intrinsic::Json,
+    intrinsic::TypedArrays,
+    intrinsic::RegExp,
+    intrinsic::MapSet,
+    intrinsic::Date,
+);
 
 /// Deepest result accepted (a cycle would be infinite).
 const MAX_DEPTH: usize = 64;
@@ -44,7 +52,12 @@ pub struct QuickJs {
 
 impl QuickJs {
     pub fn new(limits: Limits) -> Self {
-        QuickJs { limits, scripts: HashMap::new(), deadline: Arc::new(AtomicU64::new(0)), epoch: Instant::now() }
+        QuickJs {
+            limits,
+            scripts: HashMap::new(),
+            deadline: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        }
     }
 
     fn arm(&self) {
@@ -64,7 +77,8 @@ impl QuickJs {
             let at = deadline.load(Ordering::Relaxed);
             at != 0 && epoch.elapsed().as_nanos() as u64 >= at
         })));
-        let context = Context::custom::<Intrinsics>(&runtime).map_err(|e| ScriptError::Engine(e.to_string()))?;
+        let context =
+            Context::custom::<Intrinsics>(&runtime).map_err(|e| ScriptError::Engine(e.to_string()))?;
         // After the context exists: building one under a tight limit can fail.
         runtime.set_memory_limit(self.limits.heap);
         self.arm();
@@ -141,7 +155,12 @@ impl ScriptEngine for QuickJs {
         })
     }
 
-    fn encode(&mut self, hash: &ScriptHash, message: &Json, call: &CallContext) -> Result<Vec<u8>, ScriptError> {
+    fn encode(
+        &mut self,
+        hash: &ScriptHash,
+        message: &Json,
+        call: &CallContext,
+    ) -> Result<Vec<u8>, ScriptError> {
         let max = self.limits.output;
         let entries = self.entries(hash);
         if entries.contains(&Entry::Encode) {
@@ -160,7 +179,12 @@ impl ScriptEngine for QuickJs {
         }
     }
 
-    fn decode_0x(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError> {
+    fn decode_0x(
+        &mut self,
+        hash: &ScriptHash,
+        bytes: &[u8],
+        call: &CallContext,
+    ) -> Result<Json, ScriptError> {
         let max = self.limits.output;
         let text = String::from_utf8_lossy(bytes).into_owned();
         self.call(hash, Entry::EncodeInp, |_, function| {
@@ -293,7 +317,10 @@ fn js_to_json(value: &Value<'_>, depth: usize, budget: &mut Budget) -> rquickjs:
             let mut map = serde_json::Map::new();
             for property in object.props::<String, Value>() {
                 let (key, item) = property?;
-                if matches!(item.type_of(), Type::Undefined | Type::Function | Type::Constructor | Type::Symbol) {
+                if matches!(
+                    item.type_of(),
+                    Type::Undefined | Type::Function | Type::Constructor | Type::Symbol
+                ) {
                     continue;
                 }
                 budget.spend(key.len())?;
@@ -326,7 +353,11 @@ fn js_to_bytes(value: &Value<'_>, max: usize) -> rquickjs::Result<Vec<u8>> {
             match item.as_number() {
                 Some(n) if n.fract() == 0.0 && (0.0..=255.0).contains(&n) => out.push(n as u8),
                 _ => {
-                    return Err(Error::new_from_js_message("value", "bytes", format!("element {i} is not a byte")));
+                    return Err(Error::new_from_js_message(
+                        "value",
+                        "bytes",
+                        format!("element {i} is not a byte"),
+                    ));
                 }
             }
         }

@@ -1,0 +1,150 @@
+//! What every tcp-connectivity binary shares to be observed: log set-up, and the
+//! `/metrics`, `/healthz`, `/readyz` endpoints.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log collectors).
+    Json,
+    /// Human-readable lines (for terminals).
+    Pretty,
+}
+
+/// Installs the global subscriber: level from `RUST_LOG` (default info), to stderr so
+/// that stdout stays free for data (the all-in-one's JSON lines).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C (drain); a second one exits at once.
+pub async fn shutdown_signal() {
+    wait_for_signal().await;
+    eprintln!("shutdown requested; a second signal exits at once");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler cannot fail on Unix");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// The text exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// What the health endpoints look at.
+#[derive(Clone)]
+pub struct Health {
+    /// The metrics text.
+    pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Ready to take work (its dependencies answer).
+    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Set first on shutdown, so that readiness fails before anything stops.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// `/metrics`, `/healthz` (liveness), `/readyz` (readiness).
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+/// Serves [`router`] on a pre-bound listener until `shutdown` resolves.
+///
+/// # Errors
+/// The listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(health)).with_graceful_shutdown(shutdown).await
+}
+
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        (health.metrics)(),
+    )
+}
+
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    if health.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !(health.ready)() {
+        (StatusCode::SERVICE_UNAVAILABLE, "dependencies unavailable")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    fn health(ready: bool) -> Health {
+        Health {
+            metrics: Arc::new(|| "edge_connections{listener=\"official\"} 3\n".to_owned()),
+            ready: Arc::new(move || ready),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let response = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn metrics_liveness_readiness() {
+        assert_eq!(
+            get(router(health(true)), "/metrics").await.1,
+            "edge_connections{listener=\"official\"} 3\n"
+        );
+        assert_eq!(get(router(health(true)), "/healthz").await, (StatusCode::OK, "ok".into()));
+        assert_eq!(get(router(health(true)), "/readyz").await, (StatusCode::OK, "ready".into()));
+        assert_eq!(get(router(health(false)), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        let draining = health(true);
+        draining.draining.store(true, Ordering::Release);
+        assert_eq!(
+            get(router(draining), "/readyz").await,
+            (StatusCode::SERVICE_UNAVAILABLE, "draining".into())
+        );
+    }
+}

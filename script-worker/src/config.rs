@@ -1,0 +1,178 @@
+//! Script-worker configuration: every flag has an env var.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tcpc_observe::LogFormat;
+
+use crate::scripts::{EngineKind, Limits};
+
+/// The script-worker: authenticates devices for the edges, runs their scripts and talks
+/// to ThingsPanel (MQTT and HTTP).
+#[derive(Debug, Parser)]
+#[command(name = "script-worker", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs a script offline on sample input and prints the result or the error.
+    Try(TryArgs),
+}
+
+/// `script-worker try`.
+#[derive(Debug, Args)]
+pub struct TryArgs {
+    /// The script file.
+    #[arg(long)]
+    pub script: PathBuf,
+    /// Uplink sample: the message bytes in hex (spaces allowed); runs `decode`.
+    #[arg(long, conflicts_with = "json")]
+    pub hex: Option<String>,
+    /// Downlink sample: the platform message as JSON; runs `encode`.
+    #[arg(long)]
+    pub json: Option<String>,
+    #[arg(long, value_enum, default_value = "quickjs")]
+    pub engine: EngineKind,
+}
+
+/// The worker's service flags.
+#[derive(Clone, Debug, Args)]
+pub struct Config {
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// The platform's MQTT broker (user `plugin`).
+    #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: String,
+    /// ThingsPanel's HTTP base, e.g. http://thingspanel:9999.
+    #[arg(long, env = "PLATFORM_URL", default_value = "http://127.0.0.1:9999")]
+    pub platform_url: String,
+    /// This worker's name (partition leases, MQTT client id; default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Prometheus metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
+    pub metrics_listen: SocketAddr,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Flags the worker shares with the all-in-one.
+#[derive(Clone, Debug, Args)]
+pub struct Settings {
+    /// The plugin's service_identifier on the platform (also the protocol_type).
+    #[arg(long, env = "SERVICE_IDENTIFIER", default_value = "TCP")]
+    pub service_identifier: String,
+    /// The platform's sub_topic_prefix for this plugin (default plugin/<service-identifier>/).
+    #[arg(long, env = "TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// The plugin HTTP API the platform calls.
+    #[arg(long, env = "HTTP_LISTEN", default_value = "0.0.0.0:8098")]
+    pub http_listen: SocketAddr,
+    /// MQTT user and password on the platform broker.
+    #[arg(long, env = "MQTT_USERNAME", default_value = "plugin")]
+    pub mqtt_username: String,
+    #[arg(long, env = "MQTT_PASSWORD", default_value = "plugin")]
+    pub mqtt_password: String,
+    /// The script library: `lib:<name>` in a device config names <dir>/<name>.js.
+    #[arg(long, env = "SCRIPTS_DIR")]
+    pub scripts_dir: Option<PathBuf>,
+    #[arg(long, env = "SCRIPT_ENGINE", value_enum, default_value = "quickjs")]
+    pub script_engine: EngineKind,
+    /// CPU time of one script call.
+    #[arg(long, env = "SCRIPT_CPU_TIME", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub script_cpu_time: Duration,
+    /// Heap of one script, in MiB.
+    #[arg(long, env = "SCRIPT_HEAP_MIB", default_value_t = 16)]
+    pub script_heap_mib: usize,
+    /// Largest script result, in KiB.
+    #[arg(long, env = "SCRIPT_OUTPUT_KIB", default_value_t = 64)]
+    pub script_output_kib: usize,
+    /// Device partitions of the uplink stream (must match the edges').
+    #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
+    pub uplink_partitions: u32,
+    /// Plugin heartbeat to the platform (it shows a plugin inactive after 60 s).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+}
+
+impl Settings {
+    /// The sub_topic_prefix, ending with `/`.
+    pub fn topic_prefix(&self) -> String {
+        let prefix =
+            self.topic_prefix.clone().unwrap_or_else(|| format!("plugin/{}/", self.service_identifier));
+        if prefix.ends_with('/') { prefix } else { format!("{prefix}/") }
+    }
+
+    pub fn script_limits(&self) -> Limits {
+        Limits {
+            cpu_time: self.script_cpu_time,
+            heap: self.script_heap_mib << 20,
+            output: self.script_output_kib << 10,
+            ..Limits::default()
+        }
+    }
+
+    /// Cross-field checks.
+    ///
+    /// # Errors
+    /// What cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.service_identifier.is_empty() || self.service_identifier.contains('/') {
+            return Err("--service-identifier must be a non-empty name without '/'".to_owned());
+        }
+        if self.uplink_partitions == 0 {
+            return Err("--uplink-partitions must be at least 1".to_owned());
+        }
+        if self.script_cpu_time.is_zero() || self.script_heap_mib == 0 || self.script_output_kib == 0 {
+            return Err("script limits must be positive".to_owned());
+        }
+        if self.heartbeat_interval > Duration::from_secs(50) {
+            return Err(
+                "--heartbeat-interval above 50 s makes the platform show the plugin inactive".to_owned()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// This host's name, the default worker and pod name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "tcpc".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from(["script-worker"]).unwrap();
+        let settings = &cli.config.settings;
+        assert_eq!(settings.topic_prefix(), "plugin/TCP/");
+        assert_eq!(settings.http_listen.to_string(), "0.0.0.0:8098");
+        assert_eq!(settings.script_limits().heap, 16 << 20);
+        settings.validate().unwrap();
+        let cli = Cli::try_parse_from(["script-worker", "--topic-prefix", "plugin/x"]).unwrap();
+        assert_eq!(cli.config.settings.topic_prefix(), "plugin/x/");
+    }
+
+    #[test]
+    fn try_subcommand() {
+        let cli = Cli::try_parse_from(["script-worker", "try", "--script", "a.js", "--hex", "0a0b"]).unwrap();
+        let Some(Command::Try(args)) = cli.command else { panic!() };
+        assert_eq!(args.hex.as_deref(), Some("0a0b"));
+    }
+}

@@ -1,0 +1,272 @@
+//! Consuming the uplink stream with any number of workers, each device in order.
+//!
+//! The stream is cut into partitions by device (`tcpc.up.<p>`); each partition has one
+//! durable consumer and is owned by one worker at a time, through a Redis lease:
+//!
+//! - Workers announce themselves in a sorted set (expiring in 6 s unless renewed every
+//!   2 s). Partition `p` belongs to the `p mod n`-th live worker in name order; each
+//!   worker takes the leases of its partitions (`SET NX PX`), renews them, and lets go
+//!   of partitions that now belong to another (the other waits for the release or the
+//!   expiry). A worker that cannot renew a lease stops consuming that partition.
+//! - Inside a partition, envelopes are handled in stream order: a batch's messages are
+//!   handed to the platform sink in order (one MQTT connection keeps that order), and
+//!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
+//!   broker acknowledged every message. A failure retries the batch: at-least-once.
+//! - On taking a partition over, its consumer is recreated to start right after its
+//!   ack floor: whatever the previous owner had fetched but not acknowledged is
+//!   delivered again first, in stream order, so per-device order holds across a
+//!   failover; messages that had been published but not acknowledged are published
+//!   twice (duplicates, never gaps or reordering).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use tcpc_proto::names;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::pipeline::Pipeline;
+
+/// How often membership and leases are renewed.
+const TICK: Duration = Duration::from_secs(2);
+/// How long a membership or a lease lives without renewal.
+const LEASE: Duration = Duration::from_secs(6);
+/// Envelopes fetched per batch.
+const BATCH: usize = 256;
+
+/// Takes the lease or renews ours; 1 if we hold it. KEYS[1] lease; ARGV worker, ms.
+const TAKE_LEASE: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"#;
+/// Releases the lease if it is ours. KEYS[1] lease; ARGV[1] worker.
+const RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The partition owner.
+pub struct Partitions {
+    pub jetstream: jetstream::Context,
+    pub redis: ConnectionManager,
+    pub worker: String,
+    pub partitions: u32,
+    pub pipeline: Arc<Pipeline>,
+}
+
+struct Owned {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Partitions {
+    /// Owns and consumes partitions until `shutdown`, then lets them go.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let mut owned: HashMap<u32, Owned> = HashMap::new();
+        let mut ticker = tokio::time::interval(TICK);
+        let take = redis::Script::new(TAKE_LEASE);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            owned.retain(|partition, o| {
+                let alive = !o.task.is_finished();
+                if !alive {
+                    warn!(partition, "partition consumer ended; taking it again");
+                }
+                alive
+            });
+            let desired = match this.membership().await {
+                Ok(desired) => desired,
+                Err(error) => {
+                    warn!(%error, "membership not renewed; keeping the partitions held");
+                    continue;
+                }
+            };
+            for partition in 0..this.partitions {
+                let want = desired.contains(&partition);
+                let holding = owned.contains_key(&partition);
+                if holding && !want {
+                    this.release(partition, owned.remove(&partition).expect("held")).await;
+                    continue;
+                }
+                if !want {
+                    continue;
+                }
+                let mut redis = this.redis.clone();
+                let mut invocation = take.key(names::partition_lease_key(partition));
+                invocation.arg(&this.worker).arg(LEASE.as_millis() as u64);
+                let held = matches!(
+                    tokio::time::timeout(TICK, invocation.invoke_async::<i64>(&mut redis)).await,
+                    Ok(Ok(1))
+                );
+                match (held, owned.contains_key(&partition)) {
+                    (true, false) => {
+                        let stop = shutdown.child_token();
+                        let task = tokio::spawn(this.clone().consume(partition, stop.clone()));
+                        owned.insert(partition, Owned { stop, task });
+                        info!(partition, "partition taken");
+                    }
+                    (false, true) => {
+                        warn!(partition, "partition lease lost; stopping its consumer");
+                        let lost = owned.remove(&partition).expect("held");
+                        lost.stop.cancel();
+                        let _ = lost.task.await;
+                    }
+                    _ => {}
+                }
+            }
+            this.pipeline.metrics.partitions.set(owned.len() as i64);
+        }
+        let tracker = TaskTracker::new();
+        for (partition, held) in owned.drain() {
+            let this = this.clone();
+            tracker.spawn(async move { this.release(partition, held).await });
+        }
+        tracker.close();
+        tracker.wait().await;
+        let mut redis = this.redis.clone();
+        let _ =
+            redis::cmd("ZREM").arg(names::WORKERS_KEY).arg(&this.worker).query_async::<()>(&mut redis).await;
+    }
+
+    /// Renews our membership; the partitions that are ours among the live workers.
+    async fn membership(&self) -> Result<Vec<u32>, redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let now = tcpc_proto::now_ms();
+        let (_, _, members): ((), (), Vec<String>) = redis::pipe()
+            .cmd("ZADD")
+            .arg(names::WORKERS_KEY)
+            .arg(now + LEASE.as_millis() as i64)
+            .arg(&self.worker)
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(names::WORKERS_KEY)
+            .arg("-inf")
+            .arg(now)
+            .cmd("ZRANGE")
+            .arg(names::WORKERS_KEY)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await?;
+        let mut members = members;
+        members.sort();
+        let Some(index) = members.iter().position(|m| *m == self.worker) else { return Ok(Vec::new()) };
+        let count = members.len() as u32;
+        Ok((0..self.partitions).filter(|p| p % count == index as u32).collect())
+    }
+
+    async fn release(&self, partition: u32, held: Owned) {
+        held.stop.cancel();
+        let _ = held.task.await;
+        let mut redis = self.redis.clone();
+        let script = redis::Script::new(RELEASE_LEASE);
+        let mut invocation = script.key(names::partition_lease_key(partition));
+        invocation.arg(&self.worker);
+        let _ = invocation.invoke_async::<i64>(&mut redis).await;
+        info!(partition, "partition released");
+    }
+
+    /// The partition's consumer, recreated to start after its ack floor.
+    async fn take_over(&self, partition: u32) -> Result<consumer::PullConsumer, String> {
+        let stream = self.jetstream.get_stream(names::UPLINK_STREAM).await.map_err(|e| e.to_string())?;
+        let name = names::partition_consumer(partition);
+        let deliver_policy = match stream.consumer_info(&name).await {
+            Ok(info) => {
+                stream.delete_consumer(&name).await.map_err(|e| e.to_string())?;
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: info.ack_floor.stream_sequence + 1,
+                }
+            }
+            Err(_) => consumer::DeliverPolicy::All,
+        };
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name),
+                filter_subject: names::uplink_subject(partition),
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken) {
+        let consumer = loop {
+            match self.take_over(partition).await {
+                Ok(consumer) => break consumer,
+                Err(error) => {
+                    warn!(partition, %error, "partition consumer not ready; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(TICK) => {}
+                    }
+                }
+            }
+        };
+        while !stop.is_cancelled() {
+            let fetched = tokio::select! {
+                _ = stop.cancelled() => return,
+                fetched = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages() => fetched,
+            };
+            let mut batch = match fetched {
+                Ok(batch) => batch,
+                Err(error) => {
+                    warn!(partition, %error, "fetch failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let mut messages = Vec::new();
+            while let Some(message) = batch.next().await {
+                match message {
+                    Ok(message) => messages.push(message),
+                    Err(error) => {
+                        warn!(partition, %error, "fetch interrupted");
+                        break;
+                    }
+                }
+            }
+            let Some(last) = messages.last() else { continue };
+            let mut backoff = Duration::from_millis(200);
+            // Retry the batch until the platform took all of it: nothing is acked before.
+            while !stop.is_cancelled() {
+                match self.handle_batch(&messages).await {
+                    Ok(()) => {
+                        if let Err(error) = last.ack().await {
+                            warn!(partition, %error, "batch ack not sent; it will be redelivered");
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        warn!(partition, %error, retry_in = ?backoff, "batch not delivered to the platform");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Result<(), crate::sink::SinkError> {
+        let mut handled = Vec::with_capacity(messages.len());
+        for message in messages {
+            handled.push(self.pipeline.handle(&message.payload).await?);
+        }
+        futures::future::try_join_all(handled).await.map(drop)
+    }
+}

@@ -1,0 +1,55 @@
+//! The worker's Prometheus metrics (served by `tcpc_observe::router`). No device id is
+//! ever a label.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// The worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Envelopes taken from the bus and done with (published or skipped).
+    pub envelopes: Counter,
+    /// Platform messages acknowledged by the broker.
+    pub published: Counter,
+    /// Uplinks not delivered, by cause (script errors among them).
+    pub uplink_errors: Family<ReasonLabel, Counter>,
+    /// Authentication answers, by outcome.
+    pub auth: Family<ReasonLabel, Counter>,
+    /// Uplink partitions this worker owns.
+    pub partitions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let envelopes = Counter::default();
+        registry.register("worker_envelopes", "Envelopes handled", envelopes.clone());
+        let published = Counter::default();
+        registry.register(
+            "worker_published",
+            "Platform messages acknowledged by the broker",
+            published.clone(),
+        );
+        let uplink_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register("worker_uplink_errors", "Uplinks not delivered, by cause", uplink_errors.clone());
+        let auth = Family::<ReasonLabel, Counter>::default();
+        registry.register("worker_auth", "Authentication answers by outcome", auth.clone());
+        let partitions = Gauge::default();
+        registry.register("worker_partitions", "Uplink partitions owned", partitions.clone());
+        Metrics { registry, envelopes, published, uplink_errors, auth, partitions }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        tcpc_observe::render(&self.registry)
+    }
+}

@@ -1,0 +1,197 @@
+//! The platform broker connection: publishes at QoS 1, each acknowledged only when the
+//! broker's PUBACK for its packet id arrives.
+//!
+//! rumqttc's `publish()` returns when the request is queued, not delivered. So one task
+//! owns the event loop: publishes are handed to the client in order, each
+//! `Outgoing::Publish(pkid)` event (emitted in the same order) names the packet id of
+//! the oldest unnamed publish, and `Incoming::PubAck(pkid)` completes it. When the
+//! connection breaks, every unacknowledged publish fails (the caller does not ack its
+//! source, which redelivers) and a fresh client is built, so that no stale request of
+//! the old one can be confused with a new one.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
+
+/// Publishes handed to the client and not yet acknowledged, at most. Below rumqttc's
+/// request channel capacity, so that handing one over never waits.
+const IN_FLIGHT: usize = 512;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl MqttConfig {
+    /// Reads `mqtt://host:port` (the port defaults to 1883).
+    ///
+    /// # Errors
+    /// Another scheme, or no host.
+    pub fn from_url(url: &str, client_id: &str, username: &str, password: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).ok_or_else(|| {
+            format!(
+                "MQTT URL {url:?}: use mqtt://host:port (TLS is not supported; the platform broker is local)"
+            )
+        })?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().map_err(|_| format!("MQTT URL {url:?}: bad port"))?),
+            None => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(format!("MQTT URL {url:?}: no host"));
+        }
+        Ok(MqttConfig {
+            host: host.to_owned(),
+            port,
+            client_id: client_id.to_owned(),
+            username: username.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut options = MqttOptions::new(&self.client_id, &self.host, self.port);
+        options
+            .set_credentials(&self.username, &self.password)
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_inflight(IN_FLIGHT as u16)
+            .set_request_channel_capacity(IN_FLIGHT * 2)
+            .set_max_packet_size(1 << 20, 1 << 20);
+        options
+    }
+}
+
+struct Request {
+    message: PlatformMessage,
+    done: oneshot::Sender<Result<(), SinkError>>,
+}
+
+/// The platform broker as a sink.
+pub struct MqttSink {
+    requests: mpsc::Sender<Request>,
+}
+
+impl MqttSink {
+    /// Starts the connection task; it reconnects until `shutdown`.
+    pub fn start(config: MqttConfig, shutdown: CancellationToken) -> Self {
+        let (requests, queue) = mpsc::channel(IN_FLIGHT);
+        tokio::spawn(run(config, queue, shutdown));
+        MqttSink { requests }
+    }
+}
+
+impl PlatformSink for MqttSink {
+    fn publish(&self, message: PlatformMessage) -> BoxFuture<'_, Result<Delivered, SinkError>> {
+        Box::pin(async move {
+            let (done, acked) = oneshot::channel();
+            self.requests.send(Request { message, done }).await.map_err(|_| SinkError::Stopped)?;
+            let delivered: Delivered =
+                Box::pin(async move { acked.await.unwrap_or(Err(SinkError::ConnectionLost)) });
+            Ok(delivered)
+        })
+    }
+}
+
+/// One connection's bookkeeping.
+struct Connection {
+    client: AsyncClient,
+    events: EventLoop,
+    /// Handed to the client, packet id not yet known; in hand-over order.
+    unnamed: VecDeque<oneshot::Sender<Result<(), SinkError>>>,
+    /// Waiting for PUBACK, by packet id.
+    in_flight: HashMap<u16, oneshot::Sender<Result<(), SinkError>>>,
+}
+
+impl Connection {
+    fn new(config: &MqttConfig) -> Self {
+        let (client, events) = AsyncClient::new(config.options(), IN_FLIGHT * 2);
+        Connection { client, events, unnamed: VecDeque::new(), in_flight: HashMap::new() }
+    }
+
+    fn pending(&self) -> usize {
+        self.unnamed.len() + self.in_flight.len()
+    }
+
+    fn fail_all(&mut self) {
+        for done in self.unnamed.drain(..).chain(self.in_flight.drain().map(|(_, done)| done)) {
+            let _ = done.send(Err(SinkError::ConnectionLost));
+        }
+    }
+}
+
+async fn run(config: MqttConfig, mut queue: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut connection = Connection::new(&config);
+    loop {
+        let accepting = connection.pending() < IN_FLIGHT;
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = connection.client.try_disconnect();
+                connection.fail_all();
+                return;
+            }
+            request = queue.recv(), if accepting => {
+                let Some(Request { message, done }) = request else { return };
+                match connection.client.try_publish(message.topic, QoS::AtLeastOnce, false, message.payload) {
+                    Ok(()) => connection.unnamed.push_back(done),
+                    Err(_) => { let _ = done.send(Err(SinkError::ConnectionLost)); }
+                }
+            }
+            event = connection.events.poll() => match event {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(done) = connection.unnamed.pop_front() {
+                        connection.in_flight.insert(pkid, done);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(done) = connection.in_flight.remove(&ack.pkid) {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(%error, retry_in = ?backoff, "platform broker connection failed");
+                    connection.fail_all();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    connection = Connection::new(&config);
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let config = MqttConfig::from_url("mqtt://broker:1884", "id", "plugin", "pw").unwrap();
+        assert_eq!((config.host.as_str(), config.port), ("broker", 1884));
+        assert_eq!(MqttConfig::from_url("mqtt://broker", "id", "u", "p").unwrap().port, 1883);
+        assert!(MqttConfig::from_url("mqtts://broker", "id", "u", "p").is_err());
+        assert!(MqttConfig::from_url("mqtt://:1883", "id", "u", "p").is_err());
+    }
+}

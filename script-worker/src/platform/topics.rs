@@ -1,0 +1,71 @@
+//! The platform's uplink topics and the message envelope (THINGSPANEL.md, MQTT).
+
+use base64::Engine as _;
+use bytes::Bytes;
+
+use crate::sink::PlatformMessage;
+
+pub fn telemetry(gateway: bool) -> String {
+    if gateway { "gateway/telemetry" } else { "devices/telemetry" }.to_owned()
+}
+
+pub fn attributes(gateway: bool, message_id: &str) -> String {
+    format!("{}/attributes/{message_id}", if gateway { "gateway" } else { "devices" })
+}
+
+pub fn event(gateway: bool, message_id: &str) -> String {
+    format!("{}/event/{message_id}", if gateway { "gateway" } else { "devices" })
+}
+
+pub fn command_response(message_id: &str) -> String {
+    format!("devices/command/response/{message_id}")
+}
+
+pub fn attribute_set_response(message_id: &str) -> String {
+    format!("devices/attributes/set/response/{message_id}")
+}
+
+/// `{"device_id":"…","values":"<base64 of values>"}` on `topic`.
+pub fn envelope(topic: String, device_id: &str, values: &[u8]) -> PlatformMessage {
+    let values = base64::engine::general_purpose::STANDARD.encode(values);
+    let payload = serde_json::json!({ "device_id": device_id, "values": values }).to_string();
+    PlatformMessage { topic, payload: payload.into() }
+}
+
+/// `devices/status/{id}` with the bare `1` or `0` (not wrapped, not JSON).
+pub fn status(device_id: &str, online: bool) -> PlatformMessage {
+    PlatformMessage {
+        topic: format!("devices/status/{device_id}"),
+        payload: Bytes::from_static(if online { b"1" } else { b"0" }),
+    }
+}
+
+/// A fresh message id for events and attributes (free string without `/`).
+pub fn message_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixture_envelope() {
+        let message = envelope(
+            telemetry(false),
+            "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10",
+            br#"{"temperature":36.5,"humidity":52}"#,
+        );
+        assert_eq!(message.topic, "devices/telemetry");
+        assert_eq!(
+            &message.payload[..],
+            br#"{"device_id":"6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10","values":"eyJ0ZW1wZXJhdHVyZSI6MzYuNSwiaHVtaWRpdHkiOjUyfQ=="}"#
+        );
+        assert_eq!(
+            status("d", false),
+            PlatformMessage { topic: "devices/status/d".into(), payload: Bytes::from_static(b"0") }
+        );
+        assert_eq!(event(true, "m1"), "gateway/event/m1");
+        assert!(!message_id().contains('/'));
+    }
+}

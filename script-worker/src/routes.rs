@@ -1,0 +1,92 @@
+//! Reading device routes, and reaching the edge pod a route names.
+//!
+//! [`RouteLookup`] is the seam the all-in-one swaps (its in-process route table);
+//! [`RedisRoutes`] reads the hashes the edges write. [`EdgeClients`] keeps one
+//! long-lived gRPC channel per edge pod.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tcpc_proto::names;
+use tcpc_proto::route::Route;
+use tcpc_proto::v1::DisconnectRequest;
+use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Deadline of a route read or an edge call.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// Reads device routes.
+pub trait RouteLookup: Send + Sync + 'static {
+    /// The device's current route, if it has one.
+    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>>;
+}
+
+/// Routes in Redis.
+pub struct RedisRoutes {
+    connection: ConnectionManager,
+}
+
+impl RedisRoutes {
+    pub fn new(connection: ConnectionManager) -> Self {
+        RedisRoutes { connection }
+    }
+}
+
+impl RouteLookup for RedisRoutes {
+    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let fields: HashMap<String, String> =
+                tokio::time::timeout(DEADLINE, connection.hgetall(names::route_key(device_id)))
+                    .await
+                    .map_err(|_| "route store did not answer".to_owned())?
+                    .map_err(|e| format!("route store: {e}"))?;
+            Ok(Route::from_fields(device_id, &fields))
+        })
+    }
+}
+
+/// One gRPC channel per edge pod, made on first use and kept.
+#[derive(Default)]
+pub struct EdgeClients {
+    channels: Mutex<HashMap<String, EdgeGatewayClient<Channel>>>,
+}
+
+impl EdgeClients {
+    fn client(&self, addr: &str) -> Result<EdgeGatewayClient<Channel>, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = channels.get(addr) {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("edge address {addr}: {e}"))?
+            .connect_timeout(DEADLINE)
+            .timeout(DEADLINE)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let client = EdgeGatewayClient::new(endpoint.connect_lazy());
+        channels.insert(addr.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Closes the connection a route names; how many were closed.
+    ///
+    /// # Errors
+    /// The edge pod cannot be reached.
+    pub async fn disconnect(&self, route: &Route, reason: &str) -> Result<u32, String> {
+        let mut client = self.client(&route.grpc_addr)?;
+        let request = DisconnectRequest {
+            device_id: route.device_id.clone(),
+            connection_id: route.connection_id.clone(),
+            reason: reason.to_owned(),
+        };
+        let reply =
+            client.disconnect(request).await.map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
+        Ok(reply.into_inner().closed)
+    }
+}

@@ -1,0 +1,285 @@
+//! The uplink mapping: what an edge envelope becomes on the platform.
+//!
+//! - Session events become `devices/status/{id}`: `1` when a device authenticated,
+//!   `0` when its connection ended — but only when that connection still owned the
+//!   device's route (a device that moved to another pod is never reported offline by
+//!   the old one; when the edge could not tell, the route is checked here).
+//! - Official (TP) frames map by CMD: 0x1 → telemetry (or attributes, per device
+//!   config), 0x2 → event with a generated message_id, 0x3 → telemetry, 0x4 / 0x5 →
+//!   command / attribute-set responses echoing the frame's message_id.
+//! - Custom messages go through the device's uplink script (`decode`), or to the
+//!   platform as they are when it has none.
+//! - Gateway data, in the v1.x form or the 0.x form keyed by address, goes out as
+//!   gateway telemetry.
+//!
+//! A message that cannot be mapped (unknown device, not JSON, a failing script) is
+//! reported (log and `worker_uplink_errors_total{reason}`) and skipped; it never stops
+//! the pipeline.
+
+use std::sync::Arc;
+
+use serde_json::{Map, Value as Json};
+use tcpc_proto::v1::{SessionEvent, SessionState, Uplink, UplinkEnvelope, UplinkKind, uplink_envelope};
+use tracing::{debug, warn};
+
+use crate::devices::{Cmd1Mapping, Device, DeviceKind};
+use crate::metrics::Metrics;
+use crate::platform::topics;
+use crate::routes::RouteLookup;
+use crate::scripts::{Call, CallContext, Output, ScriptError, Scripts};
+use crate::sink::PlatformMessage;
+use crate::source::DeviceSource;
+
+/// Why an uplink was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("not a device the platform knows")]
+    UnknownDevice,
+    #[error("device lookup: {0}")]
+    Lookup(String),
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    #[error("response without a message_id")]
+    NoMessageId,
+    #[error("uplink script: {0}")]
+    Script(#[from] ScriptError),
+    #[error("unknown envelope")]
+    Unknown,
+}
+
+impl MapError {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            MapError::UnknownDevice => "unknown_device",
+            MapError::Lookup(_) => "lookup",
+            MapError::NotJson(_) => "not_json",
+            MapError::NoMessageId => "no_message_id",
+            MapError::Script(ScriptError::Timeout) => "script_timeout",
+            MapError::Script(ScriptError::OutOfMemory) => "script_memory",
+            MapError::Script(ScriptError::Quarantined) => "script_quarantined",
+            MapError::Script(_) => "script_error",
+            MapError::Unknown => "unknown_envelope",
+        }
+    }
+}
+
+/// Maps envelopes to platform messages.
+pub struct Mapper {
+    pub devices: Arc<dyn DeviceSource>,
+    pub routes: Arc<dyn RouteLookup>,
+    pub scripts: Arc<Scripts>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Mapper {
+    /// What `envelope` becomes; nothing when it cannot be mapped (reported here).
+    pub async fn map(&self, envelope: &UplinkEnvelope) -> Vec<PlatformMessage> {
+        let (device_id, result) = match &envelope.body {
+            Some(uplink_envelope::Body::Session(event)) => (&event.device_id, self.session(event).await),
+            Some(uplink_envelope::Body::Uplink(uplink)) => (&uplink.device_id, self.uplink(uplink).await),
+            None => (&String::new(), Err(MapError::Unknown)),
+        };
+        match result {
+            Ok(messages) => messages,
+            Err(error) => {
+                self.metrics
+                    .uplink_errors
+                    .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
+                    .inc();
+                warn!(device_id = %device_id, %error, "uplink not delivered to the platform");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn session(&self, event: &SessionEvent) -> Result<Vec<PlatformMessage>, MapError> {
+        let online = event.state() == SessionState::Online;
+        if online || event.owned_route {
+            return Ok(vec![topics::status(&event.device_id, online)]);
+        }
+        // The edge could not ask the route store: ask it now.
+        match self.routes.route(&event.device_id).await {
+            Ok(Some(route)) if route.connection_id != event.connection_id => {
+                debug!(device_id = %event.device_id, "device moved to another connection; no offline");
+                Ok(Vec::new())
+            }
+            Ok(_) => Ok(vec![topics::status(&event.device_id, false)]),
+            Err(error) => Err(MapError::Lookup(error)),
+        }
+    }
+
+    async fn uplink(&self, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
+        let device = self
+            .devices
+            .by_id(&uplink.device_id)
+            .await
+            .map_err(|e| MapError::Lookup(e.to_string()))?
+            .ok_or(MapError::UnknownDevice)?;
+        if uplink.kind() == UplinkKind::Raw {
+            return self.custom(&device, uplink).await;
+        }
+        let value: Json =
+            serde_json::from_slice(&uplink.payload).map_err(|e| MapError::NotJson(e.to_string()))?;
+        official(&device, uplink.kind(), value).map(|message| vec![message])
+    }
+
+    async fn custom(&self, device: &Device, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
+        let gateway = device.kind == DeviceKind::Gateway;
+        let Some(script) = &device.settings.uplink_script else {
+            // No script: the bytes go as they are (the platform may run its own script).
+            return Ok(vec![topics::envelope(topics::telemetry(gateway), &device.id, &uplink.payload)]);
+        };
+        let context = CallContext {
+            device_id: device.id.clone(),
+            device_number: device.number.clone(),
+            kind: "uplink".to_owned(),
+            topic: topics::telemetry(gateway),
+        };
+        let output =
+            self.scripts.run(script, Call::Decode { bytes: uplink.payload.to_vec(), context }).await?;
+        let Output::Json(value) = output else { return Err(MapError::Unknown) };
+        if value.is_null() {
+            // The script chose to drop this message.
+            return Ok(Vec::new());
+        }
+        Ok(vec![telemetry(device, value)])
+    }
+}
+
+/// An official frame's message.
+fn official(device: &Device, kind: UplinkKind, value: Json) -> Result<PlatformMessage, MapError> {
+    let gateway = device.kind == DeviceKind::Gateway;
+    let values = |value: &Json| if gateway { gateway_form(value.clone()) } else { value.clone() };
+    Ok(match kind {
+        UplinkKind::Telemetry => telemetry(device, value),
+        UplinkKind::Attributes if device.settings.cmd1 == Cmd1Mapping::Telemetry => telemetry(device, value),
+        UplinkKind::Attributes => topics::envelope(
+            topics::attributes(gateway, &topics::message_id()),
+            &device.id,
+            &bytes(&values(&value)),
+        ),
+        UplinkKind::Events => topics::envelope(
+            topics::event(gateway, &topics::message_id()),
+            &device.id,
+            &bytes(&values(&value)),
+        ),
+        UplinkKind::CommandResponse => response(device, value, topics::command_response)?,
+        UplinkKind::AttributeSetResponse => response(device, value, topics::attribute_set_response)?,
+        UplinkKind::Raw | UplinkKind::Unspecified => return Err(MapError::Unknown),
+    })
+}
+
+fn bytes(value: &Json) -> Vec<u8> {
+    serde_json::to_vec(value).expect("a JSON value always serializes")
+}
+
+/// Telemetry of a device: gateways in the v1.x gateway form.
+fn telemetry(device: &Device, value: Json) -> PlatformMessage {
+    let gateway = device.kind == DeviceKind::Gateway;
+    let value = if gateway { gateway_form(value) } else { value };
+    topics::envelope(topics::telemetry(gateway), &device.id, &bytes(&value))
+}
+
+/// Gateway data in the v1.x form: as it is when it has `gateway_data`,
+/// `sub_device_data` or `sub_gateway_data`; else the 0.x form `{"<addr>":{…}}`, which
+/// is sub-device data.
+pub fn gateway_form(value: Json) -> Json {
+    let is_v1 = value.as_object().is_some_and(|object| {
+        ["gateway_data", "sub_device_data", "sub_gateway_data"].iter().any(|key| object.contains_key(*key))
+    });
+    if is_v1 {
+        return value;
+    }
+    let mut form = Map::new();
+    form.insert("sub_device_data".to_owned(), value);
+    Json::Object(form)
+}
+
+/// A response echoing the downlink's message_id, which is taken out of the values.
+fn response(device: &Device, value: Json, topic: fn(&str) -> String) -> Result<PlatformMessage, MapError> {
+    let Json::Object(mut values) = value else { return Err(MapError::NoMessageId) };
+    let message_id = match values.remove("message_id") {
+        Some(Json::String(id)) if !id.is_empty() && !id.contains('/') => id,
+        _ => return Err(MapError::NoMessageId),
+    };
+    Ok(topics::envelope(topic(&message_id), &device.id, &bytes(&Json::Object(values))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use serde_json::json;
+
+    fn device(kind: DeviceKind) -> Device {
+        Device {
+            id: "d".into(),
+            number: "D001".into(),
+            kind,
+            sub_devices: vec![],
+            settings: Default::default(),
+        }
+    }
+
+    fn values(message: &PlatformMessage) -> Json {
+        let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(envelope["device_id"], "d");
+        let raw =
+            base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    }
+
+    #[test]
+    fn cmd1_is_telemetry_by_default_and_attributes_when_configured() {
+        let direct = device(DeviceKind::Direct);
+        let message = official(&direct, UplinkKind::Attributes, json!({"t": 1})).unwrap();
+        assert_eq!((message.topic.as_str(), values(&message)), ("devices/telemetry", json!({"t": 1})));
+        let mut attributes = direct.clone();
+        attributes.settings.cmd1 = Cmd1Mapping::Attributes;
+        let message = official(&attributes, UplinkKind::Attributes, json!({"ip": "10.0.0.7"})).unwrap();
+        assert!(message.topic.starts_with("devices/attributes/"), "{}", message.topic);
+    }
+
+    #[test]
+    fn events_get_a_message_id_and_responses_echo_theirs() {
+        let direct = device(DeviceKind::Direct);
+        let event = official(&direct, UplinkKind::Events, json!({"method": "alarm", "params": {"level": 2}}))
+            .unwrap();
+        assert!(event.topic.starts_with("devices/event/") && event.topic.len() > "devices/event/".len());
+        let response = official(
+            &direct,
+            UplinkKind::CommandResponse,
+            json!({"message_id": "1a2b3c4d", "result": 0, "message": "success", "method": "reboot"}),
+        )
+        .unwrap();
+        assert_eq!(response.topic, "devices/command/response/1a2b3c4d");
+        assert_eq!(values(&response), json!({"result": 0, "message": "success", "method": "reboot"}));
+        let set =
+            official(&direct, UplinkKind::AttributeSetResponse, json!({"message_id": "5e6f", "result": 1}))
+                .unwrap();
+        assert_eq!(set.topic, "devices/attributes/set/response/5e6f");
+        assert!(matches!(
+            official(&direct, UplinkKind::CommandResponse, json!({"result": 0})),
+            Err(MapError::NoMessageId)
+        ));
+    }
+
+    #[test]
+    fn gateway_data_in_both_forms_is_gateway_telemetry() {
+        let gateway = device(DeviceKind::Gateway);
+        let old = official(
+            &gateway,
+            UplinkKind::Attributes,
+            json!({"3c20c6206": {"temperature": 36.5, "humidity": 52}}),
+        )
+        .unwrap();
+        assert_eq!(old.topic, "gateway/telemetry");
+        assert_eq!(
+            values(&old),
+            json!({"sub_device_data": {"3c20c6206": {"temperature": 36.5, "humidity": 52}}})
+        );
+        let v1 = json!({"gateway_data": {"v": 1}, "sub_device_data": {"3c20c6207": {"t": 2}}});
+        assert_eq!(values(&official(&gateway, UplinkKind::Telemetry, v1.clone()).unwrap()), v1);
+    }
+}
