@@ -36,6 +36,9 @@ pub struct Config {
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
 
+    /// Device partitions of the uplink stream (must match the workers').
+    #[arg(long, env = "EDGE_UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
+    pub uplink_partitions: u32,
     #[command(flatten)]
     pub limits: Limits,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
@@ -86,9 +89,6 @@ pub struct Limits {
     /// Custom protocol: longest AccessToken line.
     #[arg(long, env = "EDGE_MAX_TOKEN", default_value_t = 256)]
     pub max_token: usize,
-    /// Device partitions of the uplink stream (must match the workers').
-    #[arg(long, env = "EDGE_UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
-    pub uplink_partitions: u32,
     /// On SIGTERM, connections are closed spread over this window so that the fleet
     /// reconnects elsewhere without a thundering herd.
     #[arg(long, env = "EDGE_DRAIN_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -116,7 +116,7 @@ impl Config {
         if self.limits.max_in_flight == 0 || self.limits.downlink_queue == 0 {
             return fail("--max-in-flight and --downlink-queue must be at least 1");
         }
-        if self.limits.uplink_partitions == 0 {
+        if self.uplink_partitions == 0 {
             return fail("--uplink-partitions must be at least 1");
         }
         if self.limits.auth_timeout.is_zero() || self.limits.idle_timeout.is_zero() {

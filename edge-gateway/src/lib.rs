@@ -120,24 +120,31 @@ pub async fn run(
         let (bus, ensure) = (bus.clone(), ensure.clone());
         async move { bus.ensure_stream(&ensure).await }
     });
-    let result = run_with(config, listeners, bus, routes, shutdown).await;
+    let result = run_with(config, listeners, Seams { bus, routes, extra_metrics: None }, shutdown).await;
     ensure.cancel();
     let _ = stream_task.await;
     result
 }
 
-/// Runs the edge on the given bus and route store (the all-in-one's in-process seams,
-/// or NATS and Redis) until `shutdown` resolves, then drains.
+/// What the edge runs on: NATS and Redis, or the all-in-one's in-process seams.
+pub struct Seams {
+    pub bus: Arc<dyn UplinkBus>,
+    pub routes: Arc<dyn RouteStore>,
+    /// More metrics for the same `/metrics` (the all-in-one's worker).
+    pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+/// Runs the edge on `seams` until `shutdown` resolves, then drains.
 ///
 /// # Errors
 /// A listener's local address cannot be read.
 pub async fn run_with(
     config: Config,
     listeners: Listeners,
-    bus: Arc<dyn UplinkBus>,
-    routes: Arc<dyn RouteStore>,
+    seams: Seams,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EdgeError> {
+    let Seams { bus, routes, extra_metrics } = seams;
     config.validate()?;
     let grpc_addr = config.advertised(listeners.grpc.local_addr().map_err(EdgeError::LocalAddr)?);
     let metrics = Arc::new(Metrics::default());
@@ -188,7 +195,15 @@ pub async fn run_with(
     });
     servers.spawn({
         let health = tcpc_observe::Health {
-            metrics: Arc::new(move || metrics.render()),
+            metrics: Arc::new(move || {
+                let mut text = metrics.render();
+                if let Some(extra) = &extra_metrics {
+                    // One exposition: a single `# EOF`, at the end.
+                    text.truncate(text.rfind("# EOF").unwrap_or(text.len()));
+                    text.push_str(&extra());
+                }
+                text
+            }),
             ready: Arc::new({
                 let bus = bus.clone();
                 move || bus.is_ready()

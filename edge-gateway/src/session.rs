@@ -376,7 +376,7 @@ impl Session {
         let handle = Arc::new(SessionHandle::new(&reply.device_id, self.id, self.protocol));
         shared.registry.insert(handle.clone());
         self.handle = Some(handle);
-        self.partition = names::partition_of(&reply.device_id, shared.config.limits.uplink_partitions);
+        self.partition = names::partition_of(&reply.device_id, shared.config.uplink_partitions);
         self.register_route().await;
         if self.protocol == Protocol::Official {
             self.write(&Frame::data(codec::cmd::AUTH, &b"{\"result\":0}"[..]).to_bytes()).await?;

@@ -176,18 +176,7 @@ pub async fn run(
     let core = Core::new(settings, devices.clone(), routes.clone(), sink)?;
     info!(%worker, "script-worker starting");
 
-    tasks.spawn(auth_task(nats.clone(), core.authenticator.clone(), stop.clone()));
-    tasks.spawn(forget_task(nats.clone(), devices.clone(), stop.clone()));
-    tasks.spawn(
-        consume::Partitions {
-            jetstream: async_nats::jetstream::new(nats.clone()),
-            redis,
-            worker,
-            partitions: settings.uplink_partitions,
-            pipeline: core.pipeline.clone(),
-        }
-        .run(stop.clone()),
-    );
+    spawn_bus_tasks(&tasks, &core, &devices, &nats, redis, worker, settings.uplink_partitions, &stop);
     tasks.spawn(heartbeat(
         platform,
         settings.service_identifier.clone(),
@@ -246,6 +235,31 @@ pub async fn run(
     stop.cancel();
     tasks.wait().await;
     Ok(())
+}
+
+/// The worker's side of NATS: the auth responder, config invalidations, and the
+/// uplink partitions it owns.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_bus_tasks(
+    tasks: &TaskTracker,
+    core: &Core,
+    devices: &Arc<dyn DeviceSource>,
+    nats: &async_nats::Client,
+    redis: ConnectionManager,
+    worker: String,
+    partitions: u32,
+    stop: &CancellationToken,
+) {
+    tasks.spawn(auth_task(nats.clone(), core.authenticator.clone(), stop.clone()));
+    tasks.spawn(forget_task(nats.clone(), devices.clone(), stop.clone()));
+    let partitions = consume::Partitions {
+        jetstream: async_nats::jetstream::new(nats.clone()),
+        redis,
+        worker,
+        partitions,
+        pipeline: core.pipeline.clone(),
+    };
+    tasks.spawn(partitions.run(stop.clone()));
 }
 
 async fn auth_task(nats: async_nats::Client, authenticator: Arc<Authenticator>, stop: CancellationToken) {

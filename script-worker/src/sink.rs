@@ -75,9 +75,9 @@ mod tests {
         };
         assert_eq!(
             JsonLines::line(&envelope),
-            r#"{"payload":{"device_id":"d","values":"e30="},"topic":"devices/telemetry"}"#
+            r#"{"topic":"devices/telemetry","payload":{"device_id":"d","values":"e30="}}"#
         );
         let status = PlatformMessage { topic: "devices/status/d".into(), payload: Bytes::from_static(b"1") };
-        assert_eq!(JsonLines::line(&status), r#"{"payload":1,"topic":"devices/status/d"}"#);
+        assert_eq!(JsonLines::line(&status), r#"{"topic":"devices/status/d","payload":1}"#);
     }
 }

@@ -119,9 +119,7 @@ impl Mapper {
         if uplink.kind() == UplinkKind::Raw {
             return self.custom(&device, uplink).await;
         }
-        let value: Json =
-            serde_json::from_slice(&uplink.payload).map_err(|e| MapError::NotJson(e.to_string()))?;
-        official(&device, uplink.kind(), value).map(|message| vec![message])
+        official(&device, uplink.kind(), &uplink.payload).map(|message| vec![message])
     }
 
     async fn custom(&self, device: &Device, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
@@ -147,23 +145,23 @@ impl Mapper {
     }
 }
 
-/// An official frame's message.
-fn official(device: &Device, kind: UplinkKind, value: Json) -> Result<PlatformMessage, MapError> {
+/// An official frame's message. The device's JSON goes to the platform byte for byte
+/// (only checked to be JSON), wrapped only where the platform needs another shape.
+fn official(device: &Device, kind: UplinkKind, payload: &[u8]) -> Result<PlatformMessage, MapError> {
+    let value: Json = serde_json::from_slice(payload).map_err(|e| MapError::NotJson(e.to_string()))?;
     let gateway = device.kind == DeviceKind::Gateway;
-    let values = |value: &Json| if gateway { gateway_form(value.clone()) } else { value.clone() };
+    let values = || if gateway { gateway_bytes(&value, payload) } else { payload.to_vec() };
     Ok(match kind {
-        UplinkKind::Telemetry => telemetry(device, value),
-        UplinkKind::Attributes if device.settings.cmd1 == Cmd1Mapping::Telemetry => telemetry(device, value),
-        UplinkKind::Attributes => topics::envelope(
-            topics::attributes(gateway, &topics::message_id()),
-            &device.id,
-            &bytes(&values(&value)),
-        ),
-        UplinkKind::Events => topics::envelope(
-            topics::event(gateway, &topics::message_id()),
-            &device.id,
-            &bytes(&values(&value)),
-        ),
+        UplinkKind::Telemetry => topics::envelope(topics::telemetry(gateway), &device.id, &values()),
+        UplinkKind::Attributes if device.settings.cmd1 == Cmd1Mapping::Telemetry => {
+            topics::envelope(topics::telemetry(gateway), &device.id, &values())
+        }
+        UplinkKind::Attributes => {
+            topics::envelope(topics::attributes(gateway, &topics::message_id()), &device.id, &values())
+        }
+        UplinkKind::Events => {
+            topics::envelope(topics::event(gateway, &topics::message_id()), &device.id, &values())
+        }
         UplinkKind::CommandResponse => response(device, value, topics::command_response)?,
         UplinkKind::AttributeSetResponse => response(device, value, topics::attribute_set_response)?,
         UplinkKind::Raw | UplinkKind::Unspecified => return Err(MapError::Unknown),
@@ -174,21 +172,33 @@ fn bytes(value: &Json) -> Vec<u8> {
     serde_json::to_vec(value).expect("a JSON value always serializes")
 }
 
-/// Telemetry of a device: gateways in the v1.x gateway form.
+/// Telemetry of a device from a script's result: gateways in the v1.x gateway form.
 fn telemetry(device: &Device, value: Json) -> PlatformMessage {
     let gateway = device.kind == DeviceKind::Gateway;
     let value = if gateway { gateway_form(value) } else { value };
     topics::envelope(topics::telemetry(gateway), &device.id, &bytes(&value))
 }
 
+fn is_gateway_v1(value: &Json) -> bool {
+    value.as_object().is_some_and(|object| {
+        ["gateway_data", "sub_device_data", "sub_gateway_data"].iter().any(|key| object.contains_key(*key))
+    })
+}
+
+/// A gateway frame's bytes in the v1.x form: as they are, or the 0.x form wrapped as
+/// sub-device data without re-serializing it.
+fn gateway_bytes(value: &Json, payload: &[u8]) -> Vec<u8> {
+    if is_gateway_v1(value) {
+        return payload.to_vec();
+    }
+    [&b"{\"sub_device_data\":"[..], payload.trim_ascii(), b"}"].concat()
+}
+
 /// Gateway data in the v1.x form: as it is when it has `gateway_data`,
 /// `sub_device_data` or `sub_gateway_data`; else the 0.x form `{"<addr>":{…}}`, which
 /// is sub-device data.
 pub fn gateway_form(value: Json) -> Json {
-    let is_v1 = value.as_object().is_some_and(|object| {
-        ["gateway_data", "sub_device_data", "sub_gateway_data"].iter().any(|key| object.contains_key(*key))
-    });
-    if is_v1 {
+    if is_gateway_v1(&value) {
         return value;
     }
     let mut form = Map::new();
@@ -231,36 +241,46 @@ mod tests {
     }
 
     #[test]
+    fn official_json_goes_byte_for_byte() {
+        let message =
+            official(&device(DeviceKind::Direct), UplinkKind::Telemetry, br#"{"temperature":36.50,"a":1}"#)
+                .unwrap();
+        let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
+        let raw =
+            base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
+        assert_eq!(raw, br#"{"temperature":36.50,"a":1}"#);
+    }
+
+    #[test]
     fn cmd1_is_telemetry_by_default_and_attributes_when_configured() {
         let direct = device(DeviceKind::Direct);
-        let message = official(&direct, UplinkKind::Attributes, json!({"t": 1})).unwrap();
+        let message = official(&direct, UplinkKind::Attributes, br#"{"t": 1}"#).unwrap();
         assert_eq!((message.topic.as_str(), values(&message)), ("devices/telemetry", json!({"t": 1})));
         let mut attributes = direct.clone();
         attributes.settings.cmd1 = Cmd1Mapping::Attributes;
-        let message = official(&attributes, UplinkKind::Attributes, json!({"ip": "10.0.0.7"})).unwrap();
+        let message = official(&attributes, UplinkKind::Attributes, br#"{"ip":"10.0.0.7"}"#).unwrap();
         assert!(message.topic.starts_with("devices/attributes/"), "{}", message.topic);
     }
 
     #[test]
     fn events_get_a_message_id_and_responses_echo_theirs() {
         let direct = device(DeviceKind::Direct);
-        let event = official(&direct, UplinkKind::Events, json!({"method": "alarm", "params": {"level": 2}}))
-            .unwrap();
+        let event =
+            official(&direct, UplinkKind::Events, br#"{"method":"alarm","params":{"level":2}}"#).unwrap();
         assert!(event.topic.starts_with("devices/event/") && event.topic.len() > "devices/event/".len());
         let response = official(
             &direct,
             UplinkKind::CommandResponse,
-            json!({"message_id": "1a2b3c4d", "result": 0, "message": "success", "method": "reboot"}),
+            br#"{"message_id":"1a2b3c4d","result":0,"message":"success","method":"reboot"}"#,
         )
         .unwrap();
         assert_eq!(response.topic, "devices/command/response/1a2b3c4d");
         assert_eq!(values(&response), json!({"result": 0, "message": "success", "method": "reboot"}));
-        let set =
-            official(&direct, UplinkKind::AttributeSetResponse, json!({"message_id": "5e6f", "result": 1}))
-                .unwrap();
+        let set = official(&direct, UplinkKind::AttributeSetResponse, br#"{"message_id":"5e6f","result":1}"#)
+            .unwrap();
         assert_eq!(set.topic, "devices/attributes/set/response/5e6f");
         assert!(matches!(
-            official(&direct, UplinkKind::CommandResponse, json!({"result": 0})),
+            official(&direct, UplinkKind::CommandResponse, br#"{"result":0}"#),
             Err(MapError::NoMessageId)
         ));
     }
@@ -271,7 +291,7 @@ mod tests {
         let old = official(
             &gateway,
             UplinkKind::Attributes,
-            json!({"3c20c6206": {"temperature": 36.5, "humidity": 52}}),
+            br#"{"3c20c6206":{"temperature":36.5,"humidity":52}}"#,
         )
         .unwrap();
         assert_eq!(old.topic, "gateway/telemetry");
@@ -279,7 +299,9 @@ mod tests {
             values(&old),
             json!({"sub_device_data": {"3c20c6206": {"temperature": 36.5, "humidity": 52}}})
         );
-        let v1 = json!({"gateway_data": {"v": 1}, "sub_device_data": {"3c20c6207": {"t": 2}}});
-        assert_eq!(values(&official(&gateway, UplinkKind::Telemetry, v1.clone()).unwrap()), v1);
+        let v1 = br#"{"gateway_data":{"v":1},"sub_device_data":{"3c20c6207":{"t":2}}}"#;
+        let message = official(&gateway, UplinkKind::Telemetry, v1).unwrap();
+        assert_eq!(values(&message), serde_json::from_slice::<Json>(v1).unwrap());
+        assert!(matches!(official(&gateway, UplinkKind::Telemetry, b"not json"), Err(MapError::NotJson(_))));
     }
 }
