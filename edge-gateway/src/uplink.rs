@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use prost::Message as _;
@@ -95,18 +95,9 @@ impl NatsBus {
     /// Creates the uplink stream if it does not exist, retrying until it does or
     /// `shutdown` fires.
     pub async fn ensure_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
-        let config = stream::Config {
-            name: names::UPLINK_STREAM.to_owned(),
-            subjects: vec![names::UPLINK_SUBJECTS.to_owned()],
-            storage: stream::StorageType::File,
-            duplicate_window: names::UPLINK_DUPLICATE_WINDOW,
-            // Uplinks wait for a worker for a day at most; acked ones go sooner by limits.
-            max_age: Duration::from_secs(24 * 3600),
-            ..Default::default()
-        };
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.jetstream.get_or_create_stream(config.clone()).await {
+            match tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await {
                 Ok(_) => {
                     self.stream_ready.store(true, Ordering::Release);
                     return;

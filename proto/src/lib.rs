@@ -4,6 +4,7 @@
 //! - [`names`]: NATS subjects, stream and queue names, Redis keys and the route scripts.
 //! - [`route`]: a device route as stored in Redis.
 //! - [`trace`]: W3C trace-context propagation over NATS headers and gRPC metadata.
+//! - [`stream`]: the uplink JetStream stream definition.
 //! - [`secret`]: how AccessTokens and vouchers are shown in logs (never whole).
 //!
 //! Edge and worker both depend on this crate and on nothing of each other.
@@ -11,6 +12,7 @@
 pub mod names;
 pub mod route;
 pub mod secret;
+pub mod stream;
 pub mod trace;
 
 /// The generated `tcpc.v1` types, client and server.

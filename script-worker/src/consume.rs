@@ -177,7 +177,8 @@ impl Partitions {
 
     /// The partition's consumer, recreated to start after its ack floor.
     async fn take_over(&self, partition: u32) -> Result<consumer::PullConsumer, String> {
-        let stream = self.jetstream.get_stream(names::UPLINK_STREAM).await.map_err(|e| e.to_string())?;
+        // Whichever starts first, edge or worker, creates the stream.
+        let stream = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await?;
         let name = names::partition_consumer(partition);
         let deliver_policy = match stream.consumer_info(&name).await {
             Ok(info) => {

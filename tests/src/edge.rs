@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use clap::Parser;
 use edge_gateway::{Config, Listeners};
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use crate::servers::{NatsServer, RedisServer};
@@ -93,11 +92,7 @@ impl TestEdge {
 
     /// The raw HTTP/1.0 response of a GET on the metrics port.
     pub async fn http_get(&self, path: &str) -> Option<String> {
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.ok()?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: edge\r\n\r\n").as_bytes()).await.ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        Some(response)
+        crate::http_get(self.metrics, path).await
     }
 
     pub async fn grpc_client(&self) -> EdgeGatewayClient<tonic::transport::Channel> {

@@ -1,15 +1,19 @@
-//! Fixtures of the end-to-end tests: real `redis-server` and `nats-server -js` on free
-//! loopback ports (killed on drop, restartable), edges run in-process on pre-bound
-//! listeners, an auth responder double, a JetStream reader of uplink envelopes, and a
-//! TP device client.
+//! Fixtures of the end-to-end tests: real `redis-server`, `nats-server -js` and
+//! `mosquitto` on free loopback ports (killed on drop, restartable), edges run
+//! in-process on pre-bound listeners, workers as processes (their real main), a fake
+//! ThingsPanel backend, an auth responder double, a JetStream reader of uplink
+//! envelopes, an MQTT watcher, and device clients.
 //!
 //! Every fixture returns only when ready; every wait has a deadline.
 
 pub mod auth;
 pub mod device;
 pub mod edge;
+pub mod mqtt;
+pub mod platform;
 pub mod servers;
 pub mod stream;
+pub mod worker;
 
 use std::time::Duration;
 
@@ -27,6 +31,24 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A binary of this package (the services' own mains): it sits beside the test
+/// executable's `deps/` folder, where cargo builds it before running integration tests.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = test.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    profile_dir.join(name)
+}
+
+/// The raw HTTP/1.0 response of a GET.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
 }
 
 /// Logs of the code under test, at `RUST_LOG` (default warn), once per test binary.

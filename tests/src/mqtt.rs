@@ -1,0 +1,154 @@
+//! A real `mosquitto` on a free loopback port, and an MQTT subscriber that sees what the
+//! platform would see.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+use crate::servers::free_port;
+use crate::{DEADLINE, wait_until};
+
+/// A mosquitto broker accepting anonymous clients (the platform's user `plugin` too).
+pub struct Mosquitto {
+    pub port: u16,
+    config: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub async fn spawn() -> Self {
+        let port = free_port();
+        let config = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}.conf", std::process::id()));
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("write mosquitto config");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start mosquitto (see README: the test command installs it): {e}")
+            });
+        let broker = Mosquitto { port, config, child: Some(child) };
+        wait_until("mosquitto to accept connections", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// One message as the broker delivered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+impl Received {
+    /// The decoded `values` of an uplink envelope, after checking its `device_id`.
+    pub fn values(&self, device_id: &str) -> serde_json::Value {
+        use base64::Engine as _;
+        let envelope: serde_json::Value = serde_json::from_slice(&self.payload).expect("a JSON envelope");
+        assert_eq!(envelope["device_id"], device_id, "envelope of {}", self.topic);
+        let values = envelope["values"].as_str().expect("values is a base64 string");
+        let raw = base64::engine::general_purpose::STANDARD.decode(values).expect("valid base64");
+        serde_json::from_slice(&raw).expect("values are JSON")
+    }
+}
+
+/// A subscriber on the broker.
+pub struct Watcher {
+    messages: mpsc::UnboundedReceiver<Received>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Subscribes `topics` at QoS 1; returns once the broker acknowledged.
+    pub async fn subscribe(broker: &Mosquitto, topics: &[&str]) -> Self {
+        let id = format!("watcher-{}", rand_suffix());
+        let mut options = MqttOptions::new(id, "127.0.0.1", broker.port);
+        options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(options, 64);
+        for topic in topics {
+            client.subscribe(*topic, QoS::AtLeastOnce).await.expect("subscribe");
+        }
+        let (ready_tx, mut ready) = mpsc::unbounded_channel();
+        let (tx, messages) = mpsc::unbounded_channel();
+        let expected = topics.len();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut acked = 0;
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acked += 1;
+                        if acked == expected {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let _ = tx.send(Received { topic: publish.topic, payload: publish.payload });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, ready.recv()).await.expect("SubAck within the deadline");
+        Watcher { messages, task }
+    }
+
+    /// The next message, within `DEADLINE`.
+    pub async fn next(&mut self) -> Received {
+        self.next_within(DEADLINE).await.expect("an MQTT message within the deadline")
+    }
+
+    /// The next message, or None after `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Received> {
+        tokio::time::timeout(wait, self.messages.recv()).await.ok().flatten()
+    }
+
+    /// The next message on `topic` (others are skipped).
+    pub async fn next_on(&mut self, topic: &str) -> Received {
+        loop {
+            let message = self.next().await;
+            if message.topic == topic {
+                return message;
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or_default()
+}

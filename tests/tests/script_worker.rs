@@ -1,0 +1,280 @@
+//! The worker end to end: real nats-server, redis-server and mosquitto, the fake
+//! ThingsPanel backend, workers as processes, an edge in-process, real TCP devices; the
+//! MQTT watcher sees what the platform would.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use edge_gateway::codec::{Frame, cmd};
+use serde_json::{Value, json};
+use tcpc_tests::device::{RawDevice, TpDevice};
+use tcpc_tests::edge::TestEdge;
+use tcpc_tests::mqtt::{Mosquitto, Watcher};
+use tcpc_tests::platform::{FakePlatform, direct_device};
+use tcpc_tests::servers::{NatsServer, RedisServer};
+use tcpc_tests::worker::WorkerProcess;
+use tcpc_tests::{init_logging, wait_until};
+
+struct World {
+    nats: NatsServer,
+    redis: RedisServer,
+    broker: Mosquitto,
+    platform: FakePlatform,
+}
+
+async fn world() -> World {
+    init_logging();
+    let (nats, redis, broker) = tokio::join!(NatsServer::spawn(), RedisServer::spawn(), Mosquitto::spawn());
+    World { nats, redis, broker, platform: FakePlatform::spawn().await }
+}
+
+impl World {
+    async fn worker(&self, name: &str) -> WorkerProcess {
+        WorkerProcess::spawn(&self.nats, &self.redis, &self.broker, &self.platform, name, &[]).await
+    }
+
+    async fn edge(&self) -> TestEdge {
+        TestEdge::spawn(&self.nats, &self.redis, "edge-a", |_| {}).await
+    }
+
+    fn device(&self, token: &str, id: &str, number: &str, template: Value) {
+        let voucher = format!(r#"{{"access_token":"{token}"}}"#);
+        self.platform.add(&voucher, direct_device(id, number, &voucher, template));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tp_and_custom_devices_reach_the_platform_as_thingspanel_expects() {
+    let w = world().await;
+    w.device("tp-token", "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10", "D001", Value::Null);
+    w.device(
+        "custom-token",
+        "dev-custom",
+        "C001",
+        json!({
+            "protocol": "custom", "framing": "delimiter", "delimiter": "\\n",
+            "uplink_script": "function decode(b) { var p = String.fromCharCode.apply(null, b).split(','); return {temperature: p[0] / 10, humidity: p[1] / 10}; }"
+        }),
+    );
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/#", "gateway/#"]).await;
+    let _worker = w.worker("worker-a").await;
+    let edge = w.edge().await;
+
+    let mut tp = TpDevice::online(edge.official, "tp-token").await;
+    let status = watcher.next().await;
+    assert_eq!(
+        (status.topic.as_str(), &status.payload[..]),
+        ("devices/status/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10", &b"1"[..])
+    );
+    tp.send(Frame::data(cmd::ATTRIBUTES, &br#"{"temperature":36.5,"humidity":52}"#[..])).await;
+    let telemetry = watcher.next().await;
+    assert_eq!(telemetry.topic, "devices/telemetry");
+    // Exactly the fixture's envelope (topics.txt).
+    assert_eq!(
+        &telemetry.payload[..],
+        br#"{"device_id":"6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10","values":"eyJ0ZW1wZXJhdHVyZSI6MzYuNSwiaHVtaWRpdHkiOjUyfQ=="}"#
+    );
+    tp.send(Frame::data(cmd::EVENTS, &br#"{"method":"alarm","params":{"level":2}}"#[..])).await;
+    let event = watcher.next().await;
+    assert!(event.topic.starts_with("devices/event/"), "{}", event.topic);
+    assert_eq!(
+        event.values("6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10"),
+        json!({"method": "alarm", "params": {"level": 2}})
+    );
+    drop(tp);
+    let offline = watcher.next().await;
+    assert_eq!(
+        (offline.topic.as_str(), &offline.payload[..]),
+        ("devices/status/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10", &b"0"[..])
+    );
+
+    let mut custom = RawDevice::connect(edge.custom).await;
+    custom.send(b"custom-token\n365,520\n").await;
+    assert_eq!(&watcher.next_on("devices/status/dev-custom").await.payload[..], b"1");
+    let telemetry = watcher.next_on("devices/telemetry").await;
+    assert_eq!(telemetry.values("dev-custom"), json!({"temperature": 36.5, "humidity": 52}));
+    assert!(
+        !w.platform.heartbeats().is_empty() || {
+            wait_until("a plugin heartbeat", || async { !w.platform.heartbeats().is_empty() }).await;
+            true
+        }
+    );
+    assert_eq!(w.platform.heartbeats()[0], "TCP");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_sub_device_data_is_gateway_telemetry() {
+    let w = world().await;
+    let fixture: Value =
+        serde_json::from_str(include_str!("../fixtures/thingspanel/device_config_gateway.json")).unwrap();
+    let data = fixture["data"].clone();
+    let voucher = data["voucher"].as_str().unwrap().to_owned();
+    w.platform.add(&voucher, data);
+    let mut watcher = Watcher::subscribe(&w.broker, &["gateway/#", "devices/status/#"]).await;
+    let _worker = w.worker("worker-a").await;
+    let edge = w.edge().await;
+    let mut gateway = TpDevice::online(edge.official, "gw-token-001").await;
+    assert_eq!(&watcher.next().await.payload[..], b"1");
+    gateway.send(Frame::data(cmd::ATTRIBUTES, &br#"{"3c20c6206":{"temperature":36.5}}"#[..])).await;
+    let message = watcher.next().await;
+    assert_eq!(message.topic, "gateway/telemetry");
+    assert_eq!(
+        message.values("0f4c2a7d-8e91-4b3c-a6d2-5e7f9b1c3d20"),
+        json!({"sub_device_data": {"3c20c6206": {"temperature": 36.5}}})
+    );
+    gateway
+        .send(Frame::data(
+            cmd::TELEMETRY,
+            &br#"{"gateway_data":{"rssi":-60},"sub_device_data":{"3c20c6207":{"humidity":52}}}"#[..],
+        ))
+        .await;
+    assert_eq!(
+        watcher.next().await.values("0f4c2a7d-8e91-4b3c-a6d2-5e7f9b1c3d20"),
+        json!({"gateway_data": {"rssi": -60}, "sub_device_data": {"3c20c6207": {"humidity": 52}}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
+    let w = world().await;
+    let _worker = w.worker("worker-a").await;
+    let edge = w.edge().await;
+    let started = Instant::now();
+    for _ in 0..100 {
+        let mut device = TpDevice::connect(edge.official).await;
+        assert_eq!(device.auth("wrong-token").await, r#"{"result":1,"message":"unknown access token"}"#);
+    }
+    let elapsed = started.elapsed();
+    let calls =
+        w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"wrong-token"}"#).count();
+    let allowed = 1 + (elapsed.as_secs_f64() / 3.0) as usize;
+    assert!(calls >= 1 && calls <= allowed, "{calls} platform calls in {elapsed:?} (at most {allowed})");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_scripts_are_contained() {
+    let w = world().await;
+    let scripts = [
+        ("throws", "function decode(b) { throw new Error('bad frame'); }", "script_error"),
+        ("loops", "function decode(b) { while (true) {} }", "script_timeout"),
+        (
+            "hoards",
+            "function decode(b) { var a = []; while (true) a.push(new Array(10000).fill(1)); }",
+            "script_memory",
+        ),
+        (
+            "snoops",
+            "function decode(b) { return require('fs').readFileSync('/etc/passwd'); }",
+            "script_error",
+        ),
+    ];
+    for (name, script, _) in scripts {
+        w.device(
+            name,
+            &format!("dev-{name}"),
+            name,
+            json!({"protocol": "custom", "framing": "delimiter", "uplink_script": script}),
+        );
+    }
+    w.device("good", "dev-good", "good", json!({"protocol": "custom", "framing": "delimiter", "uplink_script": "function decode(b) { return {n: b.length}; }"}));
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let worker = w.worker("worker-a").await;
+    let edge = w.edge().await;
+    let mut good = RawDevice::connect(edge.custom).await;
+    good.send(b"good\n").await;
+    for (round, (name, _, reason)) in scripts.iter().enumerate() {
+        let before = worker.metric(&format!("worker_uplink_errors_total{{reason=\"{reason}\"}}")).await;
+        let mut broken = RawDevice::connect(edge.custom).await;
+        broken.send(format!("{name}\nx\n").as_bytes()).await;
+        wait_until(&format!("the {name} script error to be reported"), || async {
+            worker.metric(&format!("worker_uplink_errors_total{{reason=\"{reason}\"}}")).await > before
+        })
+        .await;
+        // The worker is alive and other devices are unaffected.
+        good.send(&vec![b'g'; round + 1]).await;
+        good.send(b"\n").await;
+        assert_eq!(watcher.next().await.values("dev-good"), json!({"n": round + 1}), "after {name}");
+    }
+    assert!(worker.get("/healthz").await.unwrap().contains("200 OK"));
+}
+
+/// Sends `count` numbered telemetry frames from one TP device.
+async fn send_numbered(device: &mut TpDevice, range: std::ops::Range<u32>) {
+    for n in range {
+        device.send(Frame::data(cmd::TELEMETRY, Bytes::from(format!(r#"{{"n":{n}}}"#)))).await;
+    }
+}
+
+async fn wait_for_partitions(workers: &[&WorkerProcess]) {
+    for worker in workers {
+        wait_until(&format!("{} to own partitions", worker.name), || async {
+            worker.metric("worker_partitions").await > 0.0
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_keep_a_device_in_order() {
+    let w = world().await;
+    w.device("counter", "dev-counter", "N001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let a = w.worker("worker-a").await;
+    let b = w.worker("worker-b").await;
+    wait_for_partitions(&[&a, &b]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "counter").await;
+    let started = Instant::now();
+    send_numbered(&mut device, 0..1000).await;
+    let mut seen = Vec::new();
+    while seen.len() < 1000 {
+        seen.push(watcher.next().await.values("dev-counter")["n"].as_u64().unwrap());
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(seen, (0..1000).collect::<Vec<_>>(), "all, once, in order");
+    println!(
+        "1000 uplinks through edge, JetStream, worker and mosquitto in {elapsed:?} ({:.0}/s)",
+        1000.0 / elapsed.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_stream_loses_nothing() {
+    let w = world().await;
+    w.device("steady", "dev-steady", "N002", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut workers = [w.worker("worker-a").await, w.worker("worker-b").await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "steady").await;
+    send_numbered(&mut device, 0..300).await;
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
+    }
+    // Kill the worker that owns the device's partition.
+    let partition = tcpc_proto::names::partition_of("dev-steady", tcpc_proto::names::DEFAULT_PARTITIONS);
+    let owner: String = redis::AsyncCommands::get(
+        &mut w.redis.connection().await,
+        tcpc_proto::names::partition_lease_key(partition),
+    )
+    .await
+    .unwrap();
+    let victim = workers.iter().position(|worker| worker.name == owner).expect("the owner is one of ours");
+    workers[victim].kill();
+    send_numbered(&mut device, 300..1000).await;
+    while !(0..1000).all(|n| seen.contains(&n)) {
+        let message =
+            watcher.next_within(Duration::from_secs(30)).await.expect("the survivor takes over within 30 s");
+        seen.push(message.values("dev-steady")["n"].as_u64().unwrap());
+    }
+    let duplicates = seen.len() - 1000;
+    let mut first = Vec::new();
+    for n in &seen {
+        if !first.contains(n) {
+            first.push(*n);
+        }
+    }
+    assert_eq!(first, (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
+    println!("killed {owner} mid-stream: 1000 messages arrived, {duplicates} duplicates");
+}
