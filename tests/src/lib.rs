@@ -33,12 +33,16 @@ where
     }
 }
 
-/// A binary of this package (the services' own mains): it sits beside the test
-/// executable's `deps/` folder, where cargo builds it before running integration tests.
+/// A binary of this package (the services' own mains): it sits in the profile folder,
+/// beside the `deps/` folder of test executables (cargo builds it before running
+/// integration tests), or beside the running binary (load tools).
 pub fn binary(name: &str) -> std::path::PathBuf {
-    let test = std::env::current_exe().expect("the test executable's path");
-    let profile_dir = test.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
-    profile_dir.join(name)
+    let current = std::env::current_exe().expect("the running executable's path");
+    let mut dir = current.parent().expect("a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 /// The raw HTTP/1.0 response of a GET.

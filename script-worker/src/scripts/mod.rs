@@ -54,7 +54,7 @@ impl Entry {
 }
 
 /// What a call tells the script about the message (its `ctx` argument).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
 pub struct CallContext {
     pub device_id: String,
     pub device_number: String,
@@ -163,7 +163,13 @@ pub fn run_call(
                 Err(ScriptError::Missing("decode"))
             }
         }
-        Call::Encode { message, context } => engine.encode(&hash, message, context).map(Output::Bytes),
+        Call::Encode { message, context } => {
+            let entries = engine.entries(&hash);
+            if !entries.contains(&Entry::Encode) && !entries.contains(&Entry::EncodeInp) {
+                return Err(ScriptError::Missing("encode"));
+            }
+            engine.encode(&hash, message, context).map(Output::Bytes)
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! between calls. Results are turned into JSON by walking the JS value, without a
 //! `JSON.stringify` round trip.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,8 +37,36 @@ const MAX_DEPTH: usize = 64;
 struct Script {
     // Dropped before the runtime: a Persistent must not outlive it.
     functions: HashMap<Entry, Persistent<Function<'static>>>,
+    /// Frozen `ctx` arguments by call context: building one costs as much as a small
+    /// script, and a device's is the same for every message.
+    call_contexts: RefCell<HashMap<CallContext, Persistent<Object<'static>>>>,
     context: Context,
     _runtime: Runtime,
+}
+
+/// Call contexts kept per script; past it the cache starts over.
+const CALL_CONTEXTS: usize = 4096;
+
+impl Script {
+    /// The frozen `ctx` object of `call`, made once.
+    fn call_context<'js>(&self, ctx: &Ctx<'js>, call: &CallContext) -> rquickjs::Result<Object<'js>> {
+        if let Some(object) = self.call_contexts.borrow().get(call) {
+            return object.clone().restore(ctx);
+        }
+        let object = Object::new(ctx.clone())?;
+        object.set("device_id", call.device_id.as_str())?;
+        object.set("device_number", call.device_number.as_str())?;
+        object.set("kind", call.kind.as_str())?;
+        object.set("topic", call.topic.as_str())?;
+        let freeze: Function = ctx.globals().get::<_, Object>("Object")?.get("freeze")?;
+        freeze.call::<_, ()>((object.clone(),))?;
+        let mut cache = self.call_contexts.borrow_mut();
+        if cache.len() >= CALL_CONTEXTS {
+            cache.clear();
+        }
+        cache.insert(call.clone(), Persistent::save(ctx, object.clone()));
+        Ok(object)
+    }
 }
 
 /// QuickJS scripts by content hash.
@@ -102,20 +131,20 @@ impl QuickJs {
             Ok(functions)
         });
         self.disarm();
-        Ok(Script { functions: functions?, context, _runtime: runtime })
+        Ok(Script { functions: functions?, call_contexts: RefCell::default(), context, _runtime: runtime })
     }
 
     fn call<T>(
         &mut self,
         hash: &ScriptHash,
         entry: Entry,
-        call: impl for<'js> FnOnce(&Ctx<'js>, Function<'js>) -> rquickjs::Result<T>,
+        call: impl for<'js> FnOnce(&Ctx<'js>, Function<'js>, &Script) -> rquickjs::Result<T>,
     ) -> Result<T, ScriptError> {
         let script = self.scripts.get(hash).ok_or(ScriptError::NotLoaded)?;
         let function = script.functions.get(&entry).cloned().ok_or(ScriptError::Missing(entry.name()))?;
         self.arm();
         let result = script.context.with(|ctx| {
-            let run = || call(&ctx, function.restore(&ctx)?);
+            let run = || call(&ctx, function.restore(&ctx)?, script);
             run().map_err(|e| classify(&ctx, e))
         });
         self.disarm();
@@ -148,9 +177,9 @@ impl ScriptEngine for QuickJs {
 
     fn decode(&mut self, hash: &ScriptHash, bytes: &[u8], call: &CallContext) -> Result<Json, ScriptError> {
         let max = self.limits.output;
-        self.call(hash, Entry::Decode, |ctx, function| {
+        self.call(hash, Entry::Decode, |ctx, function, script| {
             let input = TypedArray::<u8>::new_copy(ctx.clone(), bytes)?;
-            let value: Value = function.call((input, context_object(ctx, call)?))?;
+            let value: Value = function.call((input, script.call_context(ctx, call)?))?;
             js_to_json(&value, 0, &mut Budget(max))
         })
     }
@@ -164,15 +193,15 @@ impl ScriptEngine for QuickJs {
         let max = self.limits.output;
         let entries = self.entries(hash);
         if entries.contains(&Entry::Encode) {
-            self.call(hash, Entry::Encode, |ctx, function| {
+            self.call(hash, Entry::Encode, |ctx, function, script| {
                 let message = json_to_js(ctx, message)?;
-                let value: Value = function.call((message, context_object(ctx, call)?))?;
+                let value: Value = function.call((message, script.call_context(ctx, call)?))?;
                 js_to_bytes(&value, max)
             })
         } else {
             // ThingsPanel 0.x: encodeInp(msg, topic) takes and returns strings.
             let text = message.to_string();
-            self.call(hash, Entry::EncodeInp, |_, function| {
+            self.call(hash, Entry::EncodeInp, |_, function, _| {
                 let value: Value = function.call((text, call.topic.clone()))?;
                 js_to_bytes(&value, max)
             })
@@ -187,7 +216,7 @@ impl ScriptEngine for QuickJs {
     ) -> Result<Json, ScriptError> {
         let max = self.limits.output;
         let text = String::from_utf8_lossy(bytes).into_owned();
-        self.call(hash, Entry::EncodeInp, |_, function| {
+        self.call(hash, Entry::EncodeInp, |_, function, _| {
             let value: Value = function.call((text, call.topic.clone()))?;
             // 0.x converters return a JSON string; an object is taken as it is.
             match value.as_string() {
@@ -200,15 +229,6 @@ impl ScriptEngine for QuickJs {
             }
         })
     }
-}
-
-fn context_object<'js>(ctx: &Ctx<'js>, call: &CallContext) -> rquickjs::Result<Object<'js>> {
-    let object = Object::new(ctx.clone())?;
-    object.set("device_id", call.device_id.as_str())?;
-    object.set("device_number", call.device_number.as_str())?;
-    object.set("kind", call.kind.as_str())?;
-    object.set("topic", call.topic.as_str())?;
-    Ok(object)
 }
 
 fn classify(ctx: &Ctx<'_>, error: Error) -> ScriptError {

@@ -1,0 +1,76 @@
+//! Per-message script cost: `cargo bench -p script-worker --bench scripts`.
+//!
+//! Calls the example converters (examples/devices.toml's custom device, and a 4-field
+//! binary meter) on the QuickJS engine as the worker does (prepared once, reused), and
+//! prints the mean cost per call.
+
+use std::time::Instant;
+
+use script_worker::scripts::{self, Call, CallContext, EngineKind, Limits, Output, ScriptEngine};
+
+const CALLS: u32 = 200_000;
+
+const METER: &str = r#"
+function decode(bytes, ctx) {
+  return { temperature: ((bytes[0] << 8) | bytes[1]) / 10, humidity: bytes[2], battery: bytes[3], ok: true };
+}"#;
+
+const EXAMPLE_CUSTOM: &str = r#"
+function decode(bytes, ctx) {
+  var text = String.fromCharCode.apply(null, bytes).trim();
+  var parts = text.split(",");
+  return { temperature: Number(parts[0]) / 10, humidity: Number(parts[1]) / 10 };
+}"#;
+
+const EXAMPLE_DOWNLINK: &str = r#"
+function encode(msg, ctx) {
+  return "CMD " + (msg.method || "set") + " " + JSON.stringify(msg.params || msg) + "\n";
+}"#;
+
+fn bench(engine: &mut dyn ScriptEngine, name: &str, source: &str, call: Call) {
+    let hash = scripts::hash(source);
+    engine.prepare(&hash, source, name).expect("script compiles");
+    // Warm up, and check the result once.
+    let output = scripts::run_call(engine, source, name, &call).expect("script runs");
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        let result = match &call {
+            Call::Decode { bytes, context } => engine.decode(&hash, bytes, context).map(Output::Json),
+            Call::Encode { message, context } => engine.encode(&hash, message, context).map(Output::Bytes),
+        };
+        std::hint::black_box(result.expect("script runs"));
+    }
+    let per_call = started.elapsed() / CALLS;
+    println!("{name:<28} {per_call:>10.2?} per call   -> {output:?}");
+}
+
+fn main() {
+    let mut engine = EngineKind::Quickjs.build(Limits::default());
+    let context = CallContext {
+        device_id: "d".into(),
+        device_number: "D001".into(),
+        kind: "uplink".into(),
+        topic: String::new(),
+    };
+    // The floor: entering the context, the Uint8Array argument, the call, a null result.
+    bench(
+        engine.as_mut(),
+        "empty decode",
+        "function decode(b, ctx) { return null; }",
+        Call::Decode { bytes: vec![1, 2, 3, 4], context: context.clone() },
+    );
+    bench(
+        engine.as_mut(),
+        "meter decode (4 fields)",
+        METER,
+        Call::Decode { bytes: vec![0x01, 0x6D, 52, 97], context: context.clone() },
+    );
+    bench(
+        engine.as_mut(),
+        "example custom decode",
+        EXAMPLE_CUSTOM,
+        Call::Decode { bytes: b"365,520\n".to_vec(), context: context.clone() },
+    );
+    let message = serde_json::json!({"method": "reboot", "params": {"delay": 5}});
+    bench(engine.as_mut(), "example downlink encode", EXAMPLE_DOWNLINK, Call::Encode { message, context });
+}
