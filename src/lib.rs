@@ -187,6 +187,7 @@ pub async fn run(
         ),
         _ => (local_routes.clone(), local_routes),
     };
+    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
     let sink: Arc<dyn PlatformSink> = match &config.mqtt_url {
         Some(url) => {
             let mqtt = script_worker::platform::mqtt::MqttConfig::from_url(
@@ -196,11 +197,21 @@ pub async fn run(
                 &settings.mqtt_password,
             )
             .map_err(AllInOneError::Config)?;
-            Arc::new(script_worker::platform::mqtt::MqttSink::start(mqtt, stop.clone()))
+            // One worker: it handles every downlink, whatever the subscription mode.
+            let subscription = script_worker::platform::mqtt::Subscription {
+                filter: format!("{}#", settings.topic_prefix()),
+                deliveries,
+            };
+            Arc::new(script_worker::platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()))
         }
         None => Arc::new(JsonLines),
     };
-    let core = script_worker::Core::new(settings, devices.clone(), lookup.clone(), sink)?;
+    let core = script_worker::Core::new(settings, devices.clone(), lookup.clone(), sink, Arc::new(|_| true))?;
+    tasks.spawn(script_worker::Core::dispatch_downlinks(
+        core.downlinks.clone(),
+        downlink_queue,
+        stop.clone(),
+    ));
 
     let (bus, nats): (Arc<dyn UplinkBus>, Option<async_nats::Client>) = match (&config.nats_url, redis) {
         (Some(url), Some(redis)) => {
@@ -226,6 +237,7 @@ pub async fn run(
                 redis,
                 pod.clone(),
                 settings.uplink_partitions,
+                Arc::default(),
                 &stop,
             );
             (bus, Some(nats))
@@ -242,7 +254,7 @@ pub async fn run(
     let api = script_worker::api::ApiState {
         devices,
         routes: lookup,
-        edges: Arc::default(),
+        edges: core.downlinks.edges.clone(),
         broadcast_forget: Arc::new(move |device_id: String| {
             let nats = nats.clone();
             Box::pin(async move {

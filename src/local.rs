@@ -98,6 +98,16 @@ impl RouteLookup for LocalRoutes {
         let route = self.lock().get(device_id).cloned();
         Box::pin(async move { Ok(route) })
     }
+
+    fn pod_alive<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        // The only pod is this process.
+        Box::pin(async { Ok(true) })
+    }
+
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
+        let removed = RouteStore::remove(self, &route.device_id, &route.connection_id);
+        Box::pin(async move { removed.await.map(drop).map_err(|e| e.to_string()) })
+    }
 }
 
 #[cfg(test)]

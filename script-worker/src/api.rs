@@ -162,6 +162,12 @@ mod tests {
         ) -> BoxFuture<'a, Result<Option<tcpc_proto::route::Route>, String>> {
             Box::pin(async { Ok(None) })
         }
+        fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn purge<'a>(&'a self, _: &'a tcpc_proto::route::Route) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
     }
 
     fn state(forgotten: Arc<std::sync::Mutex<Vec<String>>>) -> Arc<ApiState> {

@@ -101,12 +101,53 @@ pub struct Settings {
     /// Device partitions of the uplink stream (must match the edges').
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
+    /// How downlinks are shared among workers: `owner` — every worker subscribes and the
+    /// owner of the device's uplink partition handles it (each device's downlinks in
+    /// order); `shared` — an MQTT shared subscription hands each downlink to one
+    /// worker (no order across a device's downlinks with several workers).
+    #[arg(long, env = "DOWNLINK_SUBSCRIPTION", value_enum, default_value = "owner")]
+    pub downlink_subscription: DownlinkSubscription,
+    /// Downlink kinds queued for a device that is away, delivered in order when it comes
+    /// back (comma-separated: telemetry-control, attribute-set, attribute-get, command;
+    /// none by default).
+    #[arg(long, env = "OFFLINE_QUEUE", value_delimiter = ',')]
+    pub offline_queue: Vec<crate::downlink::DownlinkKind>,
+    /// Queued downlinks per device at most (the oldest goes first).
+    #[arg(long, env = "OFFLINE_QUEUE_MAX", default_value_t = 32)]
+    pub offline_queue_max: usize,
+    /// How long a queued downlink stays deliverable.
+    #[arg(long, env = "OFFLINE_QUEUE_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub offline_queue_ttl: Duration,
     /// Plugin heartbeat to the platform (it shows a plugin inactive after 60 s).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 }
 
+/// How downlinks are shared among workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DownlinkSubscription {
+    Owner,
+    Shared,
+}
+
 impl Settings {
+    /// The MQTT filter downlinks are subscribed with.
+    pub fn downlink_filter(&self) -> String {
+        match self.downlink_subscription {
+            DownlinkSubscription::Owner => format!("{}#", self.topic_prefix()),
+            DownlinkSubscription::Shared => format!("$share/tcpc-workers/{}#", self.topic_prefix()),
+        }
+    }
+
+    /// The offline queue's policy; None when no kind is queued.
+    pub fn queue_policy(&self) -> Option<crate::downlink::QueuePolicy> {
+        (!self.offline_queue.is_empty()).then(|| crate::downlink::QueuePolicy {
+            kinds: self.offline_queue.iter().copied().collect(),
+            max: self.offline_queue_max.max(1),
+            ttl: self.offline_queue_ttl,
+        })
+    }
+
     /// The sub_topic_prefix, ending with `/`.
     pub fn topic_prefix(&self) -> String {
         let prefix =
@@ -165,8 +206,21 @@ mod tests {
         assert_eq!(settings.http_listen.to_string(), "0.0.0.0:8098");
         assert_eq!(settings.script_limits().heap, 16 << 20);
         settings.validate().unwrap();
-        let cli = Cli::try_parse_from(["script-worker", "--topic-prefix", "plugin/x"]).unwrap();
+        assert_eq!(settings.downlink_filter(), "plugin/TCP/#");
+        assert!(settings.queue_policy().is_none());
+        let cli = Cli::try_parse_from([
+            "script-worker",
+            "--topic-prefix",
+            "plugin/x",
+            "--downlink-subscription",
+            "shared",
+            "--offline-queue",
+            "command,attribute-set",
+        ])
+        .unwrap();
         assert_eq!(cli.config.settings.topic_prefix(), "plugin/x/");
+        assert_eq!(cli.config.settings.downlink_filter(), "$share/tcpc-workers/plugin/x/#");
+        assert_eq!(cli.config.settings.queue_policy().unwrap().kinds.len(), 2);
     }
 
     #[test]

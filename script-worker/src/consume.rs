@@ -51,6 +51,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// The partitions a worker owns, for whoever needs to know (the downlinks).
+pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>>;
+
 /// The partition owner.
 pub struct Partitions {
     pub jetstream: jetstream::Context,
@@ -58,6 +61,8 @@ pub struct Partitions {
     pub worker: String,
     pub partitions: u32,
     pub pipeline: Arc<Pipeline>,
+    /// Kept equal to the partitions consumed here.
+    pub owned: OwnedPartitions,
 }
 
 struct Owned {
@@ -95,6 +100,7 @@ impl Partitions {
                 let want = desired.contains(&partition);
                 let holding = owned.contains_key(&partition);
                 if holding && !want {
+                    this.set_owned(partition, false);
                     this.release(partition, owned.remove(&partition).expect("held")).await;
                     continue;
                 }
@@ -113,10 +119,12 @@ impl Partitions {
                         let stop = shutdown.child_token();
                         let task = tokio::spawn(this.clone().consume(partition, stop.clone()));
                         owned.insert(partition, Owned { stop, task });
+                        this.set_owned(partition, true);
                         info!(partition, "partition taken");
                     }
                     (false, true) => {
                         warn!(partition, "partition lease lost; stopping its consumer");
+                        this.set_owned(partition, false);
                         let lost = owned.remove(&partition).expect("held");
                         lost.stop.cancel();
                         let _ = lost.task.await;
@@ -126,6 +134,7 @@ impl Partitions {
             }
             this.pipeline.metrics.partitions.set(owned.len() as i64);
         }
+        this.owned.write().unwrap_or_else(|e| e.into_inner()).clear();
         let tracker = TaskTracker::new();
         for (partition, held) in owned.drain() {
             let this = this.clone();
@@ -162,6 +171,18 @@ impl Partitions {
         let Some(index) = members.iter().position(|m| *m == self.worker) else { return Ok(Vec::new()) };
         let count = members.len() as u32;
         Ok((0..self.partitions).filter(|p| p % count == index as u32).collect())
+    }
+
+    /// Keeps the shared set of owned partitions exact: a partition leaves it before its
+    /// lease is let go and joins it once the lease is held, so that two workers never
+    /// both count it as theirs.
+    fn set_owned(&self, partition: u32, owned: bool) {
+        let mut set = self.owned.write().unwrap_or_else(|e| e.into_inner());
+        if owned {
+            set.insert(partition);
+        } else {
+            set.remove(&partition);
+        }
     }
 
     async fn release(&self, partition: u32, held: Owned) {

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod config;
 pub mod consume;
 pub mod devices;
+pub mod downlink;
 pub mod metrics;
 pub mod pipeline;
 pub mod platform;
@@ -67,10 +68,12 @@ pub struct Core {
     pub scripts: Arc<Scripts>,
     pub pipeline: Arc<Pipeline>,
     pub authenticator: Arc<Authenticator>,
+    pub downlinks: Arc<downlink::Downlinks>,
 }
 
 impl Core {
-    /// Builds the core on a device source, a route lookup and a platform sink.
+    /// Builds the core on a device source, a route lookup and a platform sink;
+    /// `handles` says whether this worker handles a device's downlinks.
     ///
     /// # Errors
     /// The script engine's thread cannot start.
@@ -79,6 +82,7 @@ impl Core {
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
         sink: Arc<dyn PlatformSink>,
+        handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Self, WorkerError> {
         let metrics = Arc::new(Metrics::default());
         let library = Library::new(settings.scripts_dir.clone());
@@ -86,16 +90,47 @@ impl Core {
             Scripts::start(settings.script_engine, settings.script_limits(), library)
                 .map_err(WorkerError::Scripts)?,
         );
+        let mut downlinks = downlink::Downlinks::new(
+            settings.topic_prefix(),
+            devices.clone(),
+            routes.clone(),
+            Arc::default(),
+            scripts.clone(),
+            sink.clone(),
+            metrics.clone(),
+            settings.queue_policy(),
+        );
+        downlinks.handles = handles;
+        let downlinks = Arc::new(downlinks);
         let mapper = uplink::Mapper {
             devices: devices.clone(),
             routes,
             scripts: scripts.clone(),
             metrics: metrics.clone(),
+            downlinks: downlinks.clone(),
         };
         let pipeline = Arc::new(Pipeline { mapper, sink, metrics: metrics.clone() });
         let authenticator =
             Arc::new(Authenticator { devices, scripts: scripts.clone(), metrics: metrics.clone() });
-        Ok(Core { metrics, scripts, pipeline, authenticator })
+        Ok(Core { metrics, scripts, pipeline, authenticator, downlinks })
+    }
+
+    /// Handles downlinks from the broker, one at a time in arrival order, until the
+    /// channel closes or `stop`.
+    pub async fn dispatch_downlinks(
+        downlinks: Arc<downlink::Downlinks>,
+        mut deliveries: tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                delivery = deliveries.recv() => match delivery {
+                    Some((topic, payload)) => downlinks.handle(&topic, payload).await,
+                    None => return,
+                },
+            }
+        }
     }
 }
 
@@ -172,11 +207,26 @@ pub async fn run(
     let devices: Arc<dyn DeviceSource> =
         Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
     let routes: Arc<dyn RouteLookup> = Arc::new(routes::RedisRoutes::new(redis.clone()));
-    let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, stop.clone()));
-    let core = Core::new(settings, devices.clone(), routes.clone(), sink)?;
+    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
+    let subscription = platform::mqtt::Subscription { filter: settings.downlink_filter(), deliveries };
+    let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()));
+    // With every worker subscribed, a device's downlinks are the partition owner's.
+    let owned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
+    let handles: Arc<dyn Fn(&str) -> bool + Send + Sync> = match settings.downlink_subscription {
+        config::DownlinkSubscription::Shared => Arc::new(|_| true),
+        config::DownlinkSubscription::Owner => {
+            let (owned, partitions) = (owned.clone(), settings.uplink_partitions);
+            Arc::new(move |device_id| {
+                let partition = names::partition_of(device_id, partitions);
+                owned.read().unwrap_or_else(|e| e.into_inner()).contains(&partition)
+            })
+        }
+    };
+    let core = Core::new(settings, devices.clone(), routes.clone(), sink, handles)?;
+    tasks.spawn(Core::dispatch_downlinks(core.downlinks.clone(), downlink_queue, stop.clone()));
     info!(%worker, "script-worker starting");
 
-    spawn_bus_tasks(&tasks, &core, &devices, &nats, redis, worker, settings.uplink_partitions, &stop);
+    spawn_bus_tasks(&tasks, &core, &devices, &nats, redis, worker, settings.uplink_partitions, owned, &stop);
     tasks.spawn(heartbeat(
         platform,
         settings.service_identifier.clone(),
@@ -186,7 +236,7 @@ pub async fn run(
     let api = api::ApiState {
         devices,
         routes,
-        edges: Arc::default(),
+        edges: core.downlinks.edges.clone(),
         broadcast_forget: {
             let nats = nats.clone();
             Arc::new(move |device_id: String| {
@@ -248,6 +298,7 @@ pub fn spawn_bus_tasks(
     redis: ConnectionManager,
     worker: String,
     partitions: u32,
+    owned: consume::OwnedPartitions,
     stop: &CancellationToken,
 ) {
     tasks.spawn(auth_task(nats.clone(), core.authenticator.clone(), stop.clone()));
@@ -258,6 +309,7 @@ pub fn spawn_bus_tasks(
         worker,
         partitions,
         pipeline: core.pipeline.clone(),
+        owned,
     };
     tasks.spawn(partitions.run(stop.clone()));
 }

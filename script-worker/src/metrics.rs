@@ -25,6 +25,8 @@ pub struct Metrics {
     pub auth: Family<ReasonLabel, Counter>,
     /// Uplink partitions this worker owns.
     pub partitions: Gauge,
+    /// Downlinks by outcome (delivered, offline, failed, queued, …).
+    pub downlinks: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -44,7 +46,9 @@ impl Default for Metrics {
         registry.register("worker_auth", "Authentication answers by outcome", auth.clone());
         let partitions = Gauge::default();
         registry.register("worker_partitions", "Uplink partitions owned", partitions.clone());
-        Metrics { registry, envelopes, published, uplink_errors, auth, partitions }
+        let downlinks = Family::<ReasonLabel, Counter>::default();
+        registry.register("worker_downlinks", "Downlinks by outcome", downlinks.clone());
+        Metrics { registry, envelopes, published, uplink_errors, auth, partitions, downlinks }
     }
 }
 

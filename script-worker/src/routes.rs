@@ -8,22 +8,28 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tcpc_proto::names;
 use tcpc_proto::route::Route;
-use tcpc_proto::v1::DisconnectRequest;
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
+use tcpc_proto::v1::{DeliverRequest, DeliverStatus, DisconnectRequest};
 use tonic::transport::{Channel, Endpoint};
 
-/// Deadline of a route read or an edge call.
-const DEADLINE: Duration = Duration::from_secs(2);
+/// Deadline of a route read or an edge call (a delivery waits for the write to the
+/// device, which the edge bounds by its write timeout).
+const DEADLINE: Duration = Duration::from_secs(3);
 
 /// Reads device routes.
 pub trait RouteLookup: Send + Sync + 'static {
     /// The device's current route, if it has one.
     fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>>;
+    /// Whether an edge pod is alive (its liveness key exists).
+    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>>;
+    /// Removes `route` if it is still the device's route (compare-and-delete).
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// Routes in Redis.
@@ -49,6 +55,30 @@ impl RouteLookup for RedisRoutes {
             Ok(Route::from_fields(device_id, &fields))
         })
     }
+
+    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            tokio::time::timeout(DEADLINE, connection.exists(names::pod_liveness_key(pod)))
+                .await
+                .map_err(|_| "route store did not answer".to_owned())?
+                .map_err(|e| format!("route store: {e}"))
+        })
+    }
+
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let script = redis::Script::new(names::ROUTE_REMOVE_SCRIPT);
+            let mut invocation = script.key(names::route_key(&route.device_id));
+            invocation.arg(&route.connection_id);
+            tokio::time::timeout(DEADLINE, invocation.invoke_async::<i64>(&mut connection))
+                .await
+                .map_err(|_| "route store did not answer".to_owned())?
+                .map(drop)
+                .map_err(|e| format!("route store: {e}"))
+        })
+    }
 }
 
 /// One gRPC channel per edge pod, made on first use and kept.
@@ -65,13 +95,35 @@ impl EdgeClients {
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("edge address {addr}: {e}"))?
-            .connect_timeout(DEADLINE)
+            .connect_timeout(Duration::from_secs(1))
             .timeout(DEADLINE)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let client = EdgeGatewayClient::new(endpoint.connect_lazy());
         channels.insert(addr.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// Writes bytes to the connection a route names (framed as TP with `tp_cmd` on
+    /// official connections, when not 0); the edge's answer.
+    ///
+    /// # Errors
+    /// The edge pod cannot be reached or did not answer in time.
+    pub async fn deliver(
+        &self,
+        route: &Route,
+        payload: Bytes,
+        tp_cmd: u32,
+    ) -> Result<(DeliverStatus, String), String> {
+        let mut client = self.client(&route.grpc_addr)?;
+        let request = DeliverRequest {
+            device_id: route.device_id.clone(),
+            connection_id: route.connection_id.clone(),
+            payload,
+            tp_cmd,
+        };
+        let reply = client.deliver(request).await.map_err(|e| e.message().to_owned())?.into_inner();
+        Ok((reply.status(), reply.message))
     }
 
     /// Closes the connection a route names; how many were closed.

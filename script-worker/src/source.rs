@@ -33,6 +33,37 @@ pub trait DeviceSource: Send + Sync + 'static {
     fn by_id<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Arc<Device>>, SourceError>>;
     /// Drops what is cached of a device (its config changed).
     fn forget<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, ()>;
+    /// Where a downlink for `reference` (a device number or id, of a device or a
+    /// gateway's sub-device) goes.
+    fn resolve<'a>(&'a self, reference: &'a str) -> BoxFuture<'a, Result<Option<Target>, SourceError>>;
+}
+
+/// Where a downlink goes: the device whose connection carries it, and the sub-device
+/// address when it is for a gateway's sub-device.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The device that holds the connection (a direct device or a gateway).
+    pub carrier: Arc<Device>,
+    /// The id of the device the downlink is for (answers are published under it).
+    pub device_id: String,
+    pub sub_address: Option<String>,
+}
+
+/// The targets a device answers to: itself by id and number, and each of its
+/// sub-devices by id and number.
+pub fn targets_of(device: &Arc<Device>) -> Vec<(String, Target)> {
+    let own = Target { carrier: device.clone(), device_id: device.id.clone(), sub_address: None };
+    let mut targets = vec![(device.id.clone(), own.clone()), (device.number.clone(), own)];
+    for sub in &device.sub_devices {
+        let target = Target {
+            carrier: device.clone(),
+            device_id: sub.id.clone(),
+            sub_address: Some(sub.address.clone()),
+        };
+        targets.push((sub.id.clone(), target.clone()));
+        targets.push((sub.number.clone(), target));
+    }
+    targets
 }
 
 /// Devices from a TOML file:
@@ -55,6 +86,7 @@ pub trait DeviceSource: Send + Sync + 'static {
 pub struct FileDevices {
     by_token: HashMap<String, Arc<Device>>,
     by_id: HashMap<String, Arc<Device>>,
+    targets: HashMap<String, Target>,
 }
 
 #[derive(Deserialize)]
@@ -104,7 +136,8 @@ impl FileDevices {
     /// What is wrong, naming the device.
     pub fn parse(text: &str) -> Result<Self, String> {
         let file: DevicesFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        let mut devices = FileDevices { by_token: HashMap::new(), by_id: HashMap::new() };
+        let mut devices =
+            FileDevices { by_token: HashMap::new(), by_id: HashMap::new(), targets: HashMap::new() };
         for entry in file.device {
             let kind = match entry.kind.as_deref() {
                 None => DeviceKind::Direct,
@@ -123,6 +156,7 @@ impl FileDevices {
             if devices.by_token.insert(entry.token, device.clone()).is_some() {
                 return Err(format!("device {}: its token is used twice", entry.id));
             }
+            devices.targets.extend(targets_of(&device));
             if devices.by_id.insert(entry.id.clone(), device).is_some() {
                 return Err(format!("device id {} is used twice", entry.id));
             }
@@ -147,6 +181,11 @@ impl DeviceSource for FileDevices {
     fn forget<'a>(&'a self, _device_id: &'a str) -> BoxFuture<'a, ()> {
         // The file is the truth and is read at start; nothing is cached.
         Box::pin(async {})
+    }
+
+    fn resolve<'a>(&'a self, reference: &'a str) -> BoxFuture<'a, Result<Option<Target>, SourceError>> {
+        let found = self.targets.get(reference).cloned();
+        Box::pin(async move { Ok(found) })
     }
 }
 
@@ -186,6 +225,11 @@ address = "3c20c6206"
         assert_eq!(custom.settings.framing, Framing::Delimiter { delimiter: b"\r\n".to_vec() });
         assert_eq!(custom.settings.uplink_script.as_deref(), Some("lib:meter"));
         assert_eq!(custom.number, "dev-2", "number defaults to the id");
+        let sub = devices.resolve("S001").await.unwrap().unwrap();
+        assert_eq!((sub.carrier.id.as_str(), sub.device_id.as_str()), ("gw", "sub-1"));
+        assert_eq!(sub.sub_address.as_deref(), Some("3c20c6206"));
+        assert_eq!(devices.resolve("dev-2").await.unwrap().unwrap().sub_address, None);
+        assert!(devices.resolve("nobody").await.unwrap().is_none());
         let gateway = devices.by_id("gw").await.unwrap().unwrap();
         assert_eq!(gateway.kind, DeviceKind::Gateway);
         assert_eq!(gateway.sub_device("3c20c6206").unwrap().number, "S001");

@@ -70,6 +70,8 @@ pub struct Mapper {
     pub routes: Arc<dyn RouteLookup>,
     pub scripts: Arc<Scripts>,
     pub metrics: Arc<Metrics>,
+    /// Told when a device comes online (its queued downlinks go out).
+    pub downlinks: Arc<crate::downlink::Downlinks>,
 }
 
 impl Mapper {
@@ -95,6 +97,10 @@ impl Mapper {
 
     async fn session(&self, event: &SessionEvent) -> Result<Vec<PlatformMessage>, MapError> {
         let online = event.state() == SessionState::Online;
+        if online && self.downlinks.has_queued(&event.device_id) {
+            let (downlinks, device_id) = (self.downlinks.clone(), event.device_id.clone());
+            tokio::spawn(async move { downlinks.device_online(&device_id).await });
+        }
         if online || event.owned_route {
             return Ok(vec![topics::status(&event.device_id, online)]);
         }
@@ -141,7 +147,34 @@ impl Mapper {
             // The script chose to drop this message.
             return Ok(Vec::new());
         }
-        Ok(vec![telemetry(device, value)])
+        script_result(device, value).map(|message| vec![message])
+    }
+}
+
+/// What a custom device's uplink script returned, on the platform. A result with one
+/// of these keys alone is that kind of message (how a script answers a downlink):
+/// `{"command_response": {"message_id": …, "result": 0, …}}`,
+/// `{"attribute_set_response": {"message_id": …, …}}`, `{"event": {"method", "params"}}`,
+/// `{"attributes": {…}}`; anything else is telemetry.
+pub fn script_result(device: &Device, value: Json) -> Result<PlatformMessage, MapError> {
+    let gateway = device.kind == DeviceKind::Gateway;
+    let marked = value.as_object().filter(|object| object.len() == 1).and_then(|object| object.iter().next());
+    match marked {
+        Some((key, inner)) if key == "command_response" => {
+            response(device, inner.clone(), topics::command_response)
+        }
+        Some((key, inner)) if key == "attribute_set_response" => {
+            response(device, inner.clone(), topics::attribute_set_response)
+        }
+        Some((key, inner)) if key == "event" => {
+            Ok(topics::envelope(topics::event(gateway, &topics::message_id()), &device.id, &bytes(inner)))
+        }
+        Some((key, inner)) if key == "attributes" => Ok(topics::envelope(
+            topics::attributes(gateway, &topics::message_id()),
+            &device.id,
+            &bytes(inner),
+        )),
+        _ => Ok(telemetry(device, value)),
     }
 }
 
@@ -238,6 +271,30 @@ mod tests {
         let raw =
             base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
         serde_json::from_slice(&raw).unwrap()
+    }
+
+    #[test]
+    fn scripts_mark_responses_events_and_attributes() {
+        let direct = device(DeviceKind::Direct);
+        let answer =
+            script_result(&direct, json!({"command_response": {"message_id": "m1", "result": 0}})).unwrap();
+        assert_eq!(
+            (answer.topic.as_str(), values(&answer)),
+            ("devices/command/response/m1", json!({"result": 0}))
+        );
+        let set =
+            script_result(&direct, json!({"attribute_set_response": {"message_id": "m2", "result": 1}}))
+                .unwrap();
+        assert_eq!(set.topic, "devices/attributes/set/response/m2");
+        let event = script_result(&direct, json!({"event": {"method": "alarm", "params": {}}})).unwrap();
+        assert!(event.topic.starts_with("devices/event/"));
+        let attributes = script_result(&direct, json!({"attributes": {"fw": "1.2"}})).unwrap();
+        assert!(attributes.topic.starts_with("devices/attributes/"));
+        let plain = script_result(&direct, json!({"temperature": 1, "event": 2})).unwrap();
+        assert_eq!(
+            (plain.topic.as_str(), values(&plain)),
+            ("devices/telemetry", json!({"temperature": 1, "event": 2}))
+        );
     }
 
     #[test]

@@ -14,11 +14,12 @@ pub mod platform;
 pub mod servers;
 pub mod stream;
 pub mod worker;
+pub mod world;
 
 use std::time::Duration;
 
 /// How long any wait in a test may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(15);
+pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Waits until `check` is true, polling; panics with `what` after [`DEADLINE`].
 pub async fn wait_until<F, Fut>(what: &str, mut check: F)

@@ -82,6 +82,7 @@ impl Received {
 /// A subscriber on the broker.
 pub struct Watcher {
     messages: mpsc::UnboundedReceiver<Received>,
+    client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -98,6 +99,7 @@ impl Watcher {
         let (ready_tx, mut ready) = mpsc::unbounded_channel();
         let (tx, messages) = mpsc::unbounded_channel();
         let expected = topics.len();
+        let publisher = client.clone();
         let task = tokio::spawn(async move {
             let _client = client;
             let mut acked = 0;
@@ -118,7 +120,12 @@ impl Watcher {
             }
         });
         tokio::time::timeout(DEADLINE, ready.recv()).await.expect("SubAck within the deadline");
-        Watcher { messages, task }
+        Watcher { messages, client: publisher, task }
+    }
+
+    /// Publishes as the platform does (QoS 1, no retain).
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).await.expect("publish");
     }
 
     /// The next message, within `DEADLINE`.

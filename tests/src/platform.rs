@@ -17,6 +17,7 @@ struct Books {
     /// Device config `data` by exact voucher string, and by device id.
     by_voucher: HashMap<String, Value>,
     by_id: HashMap<String, Value>,
+    by_number: HashMap<String, Value>,
     /// Every device-config call: (key asked by, when).
     calls: Vec<(String, Instant)>,
     last_call: HashMap<String, Instant>,
@@ -55,7 +56,9 @@ impl FakePlatform {
     pub fn add(&self, voucher: &str, data: Value) {
         let mut books = self.books.lock().unwrap();
         let id = data["id"].as_str().expect("data has an id").to_owned();
+        let number = data["device_number"].as_str().unwrap_or_default().to_owned();
         books.by_voucher.insert(voucher.to_owned(), data.clone());
+        books.by_number.insert(number, data.clone());
         books.by_id.insert(id, data);
     }
 
@@ -99,6 +102,8 @@ async fn device_config(State(books): State<Arc<Mutex<Books>>>, Json(body): Json<
         (voucher.to_owned(), books.by_voucher.get(voucher).cloned())
     } else if let Some(id) = body["device_id"].as_str() {
         (format!("id:{id}"), books.by_id.get(id).cloned())
+    } else if let Some(number) = body["device_number"].as_str() {
+        (format!("number:{number}"), books.by_number.get(number).cloned())
     } else {
         return (
             axum::http::StatusCode::OK,

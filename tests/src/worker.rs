@@ -73,3 +73,52 @@ impl Drop for WorkerProcess {
         self.kill();
     }
 }
+
+/// An edge-gateway process (its real main), killable with SIGKILL.
+pub struct EdgeProcess {
+    pub pod: String,
+    pub official: SocketAddr,
+    pub custom: SocketAddr,
+    pub metrics: SocketAddr,
+    child: Option<Child>,
+}
+
+impl EdgeProcess {
+    /// Starts an edge named `pod`; `extra` flags are appended. Returns once ready.
+    pub async fn spawn(nats: &NatsServer, redis: &RedisServer, pod: &str, extra: &[&str]) -> Self {
+        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        let (official, custom, grpc, metrics) = (addr(), addr(), addr(), addr());
+        let child = Command::new(crate::binary("edge-under-test"))
+            .args(["--nats-url", &nats.url(), "--redis-url", &redis.url(), "--pod-name", pod])
+            .args(["--official-listen", &official.to_string(), "--custom-listen", &custom.to_string()])
+            .args(["--grpc-listen", &grpc.to_string(), "--metrics-listen", &metrics.to_string()])
+            .args(["--log-format", "pretty", "--drain-window", "200ms"])
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the edge");
+        let edge = EdgeProcess { pod: pod.to_owned(), official, custom, metrics, child: Some(child) };
+        wait_until("the edge to be ready", || async {
+            crate::http_get(edge.metrics, "/readyz").await.is_some_and(|r| r.contains("200 OK"))
+        })
+        .await;
+        edge
+    }
+
+    /// SIGKILL: the pod dies with its sessions.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

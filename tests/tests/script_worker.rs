@@ -8,39 +8,12 @@ use bytes::Bytes;
 use edge_gateway::codec::{Frame, cmd};
 use serde_json::{Value, json};
 use tcpc_tests::device::{RawDevice, TpDevice};
-use tcpc_tests::edge::TestEdge;
-use tcpc_tests::mqtt::{Mosquitto, Watcher};
-use tcpc_tests::platform::{FakePlatform, direct_device};
-use tcpc_tests::servers::{NatsServer, RedisServer};
-use tcpc_tests::worker::WorkerProcess;
-use tcpc_tests::{init_logging, wait_until};
-
-struct World {
-    nats: NatsServer,
-    redis: RedisServer,
-    broker: Mosquitto,
-    platform: FakePlatform,
-}
+use tcpc_tests::mqtt::Watcher;
+use tcpc_tests::wait_until;
+use tcpc_tests::world::{World, wait_for_partitions};
 
 async fn world() -> World {
-    init_logging();
-    let (nats, redis, broker) = tokio::join!(NatsServer::spawn(), RedisServer::spawn(), Mosquitto::spawn());
-    World { nats, redis, broker, platform: FakePlatform::spawn().await }
-}
-
-impl World {
-    async fn worker(&self, name: &str) -> WorkerProcess {
-        WorkerProcess::spawn(&self.nats, &self.redis, &self.broker, &self.platform, name, &[]).await
-    }
-
-    async fn edge(&self) -> TestEdge {
-        TestEdge::spawn(&self.nats, &self.redis, "edge-a", |_| {}).await
-    }
-
-    fn device(&self, token: &str, id: &str, number: &str, template: Value) {
-        let voucher = format!(r#"{{"access_token":"{token}"}}"#);
-        self.platform.add(&voucher, direct_device(id, number, &voucher, template));
-    }
+    World::start().await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -57,7 +30,7 @@ async fn tp_and_custom_devices_reach_the_platform_as_thingspanel_expects() {
         }),
     );
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/#", "gateway/#"]).await;
-    let _worker = w.worker("worker-a").await;
+    let _worker = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
 
     let mut tp = TpDevice::online(edge.official, "tp-token").await;
@@ -111,7 +84,7 @@ async fn gateway_sub_device_data_is_gateway_telemetry() {
     let voucher = data["voucher"].as_str().unwrap().to_owned();
     w.platform.add(&voucher, data);
     let mut watcher = Watcher::subscribe(&w.broker, &["gateway/#", "devices/status/#"]).await;
-    let _worker = w.worker("worker-a").await;
+    let _worker = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
     let mut gateway = TpDevice::online(edge.official, "gw-token-001").await;
     assert_eq!(&watcher.next().await.payload[..], b"1");
@@ -137,7 +110,7 @@ async fn gateway_sub_device_data_is_gateway_telemetry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
     let w = world().await;
-    let _worker = w.worker("worker-a").await;
+    let _worker = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
     let started = Instant::now();
     for _ in 0..100 {
@@ -178,7 +151,7 @@ async fn broken_scripts_are_contained() {
     }
     w.device("good", "dev-good", "good", json!({"protocol": "custom", "framing": "delimiter", "uplink_script": "function decode(b) { return {n: b.length}; }"}));
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
-    let worker = w.worker("worker-a").await;
+    let worker = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
     let mut good = RawDevice::connect(edge.custom).await;
     good.send(b"good\n").await;
@@ -205,22 +178,13 @@ async fn send_numbered(device: &mut TpDevice, range: std::ops::Range<u32>) {
     }
 }
 
-async fn wait_for_partitions(workers: &[&WorkerProcess]) {
-    for worker in workers {
-        wait_until(&format!("{} to own partitions", worker.name), || async {
-            worker.metric("worker_partitions").await > 0.0
-        })
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_keep_a_device_in_order() {
     let w = world().await;
     w.device("counter", "dev-counter", "N001", Value::Null);
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
-    let a = w.worker("worker-a").await;
-    let b = w.worker("worker-b").await;
+    let a = w.worker("worker-a", &[]).await;
+    let b = w.worker("worker-b", &[]).await;
     wait_for_partitions(&[&a, &b]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "counter").await;
@@ -243,7 +207,7 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
     let w = world().await;
     w.device("steady", "dev-steady", "N002", Value::Null);
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
-    let mut workers = [w.worker("worker-a").await, w.worker("worker-b").await];
+    let mut workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
     wait_for_partitions(&[&workers[0], &workers[1]]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "steady").await;

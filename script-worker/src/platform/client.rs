@@ -43,6 +43,7 @@ struct Reply {
 pub enum ConfigQuery<'a> {
     Voucher(&'a str),
     DeviceId(&'a str),
+    DeviceNumber(&'a str),
 }
 
 /// A client of one ThingsPanel backend.
@@ -86,6 +87,7 @@ impl PlatformClient {
         let body = match query {
             ConfigQuery::Voucher(voucher) => json!({ "voucher": voucher }),
             ConfigQuery::DeviceId(id) => json!({ "device_id": id }),
+            ConfigQuery::DeviceNumber(number) => json!({ "device_number": number }),
         };
         let reply = self.post("/api/v1/plugin/device/config", body).await?;
         match reply.code {

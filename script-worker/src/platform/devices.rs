@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use super::client::{ConfigQuery, PlatformClient, PlatformError};
 use super::voucher;
 use crate::devices::Device;
-use crate::source::{DeviceSource, Lookup, SourceError};
+use crate::source::{DeviceSource, Lookup, SourceError, Target};
 
 /// How long a known device's config is used without asking again.
 const POSITIVE_TTL: Duration = Duration::from_secs(3600);
@@ -33,6 +33,11 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 const PER_VOUCHER: Duration = Duration::from_secs(3);
 /// Longest back-off while the platform is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Why a call was not made: another worker is making it (its answer will be shared).
+const ANOTHER_WORKER: &str = "another worker asked the platform less than 3 s ago";
+/// How often the shared cache is looked at while another worker asks the platform.
+const SHARED_POLL: Duration = Duration::from_millis(50);
+
 /// Deadline of each Redis call: the cache must never hold up authentication long.
 const REDIS_DEADLINE: Duration = Duration::from_millis(500);
 
@@ -67,6 +72,8 @@ impl Cached {
 struct Memory {
     by_digest: HashMap<String, Cached>,
     digest_of_id: HashMap<String, String>,
+    /// Downlink targets (device and sub-device ids and numbers) of cached devices.
+    targets: HashMap<String, Target>,
     last_call: HashMap<String, Instant>,
 }
 
@@ -108,6 +115,7 @@ impl PlatformDevices {
         let mut memory = self.memory();
         if let Some(device) = &device {
             memory.digest_of_id.insert(device.id.clone(), digest.to_owned());
+            memory.targets.extend(crate::source::targets_of(device));
         }
         memory.by_digest.insert(digest.to_owned(), Cached { device, fetched });
     }
@@ -182,7 +190,7 @@ impl PlatformDevices {
             // Redis down: the local gate above still holds; the platform's own limit
             // answers 201003 to the rare second caller.
             if let Ok(Ok(None)) = taken {
-                return Err(SourceError("another worker asked the platform less than 3 s ago".to_owned()));
+                return Err(SourceError(ANOTHER_WORKER.to_owned()));
             }
         }
         Ok(())
@@ -205,7 +213,7 @@ impl PlatformDevices {
 
     /// Cache, then shared cache, then (rate-gated) the platform; a stale entry when the
     /// platform cannot answer.
-    async fn resolve(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
+    async fn fetch(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
         if let Some(cached) = self.cached(digest).filter(Cached::is_fresh) {
             return Ok(cached);
         }
@@ -221,6 +229,17 @@ impl PlatformDevices {
         }
         let stale = self.cached(digest).or(shared);
         if let Err(gated) = self.may_call(digest).await {
+            if gated.0 == ANOTHER_WORKER {
+                // Its answer lands in the shared cache within the call's deadline.
+                let deadline = Instant::now() + PER_VOUCHER;
+                while Instant::now() < deadline {
+                    tokio::time::sleep(SHARED_POLL).await;
+                    if let Some(cached) = self.shared_get(digest).await.filter(Cached::is_fresh) {
+                        self.remember(digest, cached.device.clone(), cached.fetched);
+                        return Ok(cached);
+                    }
+                }
+            }
             return stale.ok_or(gated);
         }
         let result = self.client.device_config(query).await;
@@ -238,11 +257,30 @@ impl PlatformDevices {
 }
 
 impl DeviceSource for PlatformDevices {
+    fn resolve<'a>(&'a self, reference: &'a str) -> BoxFuture<'a, Result<Option<Target>, SourceError>> {
+        Box::pin(async move {
+            if let Some(target) = self.memory().targets.get(reference).cloned() {
+                return Ok(Some(target));
+            }
+            // Not cached: the platform, by id, then by number (v1.1.10+ topics).
+            for query in [ConfigQuery::DeviceId(reference), ConfigQuery::DeviceNumber(reference)] {
+                let key = match query {
+                    ConfigQuery::DeviceNumber(_) => format!("number:{reference}"),
+                    _ => format!("device:{reference}"),
+                };
+                if self.fetch(&voucher::digest(&key), query).await?.device.is_some() {
+                    return Ok(self.memory().targets.get(reference).cloned());
+                }
+            }
+            Ok(None)
+        })
+    }
+
     fn by_token<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Lookup, SourceError>> {
         Box::pin(async move {
             let voucher = voucher::of_token(token);
             let digest = voucher::digest(&voucher);
-            Ok(self.resolve(&digest, ConfigQuery::Voucher(&voucher)).await?.lookup())
+            Ok(self.fetch(&digest, ConfigQuery::Voucher(&voucher)).await?.lookup())
         })
     }
 
@@ -266,7 +304,7 @@ impl DeviceSource for PlatformDevices {
                     None => voucher::digest(&format!("device:{device_id}")),
                 },
             };
-            Ok(self.resolve(&digest, ConfigQuery::DeviceId(device_id)).await?.device)
+            Ok(self.fetch(&digest, ConfigQuery::DeviceId(device_id)).await?.device)
         })
     }
 
@@ -278,6 +316,7 @@ impl DeviceSource for PlatformDevices {
                 if let Some(digest) = &digest {
                     memory.by_digest.remove(digest);
                 }
+                memory.targets.retain(|_, target| target.carrier.id != device_id);
                 digest
             };
             let Some(mut redis) = self.redis.clone() else { return };

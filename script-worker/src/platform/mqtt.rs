@@ -75,6 +75,13 @@ impl MqttConfig {
     }
 }
 
+/// Where downlinks from the broker go: the topic filter subscribed at QoS 1 (again on
+/// every connection), and the channel of (topic, payload).
+pub struct Subscription {
+    pub filter: String,
+    pub deliveries: mpsc::Sender<(String, bytes::Bytes)>,
+}
+
 struct Request {
     message: PlatformMessage,
     done: oneshot::Sender<Result<(), SinkError>>,
@@ -86,10 +93,16 @@ pub struct MqttSink {
 }
 
 impl MqttSink {
-    /// Starts the connection task; it reconnects until `shutdown`.
-    pub fn start(config: MqttConfig, shutdown: CancellationToken) -> Self {
+    /// Starts the connection task; it reconnects until `shutdown`. With a
+    /// subscription, downlinks flow to it; while its channel is full, the broker waits
+    /// (the connection stops reading).
+    pub fn start(
+        config: MqttConfig,
+        subscription: Option<Subscription>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (requests, queue) = mpsc::channel(IN_FLIGHT);
-        tokio::spawn(run(config, queue, shutdown));
+        tokio::spawn(run(config, queue, subscription, shutdown));
         MqttSink { requests }
     }
 }
@@ -133,7 +146,12 @@ impl Connection {
     }
 }
 
-async fn run(config: MqttConfig, mut queue: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+async fn run(
+    config: MqttConfig,
+    mut queue: mpsc::Receiver<Request>,
+    subscription: Option<Subscription>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut connection = Connection::new(&config);
     loop {
@@ -165,6 +183,16 @@ async fn run(config: MqttConfig, mut queue: mpsc::Receiver<Request>, shutdown: C
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
                     info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
+                    if let Some(subscription) = &subscription
+                        && let Err(error) = connection.client.try_subscribe(&subscription.filter, QoS::AtLeastOnce)
+                    {
+                        warn!(%error, filter = %subscription.filter, "downlink subscription not sent");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if let Some(subscription) = &subscription {
+                        let _ = subscription.deliveries.send((publish.topic, publish.payload)).await;
+                    }
                 }
                 Ok(_) => {}
                 Err(error) => {

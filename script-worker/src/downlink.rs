@@ -1,0 +1,444 @@
+//! Downlinks: from the platform's MQTT topics to the socket that holds the device.
+//!
+//! - [`parse_topic`] reads the four downlink topics under the plugin's prefix; the
+//!   `{device}` segment is a device number (backend ≥ v1.1.10) or id (older): both are
+//!   resolved, sub-devices to their gateway and address.
+//! - [`Downlinks::handle`] encodes (a TP frame with CMD 0x10–0x13 and the message_id in
+//!   the JSON for official devices; the downlink script's bytes for custom ones; a
+//!   payload that is not JSON goes as it is), finds the route, and calls `Deliver` on
+//!   the edge pod that holds the connection. A device that is not connected, a dead pod
+//!   or a failed write gets `{"result":1,"message":"…"}` on the response topic at once.
+//! - Optionally, downlinks for a device that is away are queued (bounded in count and
+//!   age) and delivered in order when it comes back.
+//!
+//! One worker handles a device's downlinks one at a time, in the order the broker
+//! delivered them: per-device order end to end.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value as Json};
+use tcpc_proto::route::Route;
+use tcpc_proto::v1::DeliverStatus;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::devices::ProtocolChoice;
+use crate::metrics::{Metrics, ReasonLabel};
+use crate::platform::topics;
+use crate::routes::{EdgeClients, RouteLookup};
+use crate::scripts::{Call, CallContext, Output, Scripts};
+use crate::sink::PlatformSink;
+use crate::source::{DeviceSource, Target};
+
+/// The four downlinks and their TP CMD.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, clap::ValueEnum)]
+pub enum DownlinkKind {
+    TelemetryControl,
+    AttributeSet,
+    AttributeGet,
+    Command,
+}
+
+impl DownlinkKind {
+    pub fn tp_cmd(self) -> u32 {
+        match self {
+            DownlinkKind::TelemetryControl => 0x10,
+            DownlinkKind::AttributeSet => 0x11,
+            DownlinkKind::Command => 0x12,
+            DownlinkKind::AttributeGet => 0x13,
+        }
+    }
+
+    /// The name scripts see as `ctx.kind`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DownlinkKind::TelemetryControl => "telemetry_control",
+            DownlinkKind::AttributeSet => "attribute_set",
+            DownlinkKind::AttributeGet => "attribute_get",
+            DownlinkKind::Command => "command",
+        }
+    }
+
+    /// Where the platform waits for the answer, if it does.
+    fn response_topic(self, message_id: &str) -> Option<String> {
+        match self {
+            DownlinkKind::Command => Some(topics::command_response(message_id)),
+            DownlinkKind::AttributeSet => Some(topics::attribute_set_response(message_id)),
+            _ => None,
+        }
+    }
+}
+
+/// A downlink topic, read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownlinkTopic {
+    pub kind: DownlinkKind,
+    /// Device number or id, as the platform wrote it.
+    pub device: String,
+    pub message_id: Option<String>,
+}
+
+/// Reads a downlink topic under `prefix` (which ends with `/`).
+pub fn parse_topic(prefix: &str, topic: &str) -> Option<DownlinkTopic> {
+    let rest = topic.strip_prefix(prefix)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (kind, device, message_id) = match parts.as_slice() {
+        ["devices", "telemetry", "control", device] => (DownlinkKind::TelemetryControl, device, None),
+        ["devices", "attributes", "set", device, id] => (DownlinkKind::AttributeSet, device, Some(id)),
+        ["devices", "attributes", "get", device] => (DownlinkKind::AttributeGet, device, None),
+        ["devices", "command", device, id] => (DownlinkKind::Command, device, Some(id)),
+        _ => return None,
+    };
+    if device.is_empty() {
+        return None;
+    }
+    Some(DownlinkTopic {
+        kind,
+        device: (*device).to_owned(),
+        message_id: message_id.map(|id| (*id).to_owned()),
+    })
+}
+
+/// The platform payload as the device gets it: sub-device downlinks wrapped for their
+/// gateway (`{"sub_device_data":{"<addr>":…}}`) unless the platform already did.
+fn shape_for_target(payload: Json, target: &Target) -> Json {
+    let Some(address) = &target.sub_address else { return payload };
+    if payload.get("sub_device_data").is_some() {
+        return payload;
+    }
+    let mut inner = Map::new();
+    inner.insert(address.clone(), payload);
+    let mut outer = Map::new();
+    outer.insert("sub_device_data".to_owned(), Json::Object(inner));
+    Json::Object(outer)
+}
+
+/// The JSON of a TP downlink frame: the payload with the message_id added when the
+/// platform gave one (objects only; other JSON values go as they are).
+fn with_message_id(payload: Json, message_id: Option<&str>) -> Json {
+    match (payload, message_id) {
+        (Json::Object(object), Some(id)) => {
+            let mut with_id = Map::with_capacity(object.len() + 1);
+            with_id.insert("message_id".to_owned(), Json::String(id.to_owned()));
+            with_id.extend(object);
+            Json::Object(with_id)
+        }
+        (payload, _) => payload,
+    }
+}
+
+/// Offline queue settings.
+#[derive(Clone, Debug)]
+pub struct QueuePolicy {
+    pub kinds: HashSet<DownlinkKind>,
+    pub max: usize,
+    pub ttl: Duration,
+}
+
+struct Queued {
+    topic: String,
+    payload: Bytes,
+    expires: Instant,
+}
+
+/// Why a downlink did not reach its device.
+#[derive(Debug, thiserror::Error)]
+enum Undelivered {
+    #[error("device offline")]
+    Offline,
+    #[error("device offline: {0}")]
+    OfflineBecause(String),
+    #[error("delivery failed: {0}")]
+    Failed(String),
+    #[error("downlink script: {0}")]
+    Script(String),
+    #[error("unknown device")]
+    UnknownDevice,
+}
+
+/// The downlink side of a worker.
+pub struct Downlinks {
+    pub prefix: String,
+    pub devices: Arc<dyn DeviceSource>,
+    pub routes: Arc<dyn RouteLookup>,
+    pub edges: Arc<EdgeClients>,
+    pub scripts: Arc<Scripts>,
+    pub sink: Arc<dyn PlatformSink>,
+    pub metrics: Arc<Metrics>,
+    /// Whether this worker handles a device's downlinks (ownership of its partition
+    /// when every worker sees every downlink; always, with a shared subscription).
+    pub handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    pub queue_policy: Option<QueuePolicy>,
+    queue: Mutex<HashMap<String, VecDeque<Queued>>>,
+}
+
+impl Downlinks {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        prefix: String,
+        devices: Arc<dyn DeviceSource>,
+        routes: Arc<dyn RouteLookup>,
+        edges: Arc<EdgeClients>,
+        scripts: Arc<Scripts>,
+        sink: Arc<dyn PlatformSink>,
+        metrics: Arc<Metrics>,
+        queue_policy: Option<QueuePolicy>,
+    ) -> Self {
+        Downlinks {
+            prefix,
+            devices,
+            routes,
+            edges,
+            scripts,
+            sink,
+            metrics,
+            handles: Arc::new(|_| true),
+            queue_policy,
+            queue: Mutex::default(),
+        }
+    }
+
+    /// Handles one downlink message from the broker.
+    pub async fn handle(&self, topic: &str, payload: Bytes) {
+        let Some(parsed) = parse_topic(&self.prefix, topic) else {
+            debug!(%topic, "not a downlink topic");
+            return;
+        };
+        let target = match self.devices.resolve(&parsed.device).await {
+            Ok(Some(target)) => target,
+            // Every worker may see the downlink; only one answers for a device no one
+            // can resolve: the one that would own the reference as a device id.
+            Ok(None) if (self.handles)(&parsed.device) => {
+                return self.answer(&parsed, &parsed.device, Undelivered::UnknownDevice).await;
+            }
+            Err(error) if (self.handles)(&parsed.device) => {
+                return self
+                    .answer(&parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string()))
+                    .await;
+            }
+            Ok(None) | Err(_) => return,
+        };
+        if !(self.handles)(&target.carrier.id) {
+            return;
+        }
+        match self.deliver(&parsed, &target, &payload).await {
+            Ok(()) => self.count("delivered"),
+            Err(Undelivered::Offline) if self.queues(parsed.kind) => self.enqueue(&target, topic, payload),
+            Err(error) => self.answer(&parsed, &target.device_id, error).await,
+        }
+    }
+
+    fn count(&self, reason: &'static str) {
+        self.metrics.downlinks.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    fn queues(&self, kind: DownlinkKind) -> bool {
+        self.queue_policy.as_ref().is_some_and(|policy| policy.kinds.contains(&kind))
+    }
+
+    /// The bytes the carrier's connection gets, and the TP CMD to frame them with.
+    async fn encode(
+        &self,
+        parsed: &DownlinkTopic,
+        target: &Target,
+        payload: &[u8],
+    ) -> Result<(Bytes, u32), Undelivered> {
+        let device = &target.carrier;
+        let json: Option<Json> = serde_json::from_slice(payload).ok();
+        let custom = device.settings.protocol == Some(ProtocolChoice::Custom)
+            || (device.settings.protocol.is_none() && device.settings.downlink_script.is_some());
+        if custom {
+            let (Some(script), Some(json)) = (&device.settings.downlink_script, json) else {
+                // No script, or not JSON (the platform ran its own encode): as it is.
+                return Ok((Bytes::copy_from_slice(payload), 0));
+            };
+            let mut message = shape_for_target(json, target);
+            if let (Some(id), Json::Object(object)) = (&parsed.message_id, &mut message) {
+                object.entry("message_id").or_insert_with(|| Json::String(id.clone()));
+            }
+            let context = CallContext {
+                device_id: target.device_id.clone(),
+                device_number: device.number.clone(),
+                kind: parsed.kind.name().to_owned(),
+                topic: format!("{}{}", self.prefix, parsed.kind.name()),
+            };
+            return match self.scripts.run(script, Call::Encode { message, context }).await {
+                Ok(Output::Bytes(bytes)) => Ok((bytes.into(), 0)),
+                Ok(Output::Json(_)) => Err(Undelivered::Script("encode returned no bytes".to_owned())),
+                Err(error) => Err(Undelivered::Script(error.to_string())),
+            };
+        }
+        let bytes = match json {
+            Some(json) => {
+                let json = with_message_id(shape_for_target(json, target), parsed.message_id.as_deref());
+                Bytes::from(serde_json::to_vec(&json).expect("a JSON value always serializes"))
+            }
+            None => Bytes::copy_from_slice(payload),
+        };
+        Ok((bytes, parsed.kind.tp_cmd()))
+    }
+
+    async fn deliver(
+        &self,
+        parsed: &DownlinkTopic,
+        target: &Target,
+        payload: &[u8],
+    ) -> Result<(), Undelivered> {
+        let (bytes, tp_cmd) = self.encode(parsed, target, payload).await?;
+        let route = match self.routes.route(&target.carrier.id).await {
+            Ok(Some(route)) => route,
+            Ok(None) => return Err(Undelivered::Offline),
+            Err(error) => {
+                return Err(Undelivered::OfflineBecause(format!("route store unavailable ({error})")));
+            }
+        };
+        match self.edges.deliver(&route, bytes, tp_cmd).await {
+            Ok((DeliverStatus::Delivered, _)) => Ok(()),
+            Ok((DeliverStatus::Offline, _)) => Err(Undelivered::Offline),
+            Ok((_, message)) => Err(Undelivered::Failed(message)),
+            Err(error) => {
+                self.purge_if_dead(&route).await;
+                Err(Undelivered::OfflineBecause(format!("edge pod {} unreachable ({error})", route.pod)))
+            }
+        }
+    }
+
+    /// A route whose pod is gone counts as offline and is removed (compare-and-delete,
+    /// so a newer route of the device is never touched).
+    async fn purge_if_dead(&self, route: &Route) {
+        if matches!(self.routes.pod_alive(&route.pod).await, Ok(false)) {
+            match self.routes.purge(route).await {
+                Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
+                Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),
+            }
+        }
+    }
+
+    /// Tells the platform at once that a downlink did not arrive (when it waits for an
+    /// answer: commands and attribute sets).
+    async fn answer(&self, parsed: &DownlinkTopic, device_id: &str, why: Undelivered) {
+        self.count(match why {
+            Undelivered::Offline | Undelivered::OfflineBecause(_) => "offline",
+            Undelivered::UnknownDevice => "unknown_device",
+            _ => "failed",
+        });
+        info!(device = %parsed.device, kind = parsed.kind.name(), reason = %why, "downlink not delivered");
+        let Some(topic) = parsed.message_id.as_deref().and_then(|id| parsed.kind.response_topic(id)) else {
+            return;
+        };
+        let values = serde_json::json!({ "result": 1, "message": why.to_string() });
+        let message = topics::envelope(topic, device_id, values.to_string().as_bytes());
+        // Not awaited: the acknowledgement needs the broker connection, which may be
+        // waiting for this very dispatcher to take the next downlink.
+        if let Ok(delivered) = self.sink.publish(message).await {
+            tokio::spawn(async move {
+                if let Err(error) = delivered.await {
+                    warn!(%error, "failure answer not acknowledged by the broker");
+                }
+            });
+        }
+    }
+
+    fn enqueue(&self, target: &Target, topic: &str, payload: Bytes) {
+        let Some(policy) = &self.queue_policy else { return };
+        let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = queues.entry(target.carrier.id.clone()).or_default();
+        let before = queue.len();
+        queue.retain(|queued| queued.expires > Instant::now());
+        for _ in queue.len()..before {
+            self.count("queue_expired");
+        }
+        if queue.len() >= policy.max {
+            // Bounded: the oldest goes, as the newest matters most for state.
+            queue.pop_front();
+            self.count("queue_dropped");
+        }
+        queue.push_back(Queued { topic: topic.to_owned(), payload, expires: Instant::now() + policy.ttl });
+        self.count("queued");
+    }
+
+    /// Delivers what was queued for a device that came back, in order; expired ones
+    /// are dropped.
+    pub async fn device_online(&self, device_id: &str) {
+        let queued = {
+            let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queues.remove(device_id).unwrap_or_default()
+        };
+        for item in queued {
+            if item.expires <= Instant::now() {
+                self.count("queue_expired");
+                continue;
+            }
+            self.handle(&item.topic, item.payload).await;
+        }
+    }
+
+    /// Whether a device has queued downlinks (so that the caller can skip a spawn).
+    pub fn has_queued(&self, device_id: &str) -> bool {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).contains_key(device_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn topics_of_both_backend_generations() {
+        let parse = |t: &str| parse_topic("plugin/TCP/", t);
+        assert_eq!(
+            parse("plugin/TCP/devices/command/D001/4d5e6f70"),
+            Some(DownlinkTopic {
+                kind: DownlinkKind::Command,
+                device: "D001".into(),
+                message_id: Some("4d5e6f70".into())
+            })
+        );
+        assert_eq!(
+            parse("plugin/TCP/devices/telemetry/control/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10")
+                .unwrap()
+                .device,
+            "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10"
+        );
+        assert_eq!(
+            parse("plugin/TCP/devices/attributes/set/G001/2b3c").unwrap().kind,
+            DownlinkKind::AttributeSet
+        );
+        assert_eq!(parse("plugin/TCP/devices/attributes/get/D001").unwrap().message_id, None);
+        assert_eq!(parse("plugin/TCP/devices/command/D001"), None);
+        assert_eq!(parse("other/devices/command/D001/1"), None);
+    }
+
+    use crate::devices::{Device, DeviceKind};
+
+    #[test]
+    fn payloads_for_the_device() {
+        let sub = Target {
+            carrier: Arc::new(Device {
+                id: "gw".into(),
+                number: "G001".into(),
+                kind: DeviceKind::Gateway,
+                sub_devices: vec![],
+                settings: Default::default(),
+            }),
+            device_id: "sub".into(),
+            sub_address: Some("3c20c6206".into()),
+        };
+        assert_eq!(
+            shape_for_target(json!({"interval": 30}), &sub),
+            json!({"sub_device_data": {"3c20c6206": {"interval": 30}}})
+        );
+        let wrapped = json!({"sub_device_data": {"3c20c6206": {"interval": 30}}});
+        assert_eq!(shape_for_target(wrapped.clone(), &sub), wrapped);
+        let framed = with_message_id(json!({"method": "reboot", "params": {"delay": 5}}), Some("4d5e"));
+        assert_eq!(
+            serde_json::to_string(&framed).unwrap(),
+            r#"{"message_id":"4d5e","method":"reboot","params":{"delay":5}}"#
+        );
+        assert_eq!(with_message_id(json!([1, 2]), Some("x")), json!([1, 2]));
+    }
+}

@@ -1,0 +1,74 @@
+//! Everything a worker test needs: real nats-server, redis-server and mosquitto, and
+//! the fake ThingsPanel backend.
+
+use serde_json::Value;
+
+use crate::edge::TestEdge;
+use crate::mqtt::Mosquitto;
+use crate::platform::{FakePlatform, direct_device};
+use crate::servers::{NatsServer, RedisServer};
+use crate::worker::{EdgeProcess, WorkerProcess};
+
+pub struct World {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub broker: Mosquitto,
+    pub platform: FakePlatform,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        crate::init_logging();
+        let (nats, redis, broker) =
+            tokio::join!(NatsServer::spawn(), RedisServer::spawn(), Mosquitto::spawn());
+        World { nats, redis, broker, platform: FakePlatform::spawn().await }
+    }
+
+    /// A worker process with extra flags.
+    pub async fn worker(&self, name: &str, extra: &[&str]) -> WorkerProcess {
+        WorkerProcess::spawn(&self.nats, &self.redis, &self.broker, &self.platform, name, extra).await
+    }
+
+    /// An edge in this process.
+    pub async fn edge(&self) -> TestEdge {
+        TestEdge::spawn(&self.nats, &self.redis, "edge-a", |_| {}).await
+    }
+
+    /// An edge process (killable).
+    pub async fn edge_process(&self, pod: &str) -> EdgeProcess {
+        EdgeProcess::spawn(&self.nats, &self.redis, pod, &[]).await
+    }
+
+    /// Registers a direct device with the platform; `template` is its CFG form values.
+    pub fn device(&self, token: &str, id: &str, number: &str, template: Value) {
+        let voucher = format!(r#"{{"access_token":"{token}"}}"#);
+        self.platform.add(&voucher, direct_device(id, number, &voucher, template));
+    }
+
+    /// Registers the gateway of the platform's fixture (token `gw-token-001`, G001 with
+    /// sub-devices S001 at 3c20c6206 and S002 at 3c20c6207).
+    pub fn fixture_gateway(&self) {
+        let fixture: Value =
+            serde_json::from_str(include_str!("../fixtures/thingspanel/device_config_gateway.json")).unwrap();
+        let data = fixture["data"].clone();
+        let voucher = data["voucher"].as_str().unwrap().to_owned();
+        self.platform.add(&voucher, data);
+    }
+}
+
+/// Waits until the workers own every uplink partition between them, each some
+/// (membership settled, no partition between owners).
+pub async fn wait_for_partitions(workers: &[&WorkerProcess]) {
+    crate::wait_until("the workers to share every partition", || async {
+        let mut total = 0.0;
+        for worker in workers {
+            let owned = worker.metric("worker_partitions").await;
+            if owned == 0.0 {
+                return false;
+            }
+            total += owned;
+        }
+        total == f64::from(tcpc_proto::names::DEFAULT_PARTITIONS)
+    })
+    .await;
+}

@@ -1,0 +1,249 @@
+//! Downlinks end to end: the platform publishes on the broker, two workers, two edge
+//! processes, real devices.
+
+use std::time::{Duration, Instant};
+
+use edge_gateway::codec::{Frame, cmd};
+use serde_json::{Value, json};
+use tcpc_tests::device::{RawDevice, TpDevice};
+use tcpc_tests::mqtt::Watcher;
+use tcpc_tests::world::{World, wait_for_partitions};
+
+const D001: &str = "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10";
+
+fn frame_json(frame: &Frame) -> Value {
+    serde_json::from_slice(&frame.payload).expect("JSON payload")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_and_attributes_reach_the_device_on_the_other_edge_and_answers_come_back() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    w.fixture_gateway();
+    let watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let mut watcher = watcher;
+    let (a, b) = (w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await);
+    wait_for_partitions(&[&a, &b]).await;
+    let _edge_a = w.edge_process("edge-a").await;
+    let edge_b = w.edge_process("edge-b").await;
+    let mut device = TpDevice::online(edge_b.official, "tp-token").await;
+    let mut gateway = TpDevice::online(edge_b.official, "gw-token-001").await;
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+
+    // A command by device number (backend >= v1.1.10), and its answer.
+    watcher
+        .publish("plugin/TCP/devices/command/D001/4d5e6f70", r#"{"method":"reboot","params":{"delay":5}}"#)
+        .await;
+    let frame = device.next().await.expect("the command frame");
+    assert_eq!(frame.cmd, cmd::COMMAND);
+    assert_eq!(&frame.payload[..], br#"{"message_id":"4d5e6f70","method":"reboot","params":{"delay":5}}"#);
+    device
+        .send(Frame::data(
+            cmd::COMMAND_RESPONSE,
+            &br#"{"message_id":"4d5e6f70","result":0,"message":"success","method":"reboot"}"#[..],
+        ))
+        .await;
+    let answer = watcher.next_on("devices/command/response/4d5e6f70").await;
+    assert_eq!(answer.values(D001), json!({"result": 0, "message": "success", "method": "reboot"}));
+
+    // Telemetry control by device id (backend <= v1.1.9), attribute set with its answer,
+    // attribute get.
+    watcher.publish(&format!("plugin/TCP/devices/telemetry/control/{D001}"), r#"{"switch":1}"#).await;
+    let frame = device.next().await.unwrap();
+    assert_eq!((frame.cmd, frame_json(&frame)), (cmd::TELEMETRY_CONTROL, json!({"switch": 1})));
+    watcher.publish("plugin/TCP/devices/attributes/set/D001/1a2b3c4d", r#"{"interval":30}"#).await;
+    let frame = device.next().await.unwrap();
+    assert_eq!(
+        (frame.cmd, frame_json(&frame)),
+        (cmd::ATTRIBUTE_SET, json!({"message_id": "1a2b3c4d", "interval": 30}))
+    );
+    device
+        .send(Frame::data(cmd::ATTRIBUTE_SET_RESPONSE, &br#"{"message_id":"1a2b3c4d","result":0}"#[..]))
+        .await;
+    assert_eq!(
+        watcher.next_on("devices/attributes/set/response/1a2b3c4d").await.values(D001),
+        json!({"result": 0})
+    );
+    watcher.publish("plugin/TCP/devices/attributes/get/D001", r#"{"keys":["temp","hum"]}"#).await;
+    let frame = device.next().await.unwrap();
+    assert_eq!((frame.cmd, frame_json(&frame)), (cmd::ATTRIBUTE_GET, json!({"keys": ["temp", "hum"]})));
+
+    // A gateway, and a sub-device through its gateway (both platform generations).
+    watcher
+        .publish("plugin/TCP/devices/attributes/set/G001/2b3c4d5e", r#"{"gateway_data":{"interval":30}}"#)
+        .await;
+    let frame = gateway.next().await.unwrap();
+    assert_eq!(frame_json(&frame), json!({"message_id": "2b3c4d5e", "gateway_data": {"interval": 30}}));
+    watcher
+        .publish(
+            "plugin/TCP/devices/command/S001/5e6f7081",
+            r#"{"sub_device_data":{"3c20c6206":{"method":"reboot","params":{"delay":5}}}}"#,
+        )
+        .await;
+    let frame = gateway.next().await.unwrap();
+    assert_eq!(frame.cmd, cmd::COMMAND);
+    assert_eq!(
+        frame_json(&frame),
+        json!({"message_id": "5e6f7081", "sub_device_data": {"3c20c6206": {"method": "reboot", "params": {"delay": 5}}}})
+    );
+    watcher
+        .publish(
+            "plugin/TCP/devices/telemetry/control/a3e5c7b9-1d2f-4e6a-8b0c-9d8e7f6a5b41",
+            r#"{"switch":0}"#,
+        )
+        .await;
+    let frame = gateway.next().await.unwrap();
+    assert_eq!(
+        frame_json(&frame),
+        json!({"sub_device_data": {"3c20c6206": {"switch": 0}}}),
+        "unwrapped v1.1.9 form, wrapped for the gateway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_custom_device_gets_its_downlink_script_bytes() {
+    let w = World::start().await;
+    w.device(
+        "custom-token",
+        "dev-custom",
+        "C001",
+        json!({"protocol": "custom", "framing": "delimiter", "downlink_script": "function encode(msg, ctx) { return [0xAA, ctx.kind.length, msg.params.delay, msg.message_id.length]; }"}),
+    );
+    let watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut device = RawDevice::connect(edge.custom).await;
+    device.send(b"custom-token\n").await;
+    let mut watcher = watcher;
+    assert_eq!(&watcher.next_on("devices/status/dev-custom").await.payload[..], b"1");
+    watcher
+        .publish("plugin/TCP/devices/command/C001/abc", r#"{"method":"reboot","params":{"delay":5}}"#)
+        .await;
+    let mut bytes = [0u8; 4];
+    tokio::time::timeout(
+        tcpc_tests::DEADLINE,
+        tokio::io::AsyncReadExt::read_exact(&mut device.stream, &mut bytes),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(bytes, [0xAA, 7, 5, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_downlinks_arrive_in_order_once() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let watcher = Watcher::subscribe(&w.broker, &["devices/status/#"]).await;
+    let (a, b) = (w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await);
+    wait_for_partitions(&[&a, &b]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    let mut watcher = watcher;
+    assert_eq!(&watcher.next().await.payload[..], b"1");
+    let started = Instant::now();
+    for n in 0..1000 {
+        watcher.publish("plugin/TCP/devices/telemetry/control/D001", format!(r#"{{"n":{n}}}"#)).await;
+    }
+    for n in 0..1000 {
+        let frame = device.next().await.expect("a downlink");
+        assert_eq!(frame_json(&frame), json!({"n": n}));
+    }
+    println!("1000 downlinks in order in {:?}", started.elapsed());
+    let extra = tokio::time::timeout(Duration::from_millis(300), device.next()).await;
+    assert!(extra.is_err(), "nothing more (no duplicate): {extra:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_devices_are_answered_at_once_and_found_again_elsewhere() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let (a, b) = (w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await);
+    wait_for_partitions(&[&a, &b]).await;
+    let mut edge_a = w.edge_process("edge-a").await;
+    let edge_b = w.edge_process("edge-b").await;
+
+    // Never connected: the platform learns at once.
+    let sent = Instant::now();
+    watcher.publish("plugin/TCP/devices/command/D001/m1", r#"{"method":"reboot"}"#).await;
+    let answer = watcher.next_on("devices/command/response/m1").await;
+    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert_eq!(answer.values(D001), json!({"result": 1, "message": "device offline"}));
+
+    // The edge holding it dies: the next downlink is answered offline within 1 s.
+    let _device = TpDevice::online(edge_a.official, "tp-token").await;
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+    edge_a.kill();
+    let sent = Instant::now();
+    watcher.publish("plugin/TCP/devices/command/D001/m2", r#"{"method":"reboot"}"#).await;
+    let answer = watcher.next_on("devices/command/response/m2").await;
+    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert_eq!(answer.values(D001)["result"], 1);
+
+    // It reconnects to the other edge: downlinks reach it there.
+    let mut device = TpDevice::online(edge_b.official, "tp-token").await;
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+    watcher.publish("plugin/TCP/devices/command/D001/m3", r#"{"method":"reboot"}"#).await;
+    assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "m3", "method": "reboot"}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_racing_the_old_close_stays_reachable() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge_a = w.edge_process("edge-a").await;
+    let edge_b = w.edge_process("edge-b").await;
+    let old = TpDevice::online(edge_a.official, "tp-token").await;
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+    // The new connection registers before the old one's close is processed.
+    let mut new = TpDevice::online(edge_b.official, "tp-token").await;
+    drop(old);
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+    watcher.publish("plugin/TCP/devices/command/D001/race", r#"{"method":"ping"}"#).await;
+    assert_eq!(frame_json(&new.next().await.unwrap()), json!({"message_id": "race", "method": "ping"}));
+    // No offline was published for the device by the old connection's close.
+    while let Some(message) = watcher.next_within(Duration::from_millis(500)).await {
+        assert_ne!(
+            (message.topic.as_str(), &message.payload[..]),
+            (format!("devices/status/{D001}").as_str(), &b"0"[..])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_offline_queue_delivers_in_order_on_reconnect_and_drops_expired_ones() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let worker = w
+        .worker("worker-a", &["--offline-queue", "telemetry-control,command", "--offline-queue-ttl", "1s"])
+        .await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge_process("edge-a").await;
+    // Queued while away; the first ones expire before the device comes back.
+    watcher.publish("plugin/TCP/devices/telemetry/control/D001", r#"{"n":"expired"}"#).await;
+    tcpc_tests::wait_until("the first downlink to be queued", || async {
+        worker.metric("worker_downlinks_total{reason=\"queued\"}").await >= 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the queue's TTL, on purpose
+    for n in 0..3 {
+        watcher.publish("plugin/TCP/devices/telemetry/control/D001", format!(r#"{{"n":{n}}}"#)).await;
+    }
+    watcher.publish("plugin/TCP/devices/command/D001/q1", r#"{"method":"reboot"}"#).await;
+    tcpc_tests::wait_until("the downlinks to be queued", || async {
+        worker.metric("worker_downlinks_total{reason=\"queued\"}").await >= 5.0
+    })
+    .await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    for n in 0..3 {
+        assert_eq!(frame_json(&device.next().await.unwrap()), json!({"n": n}));
+    }
+    assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "q1", "method": "reboot"}));
+    assert!(worker.metric("worker_downlinks_total{reason=\"queue_expired\"}").await >= 1.0);
+}
