@@ -180,7 +180,8 @@ pub async fn run_with(
     let stopped = CancellationToken::new();
     servers.spawn({
         let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() });
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc);
+        // No Nagle: a Deliver answer is one small frame, and delayed ACKs would hold it.
+        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let stopped = stopped.clone();
         async move {
             let served = tonic::transport::Server::builder()

@@ -89,9 +89,13 @@ impl Partitions {
                 }
                 alive
             });
-            let desired = match this.membership().await {
-                Ok(desired) => desired,
-                Err(error) => {
+            let desired = match tokio::time::timeout(TICK, this.membership()).await {
+                Ok(Ok(desired)) => desired,
+                Err(_) => {
+                    warn!("membership not renewed in time; keeping the partitions held");
+                    continue;
+                }
+                Ok(Err(error)) => {
                     warn!(%error, "membership not renewed; keeping the partitions held");
                     continue;
                 }
@@ -127,7 +131,7 @@ impl Partitions {
                         this.set_owned(partition, false);
                         let lost = owned.remove(&partition).expect("held");
                         lost.stop.cancel();
-                        let _ = lost.task.await;
+                        lost.task.abort();
                     }
                     _ => {}
                 }
@@ -187,7 +191,13 @@ impl Partitions {
 
     async fn release(&self, partition: u32, held: Owned) {
         held.stop.cancel();
-        let _ = held.task.await;
+        // The consumer stops at its next await; a JetStream call that hangs does not
+        // hold the whole lease loop (which must keep renewing the other leases).
+        let mut task = held.task;
+        if tokio::time::timeout(TICK, &mut task).await.is_err() {
+            warn!(partition, "partition consumer slow to stop; aborting it");
+            task.abort();
+        }
         let mut redis = self.redis.clone();
         let script = redis::Script::new(RELEASE_LEASE);
         let mut invocation = script.key(names::partition_lease_key(partition));
@@ -226,7 +236,11 @@ impl Partitions {
 
     async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken) {
         let consumer = loop {
-            match self.take_over(partition).await {
+            let taken = tokio::select! {
+                _ = stop.cancelled() => return,
+                taken = self.take_over(partition) => taken,
+            };
+            match taken {
                 Ok(consumer) => break consumer,
                 Err(error) => {
                     warn!(partition, %error, "partition consumer not ready; retrying");
@@ -264,7 +278,12 @@ impl Partitions {
             let mut backoff = Duration::from_millis(200);
             // Retry the batch until the platform took all of it: nothing is acked before.
             while !stop.is_cancelled() {
-                match self.handle_batch(&messages).await {
+                // Stopping mid-batch leaves it unacknowledged: the next owner takes it.
+                let handled = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    handled = self.handle_batch(&messages) => handled,
+                };
+                match handled {
                     Ok(()) => {
                         if let Err(error) = last.ack().await {
                             warn!(partition, %error, "batch ack not sent; it will be redelivered");

@@ -24,7 +24,9 @@ impl Mosquitto {
         let config = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}.conf", std::process::id()));
         std::fs::write(
             &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+            ),
         )
         .expect("write mosquitto config");
         let child = Command::new("mosquitto")
@@ -93,6 +95,9 @@ impl Watcher {
         let mut options = MqttOptions::new(id, "127.0.0.1", broker.port);
         options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut events) = AsyncClient::new(options, 64);
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         for topic in topics {
             client.subscribe(*topic, QoS::AtLeastOnce).await.expect("subscribe");
         }

@@ -131,7 +131,11 @@ struct Connection {
 
 impl Connection {
     fn new(config: &MqttConfig) -> Self {
-        let (client, events) = AsyncClient::new(config.options(), IN_FLIGHT * 2);
+        let (client, mut events) = AsyncClient::new(config.options(), IN_FLIGHT * 2);
+        // No Nagle: PUBACKs and downlinks are small and latency-bound.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         Connection { client, events, unnamed: VecDeque::new(), in_flight: HashMap::new() }
     }
 
