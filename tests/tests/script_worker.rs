@@ -242,3 +242,30 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
     assert_eq!(first, (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
     println!("killed {owner} mid-stream: 1000 messages arrived, {duplicates} duplicates");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn known_devices_authenticate_from_cache_while_the_platform_is_down() {
+    let w = world().await;
+    w.device("known", "dev-known", "K001", Value::Null);
+    w.device("stranger", "dev-stranger", "K002", Value::Null);
+    let _worker = w.worker("worker-a", &[]).await;
+    let edge = w.edge().await;
+    drop(TpDevice::online(edge.official, "known").await);
+    w.platform.set_down(true);
+    let calls_before = w.platform.calls().len();
+    // Known: served from the cached config. New: refused for now, and told to retry.
+    drop(TpDevice::online(edge.official, "known").await);
+    let mut stranger = TpDevice::connect(edge.official).await;
+    assert_eq!(
+        stranger.auth("stranger").await,
+        r#"{"result":1,"message":"authentication unavailable, retry later"}"#
+    );
+    // Retries during the outage back off instead of hammering the platform.
+    for _ in 0..20 {
+        let mut again = TpDevice::connect(edge.official).await;
+        assert!(again.auth("stranger").await.contains(r#""result":1"#));
+    }
+    let calls = w.platform.calls().len() - calls_before;
+    assert!(calls <= 2, "{calls} calls to a platform that is down");
+    w.platform.set_down(false);
+}

@@ -73,6 +73,10 @@ impl PlatformClient {
             .await
             .map_err(|e| PlatformError::Unreachable(e.without_url().to_string()))?;
         let status = response.status();
+        if status.is_server_error() {
+            // A gateway or proxy in front of the platform answering for it: down.
+            return Err(PlatformError::Unreachable(format!("HTTP {status}")));
+        }
         let bytes = response.bytes().await.map_err(|e| PlatformError::Unreachable(e.to_string()))?;
         serde_json::from_slice(&bytes).map_err(|e| {
             PlatformError::BadReply(format!("HTTP {status}, body is not the platform's envelope: {e}"))
