@@ -1,21 +1,20 @@
 //! A real `mosquitto` on a free loopback port, and an MQTT subscriber that sees what the
 //! platform would see.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
-use crate::servers::free_port;
+use crate::servers::{Process, free_port};
 use crate::{DEADLINE, wait_until};
 
 /// A mosquitto broker accepting anonymous clients (the platform's user `plugin` too).
 pub struct Mosquitto {
     pub port: u16,
     config: std::path::PathBuf,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl Mosquitto {
@@ -29,17 +28,8 @@ impl Mosquitto {
             ),
         )
         .expect("write mosquitto config");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start mosquitto (see README: the test command installs it): {e}")
-            });
-        let broker = Mosquitto { port, config, child: Some(child) };
+        let process = Process::start("mosquitto", &["-c".to_owned(), config.display().to_string()]);
+        let broker = Mosquitto { port, config, process };
         wait_until("mosquitto to accept connections", || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
@@ -54,10 +44,7 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
         let _ = std::fs::remove_file(&self.config);
     }
 }

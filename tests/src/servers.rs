@@ -16,27 +16,50 @@ async fn accepts(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
 }
 
-fn spawn(program: &str, args: &[String]) -> Child {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} (see README: the test command installs it): {e}"))
+/// A child process, killed (SIGKILL: a crash, not a shutdown) on drop.
+#[derive(Default)]
+pub struct Process(Option<Child>);
+
+impl Process {
+    /// Starts `program` with its output discarded.
+    pub fn start(program: impl AsRef<std::ffi::OsStr>, args: &[String]) -> Self {
+        let program = program.as_ref();
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {program:?} (see README: the test command installs it): {e}")
+            });
+        Process(Some(child))
+    }
+
+    /// Takes over a child started otherwise.
+    pub fn adopt(child: Child) -> Self {
+        Process(Some(child))
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
-fn kill(child: &mut Option<Child>) {
-    if let Some(mut child) = child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
 /// A `redis-server` that keeps nothing on disk.
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    _process: Process,
 }
 
 impl RedisServer {
@@ -44,7 +67,7 @@ impl RedisServer {
         let port = free_port();
         let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
             .map(String::from);
-        let server = RedisServer { port, child: Some(spawn("redis-server", &args)) };
+        let server = RedisServer { port, _process: Process::start("redis-server", &args) };
         wait_until("redis-server to accept connections", || accepts(port)).await;
         server
     }
@@ -63,25 +86,19 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        kill(&mut self.child);
-    }
-}
-
 /// A `nats-server -js` with its own store directory; can be stopped and started again
 /// on the same port with the same store.
 pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl NatsServer {
     pub async fn spawn() -> Self {
         let port = free_port();
         let store = std::env::temp_dir().join(format!("tcpc-nats-{}-{port}", std::process::id()));
-        let mut server = NatsServer { port, store, child: None };
+        let mut server = NatsServer { port, store, process: Process::default() };
         server.start().await;
         server
     }
@@ -102,7 +119,7 @@ impl NatsServer {
             &self.store.display().to_string(),
         ]
         .map(String::from);
-        self.child = Some(spawn("nats-server", &args));
+        self.process = Process::start("nats-server", &args);
         let url = self.url();
         wait_until("nats-server JetStream to answer", || {
             let url = url.clone();
@@ -117,7 +134,7 @@ impl NatsServer {
 
     /// Kills the server (SIGKILL: an outage, not a shutdown) and waits for it.
     pub fn stop(&mut self) {
-        kill(&mut self.child);
+        self.process.kill();
     }
 
     /// A client for the test's own checks.
@@ -132,7 +149,7 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        self.process.kill();
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }

@@ -1,18 +1,18 @@
 //! A script-worker process (its real main), killable with SIGKILL.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use crate::mqtt::Mosquitto;
 use crate::platform::FakePlatform;
-use crate::servers::{NatsServer, RedisServer, free_port};
+use crate::servers::{NatsServer, Process, RedisServer, free_port};
 use crate::wait_until;
 
 pub struct WorkerProcess {
     pub name: String,
     pub metrics: SocketAddr,
     pub http: SocketAddr,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl WorkerProcess {
@@ -38,7 +38,7 @@ impl WorkerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the worker");
-        let worker = WorkerProcess { name: name.to_owned(), metrics, http, child: Some(child) };
+        let worker = WorkerProcess { name: name.to_owned(), metrics, http, process: Process::adopt(child) };
         wait_until("the worker to be ready", || async {
             worker.get("/readyz").await.is_some_and(|r| r.contains("200 OK"))
         })
@@ -61,16 +61,7 @@ impl WorkerProcess {
 
     /// SIGKILL: a crash, not a shutdown.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
 
@@ -80,7 +71,7 @@ pub struct EdgeProcess {
     pub official: SocketAddr,
     pub custom: SocketAddr,
     pub metrics: SocketAddr,
-    child: Option<Child>,
+    process: Process,
 }
 
 impl EdgeProcess {
@@ -100,7 +91,8 @@ impl EdgeProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start the edge");
-        let edge = EdgeProcess { pod: pod.to_owned(), official, custom, metrics, child: Some(child) };
+        let edge =
+            EdgeProcess { pod: pod.to_owned(), official, custom, metrics, process: Process::adopt(child) };
         wait_until("the edge to be ready", || async {
             crate::http_get(edge.metrics, "/readyz").await.is_some_and(|r| r.contains("200 OK"))
         })
@@ -110,15 +102,6 @@ impl EdgeProcess {
 
     /// SIGKILL: the pod dies with its sessions.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }
