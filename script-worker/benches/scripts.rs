@@ -8,7 +8,10 @@ use std::time::Instant;
 
 use script_worker::scripts::{self, Call, CallContext, EngineKind, Limits, Output, ScriptEngine};
 
-const CALLS: u32 = 200_000;
+/// Calls per script; `BENCH_CALLS` overrides (fewer under valgrind).
+fn calls() -> u32 {
+    std::env::var("BENCH_CALLS").ok().and_then(|n| n.parse().ok()).unwrap_or(200_000)
+}
 
 const METER: &str = r#"
 function decode(bytes, ctx) {
@@ -32,15 +35,16 @@ fn bench(engine: &mut dyn ScriptEngine, name: &str, source: &str, call: Call) {
     engine.prepare(&hash, source, name).expect("script compiles");
     // Warm up, and check the result once.
     let output = scripts::run_call(engine, source, name, &call).expect("script runs");
+    let calls = calls();
     let started = Instant::now();
-    for _ in 0..CALLS {
+    for _ in 0..calls {
         let result = match &call {
             Call::Decode { bytes, context } => engine.decode(&hash, bytes, context).map(Output::Json),
             Call::Encode { message, context } => engine.encode(&hash, message, context).map(Output::Bytes),
         };
         std::hint::black_box(result.expect("script runs"));
     }
-    let per_call = started.elapsed() / CALLS;
+    let per_call = started.elapsed() / calls;
     println!("{name:<28} {per_call:>10.2?} per call   -> {output:?}");
 }
 

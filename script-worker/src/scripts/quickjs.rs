@@ -330,7 +330,10 @@ fn js_to_json(value: &Value<'_>, depth: usize, budget: &mut Budget) -> rquickjs:
             if let Some(bytes) = object.as_typed_array::<u8>() {
                 return Ok(Json::Array(typed_bytes(bytes)?.into_iter().map(Json::from).collect()));
             }
-            if let Ok(to_json) = object.get::<_, Function>("toJSON") {
+            // Read as a plain value: asking for a Function would build an error for
+            // every object without toJSON.
+            let to_json: Value = object.get("toJSON")?;
+            if let Some(to_json) = to_json.as_function() {
                 let converted: Value = to_json.call((rquickjs::function::This(object.clone()),))?;
                 return js_to_json(&converted, depth + 1, budget);
             }
