@@ -17,7 +17,7 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 nats-server -a 127.0.0.1 -p "$nats" -js -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
 redis-server --port "$redis" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 & pids+=($!)
-env RUST_LOG=warn ${EDGE_ENV:-} ${EDGE_WRAP:-} "$bin/edge-gateway" --pod-name rss --nats-url "nats://127.0.0.1:$nats" \
+env RUST_LOG=${EDGE_LOG:-info} ${EDGE_ENV:-} ${EDGE_WRAP:-} "$bin/edge-gateway" --pod-name rss --nats-url "nats://127.0.0.1:$nats" \
   --redis-url "redis://127.0.0.1:$redis" --official-listen "127.0.0.1:$official" \
   --custom-listen "127.0.0.1:$custom" --grpc-listen "127.0.0.1:$grpc" \
   --metrics-listen "127.0.0.1:$metrics" >"$work/edge.log" 2>&1 & edge=$!; pids+=($edge)

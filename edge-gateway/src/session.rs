@@ -173,9 +173,11 @@ pub(crate) async fn serve(
     let gauge = shared.metrics.connections.get_or_create(&ListenerLabel { listener }).clone();
     gauge.inc();
     let id = shared.ids.next();
-    let span = tracing::info_span!("session", conn = %id, %peer, listener, device_id = field::Empty);
+    // Two fields only: a span's formatted fields live as long as the session does.
+    let span = tracing::info_span!("session", conn = %id, device_id = field::Empty);
     let mut session = Session::new(shared, stream, protocol, id);
     async move {
+        debug!(%peer, listener, "connection accepted");
         // Boxed: the auth phase's state is gone once it is done, so it does not
         // weigh on every idle session.
         let close = match Box::pin(session.authenticate(peer)).await {
@@ -310,7 +312,7 @@ impl Session {
             }
             Ok(Ok(reply)) => reply,
         };
-        self.authenticated(reply).await
+        self.authenticated(reply, peer).await
     }
 
     async fn read_auth_frame(&mut self, deadline: Instant) -> Result<String, Close> {
@@ -363,7 +365,7 @@ impl Session {
         codec.decode(&mut self.buf).map_err(|e| Close::Protocol(e.to_string()))
     }
 
-    async fn authenticated(&mut self, reply: AuthReply) -> Result<(), Close> {
+    async fn authenticated(&mut self, reply: AuthReply, peer: SocketAddr) -> Result<(), Close> {
         if let Inbound::Custom(framer) = &mut self.inbound {
             **framer = CustomFramer::from_proto(reply.framing.as_ref(), self.shared.config.limits.max_frame)
                 .map_err(|e| {
@@ -382,7 +384,7 @@ impl Session {
             self.write(&Frame::data(codec::cmd::AUTH, &b"{\"result\":0}"[..]).to_bytes()).await?;
         }
         shared.metrics.auth.get_or_create(&ReasonLabel { reason: "ok" }).inc();
-        info!("device authenticated");
+        info!(%peer, listener = listener_label(self.protocol), "device authenticated");
         // The online event is the session's sequence 0: before any of its data.
         self.publish(self.session_event(SessionState::Online, "", true)).await;
         Ok(())
