@@ -4,8 +4,6 @@
 //! Both sources carry the settings as form values (a JSON object keyed by the form's
 //! `dataKey`s), so both go through [`DeviceSettings::from_form`].
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -275,11 +273,6 @@ impl Device {
     /// The sub-device a gateway keys by `address`.
     pub fn sub_device(&self, address: &str) -> Option<&SubDevice> {
         self.sub_devices.iter().find(|s| s.address == address)
-    }
-
-    /// Sub-devices by address.
-    pub fn sub_devices_by_address(&self) -> HashMap<&str, &SubDevice> {
-        self.sub_devices.iter().map(|s| (s.address.as_str(), s)).collect()
     }
 }
 

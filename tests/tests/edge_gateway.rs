@@ -404,3 +404,36 @@ async fn heartbeat_before_auth_is_refused() {
     dev.send(Frame { frame_type: FrameType::Heartbeat, cmd: 0, payload: Bytes::new() }).await;
     dev.expect_closed_with(cmd::AUTH, "the first frame must be auth (TYPE 0, CMD 0)").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_drains_every_session_with_a_reason_and_offline_events() {
+    let w = world().await;
+    for n in 0..3 {
+        w.auth.add(&format!("drain-{n}"), device(&format!("dev-drain-{n}")));
+    }
+    let edge =
+        TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.limits.drain_window = Duration::from_millis(300))
+            .await;
+    let mut reader = UplinkReader::open(w.nats.client().await).await;
+    let mut devices = Vec::new();
+    for n in 0..3 {
+        devices.push(TpDevice::online(edge.official, &format!("drain-{n}")).await);
+        assert_eq!(reader.session().await.state(), SessionState::Online);
+    }
+    edge.stop().await;
+    for device in &mut devices {
+        device.expect_closed_with(cmd::ERROR, "server shutting down, reconnect").await;
+    }
+    let mut offline = Vec::new();
+    for _ in 0..3 {
+        let event = reader.session().await;
+        assert_eq!(
+            (event.state(), event.reason.as_str(), event.owned_route),
+            (SessionState::Offline, "draining", true)
+        );
+        offline.push(event.device_id);
+    }
+    offline.sort();
+    assert_eq!(offline, ["dev-drain-0", "dev-drain-1", "dev-drain-2"]);
+    assert!(route(&w.redis, "dev-drain-0").await.is_empty());
+}
