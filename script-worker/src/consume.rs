@@ -36,6 +36,8 @@ use crate::pipeline::Pipeline;
 const TICK: Duration = Duration::from_secs(2);
 /// How long a membership or a lease lives without renewal.
 const LEASE: Duration = Duration::from_secs(6);
+/// How soon a worker tries again for a partition another worker is handing over.
+const HAND_OVER_POLL: Duration = Duration::from_millis(200);
 /// Envelopes fetched per batch.
 const BATCH: usize = 256;
 
@@ -75,13 +77,17 @@ impl Partitions {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let mut owned: HashMap<u32, Owned> = HashMap::new();
-        let mut ticker = tokio::time::interval(TICK);
         let take = redis::Script::new(TAKE_LEASE);
+        // The first round at once; then every TICK, or sooner while a partition that is
+        // ours is still held by its previous owner (so that a hand-over leaves it
+        // without a consumer, and its downlinks without a handler, as briefly as can be).
+        let mut next_round = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep(next_round) => {}
             }
+            next_round = TICK;
             owned.retain(|partition, o| {
                 let alive = !o.task.is_finished();
                 if !alive {
@@ -126,6 +132,7 @@ impl Partitions {
                         this.set_owned(partition, true);
                         info!(partition, "partition taken");
                     }
+                    (false, false) => next_round = HAND_OVER_POLL,
                     (false, true) => {
                         warn!(partition, "partition lease lost; stopping its consumer");
                         this.set_owned(partition, false);
