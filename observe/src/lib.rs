@@ -35,10 +35,10 @@ pub fn init_logging(format: LogFormat) {
 /// Resolves on the first SIGTERM or Ctrl-C (drain); a second one exits at once.
 pub async fn shutdown_signal() {
     wait_for_signal().await;
-    eprintln!("shutdown requested; a second signal exits at once");
+    tracing::info!("shutdown requested; a second signal exits at once");
     tokio::spawn(async {
         wait_for_signal().await;
-        eprintln!("second signal: exiting without draining");
+        tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
 }

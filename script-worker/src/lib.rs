@@ -210,6 +210,7 @@ pub async fn run(
     let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
     let subscription = platform::mqtt::Subscription { filter: settings.downlink_filter(), deliveries };
     let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()));
+    let mqtt_sink = sink.clone();
     // With every worker subscribed, a device's downlinks are the partition owner's.
     let owned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
     let handles: Arc<dyn Fn(&str) -> bool + Send + Sync> = match settings.downlink_subscription {
@@ -266,7 +267,9 @@ pub async fn run(
             let metrics = core.metrics.clone();
             move || metrics.render()
         }),
-        ready: Arc::new(move || nats.connection_state() == async_nats::connection::State::Connected),
+        ready: Arc::new(move || {
+            nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_connected()
+        }),
         draining: draining.clone(),
     };
     tasks.spawn({

@@ -10,6 +10,8 @@
 //! the old one can be confused with a new one.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -90,6 +92,7 @@ struct Request {
 /// The platform broker as a sink.
 pub struct MqttSink {
     requests: mpsc::Sender<Request>,
+    connected: Arc<AtomicBool>,
 }
 
 impl MqttSink {
@@ -102,8 +105,14 @@ impl MqttSink {
         shutdown: CancellationToken,
     ) -> Self {
         let (requests, queue) = mpsc::channel(IN_FLIGHT);
-        tokio::spawn(run(config, queue, subscription, shutdown));
-        MqttSink { requests }
+        let connected = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(config, queue, subscription, connected.clone(), shutdown));
+        MqttSink { requests, connected }
+    }
+
+    /// Whether the broker connection is up (readiness).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 }
 
@@ -154,6 +163,7 @@ async fn run(
     config: MqttConfig,
     mut queue: mpsc::Receiver<Request>,
     subscription: Option<Subscription>,
+    connected: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -186,6 +196,7 @@ async fn run(
                 }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    connected.store(true, Ordering::Relaxed);
                     info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
                     if let Some(subscription) = &subscription
                         && let Err(error) = connection.client.try_subscribe(&subscription.filter, QoS::AtLeastOnce)
@@ -200,6 +211,7 @@ async fn run(
                 }
                 Ok(_) => {}
                 Err(error) => {
+                    connected.store(false, Ordering::Relaxed);
                     warn!(%error, retry_in = ?backoff, "platform broker connection failed");
                     connection.fail_all();
                     tokio::select! {
