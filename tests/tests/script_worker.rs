@@ -269,3 +269,35 @@ async fn known_devices_authenticate_from_cache_while_the_platform_is_down() {
     assert!(calls <= 2, "{calls} calls to a platform that is down");
     w.platform.set_down(false);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn platform_disconnect_closes_the_device_and_its_config_is_fetched_again() {
+    let w = world().await;
+    w.device("tp-token", "dev-edit", "E001", Value::Null);
+    let worker = w.worker("worker-a", &[]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    let calls =
+        || w.platform.calls().iter().filter(|(key, _)| key == r#"{"access_token":"tp-token"}"#).count();
+    assert_eq!(calls(), 1);
+    // What the platform sends after a device or config edit.
+    let mut http = tokio::net::TcpStream::connect(worker.http).await.unwrap();
+    let body = r#"{"device_id":"dev-edit"}"#;
+    let request = format!(
+        "POST /api/v1/device/disconnect HTTP/1.0\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut http, request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut http, &mut reply).await.unwrap();
+    assert!(reply.ends_with(r#"{"code":200,"message":"success","data":null}"#), "{reply}");
+    device.expect_closed_with(cmd::ERROR, "disconnected by the platform").await;
+    // The device reconnects (after the platform's 3 s per-voucher window) and its
+    // config is asked for again, not served from the dropped cache.
+    wait_until("the platform's rate window to pass", || async {
+        w.platform.calls().last().is_some_and(|(_, at)| at.elapsed() > Duration::from_secs(3))
+    })
+    .await;
+    drop(TpDevice::online(edge.official, "tp-token").await);
+    assert_eq!(calls(), 2);
+}
