@@ -2,16 +2,17 @@
 //! back-pressure — nothing of ThingsPanel or scripts.
 //!
 //! Data flow:
-//! - [`listener`] accepts on the official (TP) and custom ports and spawns a
-//!   [`session`] per connection, within the pod's connection limit.
+//! - `listener` accepts on the official (TP) and custom ports and spawns a
+//!   `session` per connection, within the pod's connection limit.
 //! - A session cuts the byte stream with [`codec`] (TP) or [`framing`] (custom),
 //!   authenticates the device through the [`uplink`] bus (a worker answers), registers
 //!   its route in [`routes`], and publishes each message as an envelope on the uplink
 //!   bus, keeping a bounded window of unacknowledged publishes.
-//! - Workers reach a session through [`grpc`] (Deliver, Disconnect), which queues into
+//! - Workers reach a session through `grpc` (Deliver, Disconnect), which queues into
 //!   the session's mailbox in [`registry`].
-//! - [`drain`] closes sessions gradually on shutdown; [`metrics`] serves Prometheus
-//!   metrics and health; [`config`] holds every flag.
+//! - [`drain`] closes sessions gradually on shutdown; [`metrics`] holds the Prometheus
+//!   metrics (served with `/healthz` and `/readyz` by `tcpc_observe`); [`config`] holds
+//!   every flag.
 
 pub mod codec;
 pub mod config;

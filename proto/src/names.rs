@@ -65,7 +65,7 @@ pub const POD_LIVENESS_TTL: Duration = Duration::from_secs(15);
 pub const POD_LIVENESS_REFRESH: Duration = Duration::from_secs(5);
 
 /// Writes a route, replacing any older one; returns the connection id it replaced (or
-/// nil). KEYS[1] route key; ARGV conn, pod, addr, since.
+/// nil). `KEYS[1]`: the route key; `ARGV`: conn, pod, addr, since.
 pub const ROUTE_REGISTER_SCRIPT: &str = r#"
 local old = redis.call('HGET', KEYS[1], 'conn')
 redis.call('DEL', KEYS[1])
@@ -74,8 +74,8 @@ return old
 "#;
 
 /// Deletes a route only if it still names this connection (the fence): a late close on
-/// an old pod never deletes a newer route. Returns 1 if deleted. KEYS[1] route key;
-/// ARGV[1] conn.
+/// an old pod never deletes a newer route. Returns 1 if deleted. `KEYS[1]`: the route key;
+/// `ARGV[1]`: the connection id.
 pub const ROUTE_REMOVE_SCRIPT: &str = r#"
 if redis.call('HGET', KEYS[1], 'conn') == ARGV[1] then
   return redis.call('DEL', KEYS[1])

@@ -73,7 +73,7 @@ pub struct Settings {
     /// The plugin's service_identifier on the platform (also the protocol_type).
     #[arg(long, env = "SERVICE_IDENTIFIER", default_value = "TCP")]
     pub service_identifier: String,
-    /// The platform's sub_topic_prefix for this plugin (default plugin/<service-identifier>/).
+    /// The platform's sub_topic_prefix for this plugin (default `plugin/<service-identifier>/`).
     #[arg(long, env = "TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
     /// The plugin HTTP API the platform calls.
@@ -84,7 +84,7 @@ pub struct Settings {
     pub mqtt_username: String,
     #[arg(long, env = "MQTT_PASSWORD", default_value = "plugin")]
     pub mqtt_password: String,
-    /// The script library: `lib:<name>` in a device config names <dir>/<name>.js.
+    /// The script library: `lib:<name>` in a device config names `<dir>/<name>.js`.
     #[arg(long, env = "SCRIPTS_DIR")]
     pub scripts_dir: Option<PathBuf>,
     #[arg(long, env = "SCRIPT_ENGINE", value_enum, default_value = "quickjs")]

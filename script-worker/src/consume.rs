@@ -41,13 +41,13 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(200);
 /// Envelopes fetched per batch.
 const BATCH: usize = 256;
 
-/// Takes the lease or renews ours; 1 if we hold it. KEYS[1] lease; ARGV worker, ms.
+/// Takes the lease or renews ours; 1 if we hold it. `KEYS[1]`: the lease; `ARGV`: worker, ms.
 const TAKE_LEASE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 "#;
-/// Releases the lease if it is ours. KEYS[1] lease; ARGV[1] worker.
+/// Releases the lease if it is ours. `KEYS[1]`: the lease; `ARGV[1]`: the worker.
 const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

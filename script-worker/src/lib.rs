@@ -8,9 +8,12 @@
 //!   [`scripts`]) to platform messages for the [`sink::PlatformSink`] — the platform's
 //!   MQTT broker ([`platform::mqtt`]) or JSON lines — and the envelope is acknowledged
 //!   only after the broker acknowledged its messages.
-//! - [`api`] is the plugin HTTP API the platform calls; [`routes`] reads device routes
-//!   and reaches edge pods over gRPC. [`metrics`], [`config`], [`devices`] (the device
-//!   model) complete it.
+//! - [`downlink`] takes the platform's downlinks from the broker subscription, encodes
+//!   them (TP frame or the device's downlink script), and delivers them through the edge
+//!   pod that holds the device ([`routes`]: route lookups and one gRPC channel per pod);
+//!   what cannot be delivered is answered at once.
+//! - [`api`] is the plugin HTTP API the platform calls. [`metrics`], [`config`],
+//!   [`devices`] (the device model) complete it.
 
 pub mod api;
 pub mod auth;
