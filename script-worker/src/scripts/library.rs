@@ -11,37 +11,63 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::ScriptError;
+use super::{ScriptError, ScriptHash, hash};
 
 /// How often a library file's modification time is looked at.
 const RECHECK: Duration = Duration::from_secs(2);
 
 struct Loaded {
-    source: Arc<str>,
+    script: Resolved,
     modified: Option<SystemTime>,
     checked: Instant,
 }
+
+/// A script ready to run: its source, the file name errors cite, its content hash
+/// (computed once per source, not per message).
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub source: Arc<str>,
+    pub name: String,
+    pub hash: ScriptHash,
+}
+
+/// Inline scripts kept with their hash; past it the map starts over.
+const INLINE_SCRIPTS: usize = 1024;
 
 /// Resolves script references to sources.
 #[derive(Default)]
 pub struct Library {
     dir: Option<PathBuf>,
     loaded: Mutex<HashMap<String, Loaded>>,
+    inline: Mutex<HashMap<String, Resolved>>,
 }
 
 impl Library {
     /// A library in `dir` (None: only inline scripts).
     pub fn new(dir: Option<PathBuf>) -> Self {
-        Library { dir, loaded: Mutex::default() }
+        Library { dir, loaded: Mutex::default(), inline: Mutex::default() }
     }
 
     /// The source and file name of a reference: inline JavaScript, or `lib:<name>`.
     ///
     /// # Errors
     /// An unknown or unreadable library script, or a name that is not a plain name.
-    pub fn resolve(&self, reference: &str) -> Result<(Arc<str>, String), ScriptError> {
+    pub fn resolve(&self, reference: &str) -> Result<Resolved, ScriptError> {
         let Some(name) = reference.strip_prefix("lib:") else {
-            return Ok((Arc::from(reference), "inline.js".to_owned()));
+            let mut inline = self.inline.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(script) = inline.get(reference) {
+                return Ok(script.clone());
+            }
+            if inline.len() >= INLINE_SCRIPTS {
+                inline.clear();
+            }
+            let script = Resolved {
+                source: Arc::from(reference),
+                name: "inline.js".to_owned(),
+                hash: hash(reference),
+            };
+            inline.insert(reference.to_owned(), script.clone());
+            return Ok(script);
         };
         let name = name.trim();
         if name.is_empty()
@@ -58,20 +84,20 @@ impl Library {
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = loaded.get_mut(name) {
             if entry.checked.elapsed() < RECHECK {
-                return Ok((entry.source.clone(), file));
+                return Ok(entry.script.clone());
             }
             entry.checked = Instant::now();
             let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             if modified.is_some() && modified == entry.modified {
-                return Ok((entry.source.clone(), file));
+                return Ok(entry.script.clone());
             }
         }
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let source: Arc<str> = std::fs::read_to_string(&path)
-            .map_err(|e| ScriptError::Library(format!("lib:{name} ({}): {e}", path.display())))?
-            .into();
-        loaded.insert(name.to_owned(), Loaded { source: source.clone(), modified, checked: Instant::now() });
-        Ok((source, file))
+        let source = std::fs::read_to_string(&path)
+            .map_err(|e| ScriptError::Library(format!("lib:{name} ({}): {e}", path.display())))?;
+        let script = Resolved { hash: hash(&source), source: source.into(), name: file };
+        loaded.insert(name.to_owned(), Loaded { script: script.clone(), modified, checked: Instant::now() });
+        Ok(script)
     }
 }
 
@@ -85,9 +111,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("meter.js"), "function decode(b) { return {}; }").unwrap();
         let library = Library::new(Some(dir.clone()));
-        let (source, name) = library.resolve("lib:meter").unwrap();
-        assert_eq!((&*source, name.as_str()), ("function decode(b) { return {}; }", "meter.js"));
-        assert_eq!(&*library.resolve("function decode(){}").unwrap().0, "function decode(){}");
+        let script = library.resolve("lib:meter").unwrap();
+        assert_eq!(
+            (&*script.source, script.name.as_str()),
+            ("function decode(b) { return {}; }", "meter.js")
+        );
+        assert_eq!(script.hash, hash("function decode(b) { return {}; }"));
+        let inline = library.resolve("function decode(){}").unwrap();
+        assert_eq!(
+            (&*inline.source, inline.hash.as_str()),
+            ("function decode(){}", hash("function decode(){}").as_str())
+        );
         assert!(matches!(library.resolve("lib:../etc/passwd"), Err(ScriptError::Library(_))));
         assert!(matches!(library.resolve("lib:absent"), Err(ScriptError::Library(_))));
         assert!(matches!(Library::new(None).resolve("lib:meter"), Err(ScriptError::Library(_))));

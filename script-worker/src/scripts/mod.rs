@@ -143,32 +143,42 @@ impl EngineKind {
     }
 }
 
-/// Runs one call of a prepared or new script on an engine: the part shared by the
-/// engine thread and `script-worker try`.
+/// Runs one call of a prepared or new script on an engine (`script-worker try`, tests).
 pub fn run_call(
     engine: &mut dyn ScriptEngine,
     source: &str,
     name: &str,
     call: &Call,
 ) -> Result<Output, ScriptError> {
-    let hash = hash(source);
-    engine.prepare(&hash, source, name)?;
+    run_hashed(engine, &hash(source), source, name, call)
+}
+
+/// Runs one call of the script whose content hash is `hash` (compiled on first use):
+/// the engine thread knows the hash already and does not digest the source per call.
+pub fn run_hashed(
+    engine: &mut dyn ScriptEngine,
+    hash: &ScriptHash,
+    source: &str,
+    name: &str,
+    call: &Call,
+) -> Result<Output, ScriptError> {
+    engine.prepare(hash, source, name)?;
+    let entries = engine.entries(hash);
     match call {
         Call::Decode { bytes, context } => {
-            if engine.entries(&hash).contains(&Entry::Decode) {
-                engine.decode(&hash, bytes, context).map(Output::Json)
-            } else if engine.entries(&hash).contains(&Entry::EncodeInp) {
-                engine.decode_0x(&hash, bytes, context).map(Output::Json)
+            if entries.contains(&Entry::Decode) {
+                engine.decode(hash, bytes, context).map(Output::Json)
+            } else if entries.contains(&Entry::EncodeInp) {
+                engine.decode_0x(hash, bytes, context).map(Output::Json)
             } else {
                 Err(ScriptError::Missing("decode"))
             }
         }
         Call::Encode { message, context } => {
-            let entries = engine.entries(&hash);
             if !entries.contains(&Entry::Encode) && !entries.contains(&Entry::EncodeInp) {
                 return Err(ScriptError::Missing("encode"));
             }
-            engine.encode(&hash, message, context).map(Output::Bytes)
+            engine.encode(hash, message, context).map(Output::Bytes)
         }
     }
 }
@@ -188,8 +198,7 @@ pub enum Output {
 }
 
 struct Job {
-    source: std::sync::Arc<str>,
-    name: String,
+    script: library::Resolved,
     call: Call,
     answer: oneshot::Sender<Result<Output, ScriptError>>,
 }
@@ -226,7 +235,9 @@ impl Scripts {
             let _runtime = runtime.as_ref().map(|r| r.enter());
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
-                let result = run_call(engine.as_mut(), &job.source, &job.name, &job.call);
+                let script = &job.script;
+                let result =
+                    run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call);
                 let _ = job.answer.send(result);
             }
         })?;
@@ -238,14 +249,14 @@ impl Scripts {
     /// # Errors
     /// The script is missing, quarantined, or failed.
     pub async fn run(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
-        let (source, name) = self.library.resolve(reference)?;
-        let hash = hash(&source);
+        let script = self.library.resolve(reference)?;
+        let hash = script.hash.clone();
         if self.quarantined(&hash) {
             return Err(ScriptError::Quarantined);
         }
         let (answer, result) = oneshot::channel();
         self.jobs
-            .send(Job { source, name, call, answer })
+            .send(Job { script, call, answer })
             .await
             .map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
         let result = result.await.map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
@@ -258,7 +269,7 @@ impl Scripts {
     /// # Errors
     /// A library script that cannot be read.
     pub fn hash_of(&self, reference: &str) -> Result<ScriptHash, ScriptError> {
-        Ok(hash(&self.library.resolve(reference)?.0))
+        Ok(self.library.resolve(reference)?.hash)
     }
 
     fn quarantined(&self, hash: &ScriptHash) -> bool {
