@@ -236,8 +236,16 @@ impl Scripts {
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
                 let script = &job.script;
-                let result =
-                    run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call);
+                let run = std::panic::AssertUnwindSafe(|| {
+                    run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call)
+                });
+                // A panic inside an engine must not end the worker's scripting: that call
+                // fails, and the engine starts afresh (its state may be inconsistent).
+                let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    tracing::error!(script = %script.hash, "script engine panicked; restarting it");
+                    engine = kind.build(limits);
+                    Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
+                });
                 let _ = job.answer.send(result);
             }
         })?;
