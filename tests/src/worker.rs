@@ -8,6 +8,23 @@ use crate::platform::FakePlatform;
 use crate::servers::{NatsServer, Process, RedisServer, free_port};
 use crate::wait_until;
 
+/// A free loopback address.
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// One of the services' binaries, logging to the test's stderr at `RUST_LOG` (warn).
+fn service(binary: &str) -> Command {
+    let mut command = Command::new(crate::binary(binary));
+    command
+        .args(["--log-format", "pretty"])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    command
+}
+
 pub struct WorkerProcess {
     pub name: String,
     pub metrics: SocketAddr,
@@ -25,20 +42,15 @@ impl WorkerProcess {
         name: &str,
         extra: &[&str],
     ) -> Self {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(crate::binary("worker-under-test"))
+        let (metrics, http) = (loopback(), loopback());
+        let mut command = service("worker-under-test");
+        command
             .args(["--nats-url", &nats.url(), "--redis-url", &redis.url(), "--mqtt-url", &broker.url()])
-            .args(["--platform-url", &platform.url(), "--pod-name", name, "--log-format", "pretty"])
+            .args(["--platform-url", &platform.url(), "--pod-name", name])
             .args(["--metrics-listen", &metrics.to_string(), "--http-listen", &http.to_string()])
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the worker");
-        let worker = WorkerProcess { name: name.to_owned(), metrics, http, process: Process::adopt(child) };
+            .args(extra);
+        let process = Process::adopt(command.spawn().expect("start the worker"));
+        let worker = WorkerProcess { name: name.to_owned(), metrics, http, process };
         wait_until("the worker to be ready", || async {
             worker.get("/readyz").await.is_some_and(|r| r.contains("200 OK"))
         })
@@ -77,22 +89,16 @@ pub struct EdgeProcess {
 impl EdgeProcess {
     /// Starts an edge named `pod`; `extra` flags are appended. Returns once ready.
     pub async fn spawn(nats: &NatsServer, redis: &RedisServer, pod: &str, extra: &[&str]) -> Self {
-        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-        let (official, custom, grpc, metrics) = (addr(), addr(), addr(), addr());
-        let child = Command::new(crate::binary("edge-under-test"))
+        let (official, custom, grpc, metrics) = (loopback(), loopback(), loopback(), loopback());
+        let mut command = service("edge-under-test");
+        command
             .args(["--nats-url", &nats.url(), "--redis-url", &redis.url(), "--pod-name", pod])
             .args(["--official-listen", &official.to_string(), "--custom-listen", &custom.to_string()])
             .args(["--grpc-listen", &grpc.to_string(), "--metrics-listen", &metrics.to_string()])
-            .args(["--log-format", "pretty", "--drain-window", "200ms"])
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the edge");
-        let edge =
-            EdgeProcess { pod: pod.to_owned(), official, custom, metrics, process: Process::adopt(child) };
+            .args(["--drain-window", "200ms"])
+            .args(extra);
+        let process = Process::adopt(command.spawn().expect("start the edge"));
+        let edge = EdgeProcess { pod: pod.to_owned(), official, custom, metrics, process };
         wait_until("the edge to be ready", || async {
             crate::http_get(edge.metrics, "/readyz").await.is_some_and(|r| r.contains("200 OK"))
         })
