@@ -29,6 +29,8 @@ use crate::source::{DeviceSource, Lookup, SourceError, Target};
 const POSITIVE_TTL: Duration = Duration::from_secs(3600);
 /// How long an unknown token stays unknown without asking again.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// Cached entries beyond which unknown tokens are forgotten.
+const MAX_CACHED: usize = 100_000;
 /// The platform's per-voucher rate limit.
 const PER_VOUCHER: Duration = Duration::from_secs(3);
 /// Longest back-off while the platform is unreachable.
@@ -113,9 +115,17 @@ impl PlatformDevices {
 
     fn remember(&self, digest: &str, device: Option<Arc<Device>>, fetched: Instant) {
         let mut memory = self.memory();
-        if let Some(device) = &device {
-            memory.digest_of_id.insert(device.id.clone(), digest.to_owned());
-            memory.targets.extend(crate::source::targets_of(device));
+        match &device {
+            Some(device) => {
+                memory.digest_of_id.insert(device.id.clone(), digest.to_owned());
+                memory.targets.extend(crate::source::targets_of(device));
+            }
+            // Unknown tokens are whatever a client sends: past a bound they are dropped
+            // (all at once, so the pass is paid once per bound's worth of inserts).
+            None if memory.by_digest.len() >= MAX_CACHED => {
+                memory.by_digest.retain(|_, cached| cached.device.is_some());
+            }
+            None => {}
         }
         memory.by_digest.insert(digest.to_owned(), Cached { device, fetched });
     }
@@ -146,9 +156,11 @@ impl PlatformDevices {
         let Some(mut redis) = self.redis.clone() else { return };
         let shared = Shared { device: device.cloned(), fetched_ms: tcpc_proto::now_ms() };
         let Ok(text) = serde_json::to_string(&shared) else { return };
-        // Kept a day: a stale entry still authenticates a known device in an outage.
+        // A known device's entry is kept a day (stale, it still authenticates the device
+        // in an outage); an unknown token's only as long as it counts as unknown.
+        let ttl = if device.is_some() { 24 * 3600 } else { NEGATIVE_TTL.as_secs() };
         let mut pipe = redis::pipe();
-        pipe.set_ex(names::device_config_key(digest), text, 24 * 3600).ignore();
+        pipe.set_ex(names::device_config_key(digest), text, ttl).ignore();
         if let Some(device) = device {
             pipe.set_ex(names::device_voucher_key(&device.id), digest, 24 * 3600).ignore();
         }
