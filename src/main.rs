@@ -4,31 +4,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tcp_connectivity::{AllInOneError, Config, Listeners};
+use tcpc_observe::{exit_status, usage_error};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(error) = config.validate() {
-        eprintln!("tcp-connectivity: {error}");
-        return ExitCode::from(64);
+        return usage_error("tcp-connectivity", error);
     }
     tcpc_observe::init_logging(config.log_format);
-    let listeners = match Listeners::bind(&config).await {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            tracing::error!(%error, "cannot start");
-            return ExitCode::FAILURE;
-        }
+    let result = match Listeners::bind(&config).await {
+        Ok(listeners) => tcp_connectivity::run(config, listeners, tcpc_observe::shutdown_signal()).await,
+        Err(error) => Err(error),
     };
-    match tcp_connectivity::run(config, listeners, tcpc_observe::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error @ AllInOneError::Config(_)) => {
-            eprintln!("tcp-connectivity: {error}");
-            ExitCode::from(64)
-        }
-        Err(error) => {
-            tracing::error!(%error, "tcp-connectivity failed");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("tcp-connectivity", result, |error| matches!(error, AllInOneError::Config(_)))
 }

@@ -5,31 +5,18 @@ use std::process::ExitCode;
 use clap::Parser;
 use edge_gateway::config::Config;
 use edge_gateway::{EdgeError, Listeners};
+use tcpc_observe::{exit_status, usage_error};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
     if let Err(error) = config.validate() {
-        eprintln!("edge-gateway: {error}");
-        return ExitCode::from(64);
+        return usage_error("edge-gateway", error);
     }
     tcpc_observe::init_logging(config.log_format);
-    let listeners = match Listeners::bind(&config).await {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            tracing::error!(%error, "cannot start");
-            return ExitCode::FAILURE;
-        }
+    let result = match Listeners::bind(&config).await {
+        Ok(listeners) => edge_gateway::run(config, listeners, tcpc_observe::shutdown_signal()).await,
+        Err(error) => Err(error),
     };
-    match edge_gateway::run(config, listeners, tcpc_observe::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error @ EdgeError::Config(_)) => {
-            eprintln!("edge-gateway: {error}");
-            ExitCode::from(64)
-        }
-        Err(error) => {
-            tracing::error!(%error, "edge-gateway failed");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("edge-gateway", result, |error| matches!(error, EdgeError::Config(_)))
 }

@@ -32,6 +32,29 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// Exit status of invalid configuration (EX_USAGE), after its message on stderr.
+pub fn usage_error(binary: &str, error: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("{binary}: {error}");
+    std::process::ExitCode::from(64)
+}
+
+/// The exit status of a binary's run: success; invalid configuration (`is_config`) as
+/// [`usage_error`]; anything else logged, status 1.
+pub fn exit_status<E: std::fmt::Display>(
+    binary: &str,
+    result: Result<(), E>,
+    is_config: impl Fn(&E) -> bool,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if is_config(&error) => usage_error(binary, error),
+        Err(error) => {
+            tracing::error!(%error, "{binary} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on the first SIGTERM or Ctrl-C (drain); a second one exits at once.
 pub async fn shutdown_signal() {
     wait_for_signal().await;

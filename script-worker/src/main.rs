@@ -3,8 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use script_worker::WorkerError;
 use script_worker::config::{Cli, Command, TryArgs};
 use script_worker::scripts::{self, Call, CallContext, Output};
+use tcpc_observe::{exit_status, usage_error};
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -15,24 +17,14 @@ async fn main() -> ExitCode {
     }
     let config = cli.config;
     if let Err(error) = config.settings.validate() {
-        eprintln!("script-worker: {error}");
-        return ExitCode::from(64);
+        return usage_error("script-worker", error);
     }
     tcpc_observe::init_logging(config.log_format);
-    let listeners = match bind(&config).await {
-        Ok(listeners) => listeners,
-        Err(error) => {
-            tracing::error!(%error, "cannot bind");
-            return ExitCode::FAILURE;
-        }
+    let result = match bind(&config).await {
+        Ok(listeners) => script_worker::run(config, listeners, tcpc_observe::shutdown_signal()).await,
+        Err(error) => Err(WorkerError::Serve(error)),
     };
-    match script_worker::run(config, listeners, tcpc_observe::shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("script-worker: {error}");
-            ExitCode::from(64)
-        }
-    }
+    exit_status("script-worker", result, |error| matches!(error, WorkerError::Config(_)))
 }
 
 async fn bind(config: &script_worker::config::Config) -> std::io::Result<script_worker::Listeners> {
