@@ -185,6 +185,7 @@ impl Downlinks {
         scripts: Arc<Scripts>,
         sink: Arc<dyn PlatformSink>,
         metrics: Arc<Metrics>,
+        handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
         queue_policy: Option<QueuePolicy>,
     ) -> Self {
         Downlinks {
@@ -195,7 +196,7 @@ impl Downlinks {
             scripts,
             sink,
             metrics,
-            handles: Arc::new(|_| true),
+            handles,
             queue_policy,
             queue: Mutex::default(),
         }

@@ -93,7 +93,7 @@ impl Core {
             Scripts::start(settings.script_engine, settings.script_limits(), library)
                 .map_err(WorkerError::Scripts)?,
         );
-        let mut downlinks = downlink::Downlinks::new(
+        let downlinks = Arc::new(downlink::Downlinks::new(
             settings.topic_prefix(),
             devices.clone(),
             routes.clone(),
@@ -101,10 +101,9 @@ impl Core {
             scripts.clone(),
             sink.clone(),
             metrics.clone(),
+            handles,
             settings.queue_policy(),
-        );
-        downlinks.handles = handles;
-        let downlinks = Arc::new(downlinks);
+        ));
         let mapper = uplink::Mapper {
             devices: devices.clone(),
             routes,
