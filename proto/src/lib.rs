@@ -6,9 +6,11 @@
 //! - [`trace`]: W3C trace-context propagation over NATS headers and gRPC metadata.
 //! - [`stream`]: the uplink JetStream stream definition.
 //! - [`secret`]: how AccessTokens and vouchers are shown in logs (never whole).
+//! - [`backoff`]: the jittered exponential back-off every retry loop of both services uses.
 //!
 //! Edge and worker both depend on this crate and on nothing of each other.
 
+pub mod backoff;
 pub mod names;
 pub mod route;
 pub mod secret;

@@ -1,0 +1,71 @@
+//! The one back-off policy of both services: exponential, capped, with jitter.
+//!
+//! Jitter matters at fleet scale: after an outage every session and every worker loop
+//! retries, and without it they all retry at the same instants (a thundering herd that
+//! can knock the dependency over again). Each delay is drawn from the upper half of the
+//! current step ("equal jitter"): never shorter than half the step, so a retry loop
+//! still backs off, but spread over the other half.
+
+use std::time::Duration;
+
+/// Delays for one retry loop: `initial`, doubling up to `max`, each jittered.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    pub const fn new(initial: Duration, max: Duration) -> Self {
+        Backoff { initial, max, step: initial }
+    }
+
+    /// The delay before the next attempt; each call doubles the step up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        jitter(step)
+    }
+
+    /// After a success: the next failure waits `initial` again.
+    pub fn reset(&mut self) {
+        self.step = self.initial;
+    }
+
+    /// Whether no failure happened since the last reset.
+    pub fn is_reset(&self) -> bool {
+        self.step == self.initial
+    }
+}
+
+/// A duration drawn uniformly from `[d / 2, d]`.
+pub fn jitter(d: Duration) -> Duration {
+    d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let steps = [100, 200, 400, 400, 400];
+        for step in steps.map(Duration::from_millis) {
+            let delay = backoff.next_delay();
+            assert!(delay >= step / 2 && delay <= step, "{delay:?} not within [{:?}, {step:?}]", step / 2);
+        }
+        assert!(!backoff.is_reset());
+        backoff.reset();
+        assert!(backoff.is_reset());
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_spreads() {
+        let delays: std::collections::HashSet<_> =
+            (0..32).map(|_| jitter(Duration::from_secs(1))).collect();
+        assert!(delays.len() > 16, "jittered delays should differ: {delays:?}");
+    }
+}
