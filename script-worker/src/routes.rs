@@ -121,6 +121,9 @@ impl EdgeClients {
             connection_id: route.connection_id.clone(),
             payload,
             tp_cmd,
+            // The edge skips the write once this caller has given up: a command the
+            // platform heard "offline" for must not reach the device afterwards.
+            timeout_ms: DEADLINE.as_millis() as u32,
         };
         let reply = client.deliver(request).await.map_err(|e| e.message().to_owned())?.into_inner();
         Ok((reply.status(), reply.message))

@@ -291,6 +291,7 @@ async fn reconnect_to_another_edge_moves_the_route_and_the_late_close_keeps_it()
             connection_id: online_b.connection_id.clone(),
             payload: Bytes::from_static(b"{\"method\":\"reboot\"}"),
             tp_cmd: cmd::COMMAND.into(),
+            timeout_ms: 0,
         })
         .await
         .unwrap()
@@ -305,6 +306,7 @@ async fn reconnect_to_another_edge_moves_the_route_and_the_late_close_keeps_it()
             connection_id: online_a.connection_id,
             payload: Bytes::from_static(b"x"),
             tp_cmd: 0,
+            timeout_ms: 0,
         })
         .await
         .unwrap()
