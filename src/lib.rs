@@ -222,7 +222,7 @@ pub async fn run(
             );
             tasks.spawn({
                 let (bus, stop) = (bus.clone(), stop.clone());
-                async move { bus.ensure_stream(&stop).await }
+                async move { bus.keep_stream(&stop).await }
             });
             let nats = async_nats::ConnectOptions::new()
                 .retry_on_initial_connect()
