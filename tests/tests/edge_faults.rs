@@ -8,7 +8,7 @@ use edge_gateway::codec::{Frame, cmd};
 use redis::AsyncCommands;
 use serde_json::json;
 use tcpc_proto::names;
-use tcpc_proto::v1::{SessionState, UplinkKind, uplink_envelope};
+use tcpc_proto::v1::{DisconnectRequest, SessionState, UplinkKind, uplink_envelope};
 use tcpc_tests::auth::{AuthDouble, custom_device, device};
 use tcpc_tests::device::TpDevice;
 use tcpc_tests::edge::TestEdge;
@@ -65,10 +65,18 @@ async fn readiness_recovers_by_itself_after_nats_returns_with_nothing_left_to_pu
     s.nats.stop();
     wait_until("/readyz 503 while NATS is down", || async { edge.http_status("/readyz").await == Some(503) })
         .await;
-    // A publish fails during the outage, and its device leaves: nothing is left that
-    // would publish successfully after NATS returns.
+    // A publish fails during the outage, and the platform disconnects its device: nothing
+    // is left that would publish successfully after NATS returns.
     gone.send(Frame::data(cmd::ATTRIBUTES, &b"{\"t\":1}"[..])).await;
-    drop(gone);
+    wait_until("the publish to fail", || async { metric(&edge, "edge_republished_total").await >= 1 }).await;
+    let disconnect = DisconnectRequest { device_id: "dev-gone".into(), ..Default::default() };
+    edge.grpc_client().await.disconnect(disconnect).await.unwrap();
+    // Its session gives up (flush budget, then the offline event) while NATS is down.
+    wait_until("the leaving device's session to end", || async {
+        metric(&edge, "edge_connections{listener=\"official\"}").await == 1
+    })
+    .await;
+    assert!(metric(&edge, "edge_uplinks_lost_total{reason=\"unacknowledged\"}").await >= 1);
 
     s.nats.start().await;
     wait_until("/readyz 200 after NATS returned", || async { edge.http_status("/readyz").await == Some(200) })
