@@ -30,10 +30,8 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled =
-                self.pipeline.handle(&envelope).await.map_err(|e| BusError::Publish(e.into()))?;
-            let ack: AckFuture =
-                Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
+            let handled = self.pipeline.handle(&envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
     }
@@ -68,7 +66,8 @@ impl LocalRoutes {
 impl RouteStore for LocalRoutes {
     fn register<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Registered, RouteError>> {
         let mut routes = self.lock();
-        let held = routes.get(&claim.route.device_id).map(|(route, epoch)| (route.connection_id.clone(), *epoch));
+        let held =
+            routes.get(&claim.route.device_id).map(|(route, epoch)| (route.connection_id.clone(), *epoch));
         let epoch = held.as_ref().map_or(claim.epoch, |(_, held)| claim.epoch.max(held + 1));
         routes.insert(claim.route.device_id.clone(), (claim.route.clone(), epoch));
         let registered = Registered { replaced: held.map(|(connection, _)| connection), epoch };
@@ -165,7 +164,11 @@ mod tests {
         let first = routes.register(&claim("c1", 10)).await.unwrap();
         assert_eq!(first, Registered { replaced: None, epoch: 10 });
         let second = routes.register(&claim("c2", 5)).await.unwrap();
-        assert_eq!(second, Registered { replaced: Some("c1".to_owned()), epoch: 11 }, "raised above the held epoch");
+        assert_eq!(
+            second,
+            Registered { replaced: Some("c1".to_owned()), epoch: 11 },
+            "raised above the held epoch"
+        );
         assert_eq!(
             routes.reassert(&[claim("c1", 10), claim("c2", 11)]).await.unwrap(),
             [Reasserted::Superseded, Reasserted::Held]

@@ -42,10 +42,23 @@ impl From<std::io::Error> for FramingError {
 pub enum CustomFramer {
     /// `searched`: bytes at the buffer's start already known to hold no delimiter, so
     /// that a message dripped byte by byte is scanned once, not once per read.
-    Delimiter { delimiter: Bytes, max: usize, searched: usize },
+    Delimiter {
+        delimiter: Bytes,
+        max: usize,
+        searched: usize,
+    },
     FixedLength(usize),
-    LengthField { offset: usize, width: usize, little_endian: bool, adjustment: i64, max: usize },
-    IdleGap { gap: Duration, buffer_size: usize },
+    LengthField {
+        offset: usize,
+        width: usize,
+        little_endian: bool,
+        adjustment: i64,
+        max: usize,
+    },
+    IdleGap {
+        gap: Duration,
+        buffer_size: usize,
+    },
 }
 
 impl CustomFramer {
@@ -333,7 +346,11 @@ mod tests {
         assert_eq!(f.flush_at_end(&mut buf).as_deref(), Some(&b"ef"[..]));
         assert_eq!(f.flush_at_end(&mut buf), None);
         let mut fixed = framer(framing::Kind::FixedLength(4));
-        assert_eq!(fixed.flush_at_end(&mut BytesMut::from(&b"ab"[..])), None, "a cut-short frame is no message");
+        assert_eq!(
+            fixed.flush_at_end(&mut BytesMut::from(&b"ab"[..])),
+            None,
+            "a cut-short frame is no message"
+        );
     }
 
     #[test]

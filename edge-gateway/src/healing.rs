@@ -94,7 +94,8 @@ pub(crate) async fn reap_dead_pods(shared: Arc<Shared>, stop: CancellationToken)
     let mut own_done = false;
     loop {
         if !own_done {
-            own_done = reap(&shared, &shared.pod, |route| !route.connection_id.starts_with(&own_prefix)).await;
+            own_done =
+                reap(&shared, &shared.pod, |route| !route.connection_id.starts_with(&own_prefix)).await;
         }
         match shared.routes.claim_dead_pods(&shared.pod).await {
             Ok(dead) => {
@@ -165,13 +166,15 @@ async fn publish_offline(shared: &Shared, routes: &[Route]) -> bool {
         };
         let envelope: Bytes =
             UplinkEnvelope { body: Some(uplink_envelope::Body::Session(event)) }.encode_to_vec().into();
-        let subject = names::uplink_subject(names::partition_of(&route.device_id, shared.config.uplink_partitions));
+        let subject =
+            names::uplink_subject(names::partition_of(&route.device_id, shared.config.uplink_partitions));
         let publish = shared.bus.publish(subject, names::reaped_message_id(&route.connection_id), envelope);
         match tokio::time::timeout(shared.config.limits.publish_timeout, publish).await {
             Ok(Ok(ack)) => acks.push(ack),
             _ => return false,
         }
     }
-    let acked = tokio::time::timeout(shared.config.limits.publish_timeout, futures::future::try_join_all(acks)).await;
+    let acked =
+        tokio::time::timeout(shared.config.limits.publish_timeout, futures::future::try_join_all(acks)).await;
     matches!(acked, Ok(Ok(_)))
 }

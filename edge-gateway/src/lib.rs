@@ -284,7 +284,11 @@ pub async fn run_with(
             routes::keep_pod_alive(&*shared.routes, &shared.pod, &shared.grpc_addr, stopped).await;
         }
     });
-    servers.spawn(healing::reassert_routes(shared.clone(), shared.config.limits.route_reassert, stopped.clone()));
+    servers.spawn(healing::reassert_routes(
+        shared.clone(),
+        shared.config.limits.route_reassert,
+        stopped.clone(),
+    ));
     servers.spawn(healing::reap_dead_pods(shared.clone(), stopped.clone()));
     servers.spawn({
         let (shared, stopped) = (shared.clone(), stopped.clone());

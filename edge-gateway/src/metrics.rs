@@ -67,7 +67,11 @@ impl Default for Metrics {
         let lost = Family::<ReasonLabel, Counter>::default();
         registry.register("edge_uplinks_lost", "Uplinks read and never stored, by cause", lost.clone());
         let routes_restored = Counter::default();
-        registry.register("edge_routes_restored", "Routes re-asserted after the store lost them", routes_restored.clone());
+        registry.register(
+            "edge_routes_restored",
+            "Routes re-asserted after the store lost them",
+            routes_restored.clone(),
+        );
         let routes_reaped = Counter::default();
         registry.register("edge_routes_reaped", "Routes of dead pods removed", routes_reaped.clone());
         Metrics {

@@ -99,7 +99,10 @@ fn parse_v2(buf: &[u8]) -> Result<Option<Header>, ProxyError> {
         // PROXY over TCP/IPv6: src 16, dst 16, src port 2, dst port 2.
         (0x1, 0x21) if addresses.len() >= 36 => {
             let octets: [u8; 16] = addresses[..16].try_into().expect("16 bytes");
-            Some(SocketAddr::new(Ipv6Addr::from(octets).into(), u16::from_be_bytes([addresses[32], addresses[33]])))
+            Some(SocketAddr::new(
+                Ipv6Addr::from(octets).into(),
+                u16::from_be_bytes([addresses[32], addresses[33]]),
+            ))
         }
         (0x1, _) => None,
         _ => return Err(ProxyError::Malformed("v2 command")),

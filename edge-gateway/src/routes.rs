@@ -255,7 +255,8 @@ impl RouteStore for RedisRoutes {
             let mut connection = self.connection.clone();
             let mut members = redis::cmd("SMEMBERS");
             members.arg(names::EDGE_PODS_KEY);
-            let pods: Vec<String> = self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
+            let pods: Vec<String> =
+                self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
             let pods: Vec<String> = pods.into_iter().filter(|pod| pod != me).collect();
             if pods.is_empty() {
                 return Ok(pods);
@@ -289,7 +290,8 @@ impl RouteStore for RedisRoutes {
             let mut connection = self.connection.clone();
             let mut members = redis::cmd("SMEMBERS");
             members.arg(names::pod_routes_key(pod));
-            let devices: Vec<String> = self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
+            let devices: Vec<String> =
+                self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
             let mut routes = Vec::new();
             for batch in devices.chunks(BATCH) {
                 let mut pipe = redis::pipe();

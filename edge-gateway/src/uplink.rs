@@ -102,14 +102,20 @@ impl NatsBus {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(NatsBus { client, jetstream, stream_ready: AtomicBool::new(false), probe_timeout: publish_timeout })
+        Ok(NatsBus {
+            client,
+            jetstream,
+            stream_ready: AtomicBool::new(false),
+            probe_timeout: publish_timeout,
+        })
     }
 
     /// Probes JetStream until `shutdown`: the uplink stream is created if it is missing
     /// (a NATS restarted without its storage), and readiness follows the answer. A
     /// probe every few seconds, backing off (jittered) while JetStream does not answer.
     pub async fn keep_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
-        let mut backoff = tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut backoff =
+            tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let probe = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream);
             let delay = match tokio::time::timeout(self.probe_timeout, probe).await {
@@ -122,7 +128,8 @@ impl NatsBus {
                 }
                 failed => {
                     if self.stream_ready.swap(false, Ordering::AcqRel) || backoff.is_reset() {
-                        let error = failed.map_or_else(|_| "timed out".to_owned(), |r| r.err().unwrap_or_default());
+                        let error =
+                            failed.map_or_else(|_| "timed out".to_owned(), |r| r.err().unwrap_or_default());
                         tracing::warn!(%error, "uplink stream not available; refusing new connections");
                     }
                     backoff.next_delay()
@@ -153,7 +160,8 @@ impl UplinkBus for NatsBus {
                 .send_publish(subject, message)
                 .await
                 .map_err(|e| BusError::Publish(e.into()))?;
-            let ack: AckFuture = Box::pin(async move { ack.await.map(drop).map_err(|e| BusError::Ack(e.into())) });
+            let ack: AckFuture =
+                Box::pin(async move { ack.await.map(drop).map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
     }

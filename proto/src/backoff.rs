@@ -80,8 +80,7 @@ mod tests {
 
     #[test]
     fn jitter_spreads() {
-        let delays: std::collections::HashSet<_> =
-            (0..32).map(|_| jitter(Duration::from_secs(1))).collect();
+        let delays: std::collections::HashSet<_> = (0..32).map(|_| jitter(Duration::from_secs(1))).collect();
         assert!(delays.len() > 16, "jittered delays should differ: {delays:?}");
     }
 }

@@ -47,9 +47,7 @@ fn tp_auth(token: &str) -> Vec<u8> {
 /// A metric's value in the edge's exposition (0 when absent).
 async fn metric(edge: &TestEdge, series: &str) -> u64 {
     let text = edge.http_get("/metrics").await.unwrap_or_default();
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -79,8 +77,10 @@ async fn readiness_recovers_by_itself_after_nats_returns_with_nothing_left_to_pu
     assert!(metric(&edge, "edge_uplinks_lost_total{reason=\"unacknowledged\"}").await >= 1);
 
     s.nats.start().await;
-    wait_until("/readyz 200 after NATS returned", || async { edge.http_status("/readyz").await == Some(200) })
-        .await;
+    wait_until("/readyz 200 after NATS returned", || async {
+        edge.http_status("/readyz").await == Some(200)
+    })
+    .await;
     let mut new = TpDevice::connect(edge.official).await;
     assert_eq!(new.auth("new").await, r#"{"result":0}"#, "a new device is accepted again");
 }
@@ -98,7 +98,9 @@ async fn a_custom_device_that_sends_and_closes_at_once_is_heard() {
     stream.shutdown().await.unwrap();
 
     let (online, _) = reader.next().await;
-    assert!(matches!(online.body, Some(uplink_envelope::Body::Session(ref e)) if e.state() == SessionState::Online));
+    assert!(
+        matches!(online.body, Some(uplink_envelope::Body::Session(ref e)) if e.state() == SessionState::Online)
+    );
     let uplink = reader.uplink().await;
     assert_eq!((uplink.kind(), &uplink.payload[..]), (UplinkKind::Raw, &b"\x01\x6d\x34"[..]));
     assert_eq!(uplink.sequence, 1);
@@ -153,9 +155,11 @@ async fn a_killed_edges_devices_go_offline_but_a_device_that_moved_stays_online(
     let _worker = w.worker("worker-a", &[]).await;
     let mut edge_a = w.edge_process("edge-a").await;
     let edge_b = w.edge_process("edge-b").await;
-    let mut status =
-        Watcher::subscribe(&w.broker, &["devices/status/dev-stay", "devices/status/dev-move", "devices/telemetry"])
-            .await;
+    let mut status = Watcher::subscribe(
+        &w.broker,
+        &["devices/status/dev-stay", "devices/status/dev-move", "devices/telemetry"],
+    )
+    .await;
 
     let _stay = TpDevice::online(edge_a.official, "tok-stay").await;
     let _moved_old = TpDevice::online(edge_a.official, "tok-move").await;
@@ -259,7 +263,8 @@ async fn a_slowloris_auth_frame_is_cut_at_the_auth_deadline() {
         _ = reader => {}
         _ = drip => panic!("the connection outlived 20 s of dripping"),
     }
-    let expected = Frame::data(cmd::AUTH, &br#"{"result":1,"message":"no authentication within the deadline"}"#[..]);
+    let expected =
+        Frame::data(cmd::AUTH, &br#"{"result":1,"message":"no authentication within the deadline"}"#[..]);
     assert_eq!(answer, expected.to_bytes().to_vec());
     assert_eq!(metric(&edge, "edge_connections_closed_total{reason=\"auth_timeout\"}").await, 1);
 }
@@ -276,4 +281,34 @@ async fn an_auth_frame_longer_than_a_token_is_refused_before_it_is_buffered() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.contains("exceeds the maximum of 256 bytes"), "{text}");
     assert_eq!(s.auth.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_proxy_the_limits_count_the_address_the_header_carries() {
+    let s = servers().await;
+    s.auth.add("a", device("dev-a"));
+    s.auth.add("b", device("dev-b"));
+    s.auth.add("c", device("dev-c"));
+    let edge = TestEdge::spawn(&s.nats, &s.redis, "edge-a", |config| {
+        config.limits.proxy_protocol = true;
+        config.limits.max_connections_per_source = 1;
+    })
+    .await;
+    // Every connection comes from the balancer (127.0.0.1); the header names the client.
+    let through_proxy = |client: &'static str, token: &'static str| async move {
+        let mut device = TpDevice::connect(edge.official).await;
+        device.send_raw(format!("PROXY TCP4 {client} 10.0.0.1 40000 7653\r\n").as_bytes()).await;
+        let answer = device.auth(token).await;
+        (device, answer)
+    };
+    let (_a, answer_a) = through_proxy("198.51.100.1", "a").await;
+    assert_eq!(answer_a, r#"{"result":0}"#);
+    let (_b, answer_b) = through_proxy("198.51.100.2", "b").await;
+    assert_eq!(answer_b, r#"{"result":0}"#, "another client behind the same balancer");
+    let (_c, answer_c) = through_proxy("198.51.100.1", "c").await;
+    assert_eq!(answer_c, r#"{"result":1,"message":"too many connections from this address"}"#);
+
+    let mut bare = TpDevice::connect(edge.official).await;
+    bare.send(Frame::data(cmd::AUTH, &b"a"[..])).await;
+    bare.expect_closed_with(cmd::AUTH, "expected a PROXY protocol header").await;
 }

@@ -27,7 +27,8 @@ impl Session {
     pub(super) async fn authenticate(&mut self, tcp_peer: SocketAddr) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         let deadline = Instant::now() + limits.auth_timeout;
-        let peer = if limits.proxy_protocol { self.read_proxy_header(deadline, tcp_peer).await? } else { tcp_peer };
+        let peer =
+            if limits.proxy_protocol { self.read_proxy_header(deadline, tcp_peer).await? } else { tcp_peer };
         self.shared.sources.admit(peer.ip()).map_err(Close::Refused)?;
         self.source = Some(peer.ip());
         let token = match self.protocol {
@@ -52,7 +53,8 @@ impl Session {
             // A worker that takes the request after this skips it: the device is gone.
             deadline_ms: tcpc_proto::now_ms() + remaining.as_millis() as i64,
         };
-        let reply = match tokio::time::timeout_at(deadline, self.shared.bus.authenticate(request, remaining)).await
+        let reply = match tokio::time::timeout_at(deadline, self.shared.bus.authenticate(request, remaining))
+            .await
         {
             Err(_) => return Err(Close::AuthTimeout),
             Ok(Err(error)) => {
@@ -73,7 +75,11 @@ impl Session {
 
     /// Reads the PROXY protocol header a load balancer puts first; the client address
     /// it carries is the peer from here on.
-    async fn read_proxy_header(&mut self, deadline: Instant, tcp_peer: SocketAddr) -> Result<SocketAddr, Close> {
+    async fn read_proxy_header(
+        &mut self,
+        deadline: Instant,
+        tcp_peer: SocketAddr,
+    ) -> Result<SocketAddr, Close> {
         loop {
             match proxy::parse(&self.buf) {
                 Ok(Some(header)) => {

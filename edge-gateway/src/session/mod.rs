@@ -497,17 +497,18 @@ impl Session {
         self.count_lost();
         // Only the owner of the route reports the device offline; when the route store
         // cannot tell, the worker checks the route before believing the offline.
-        let owned_route = match shared.routes.remove(&handle.device_id, &self.id.to_string(), &shared.pod).await {
-            Ok(true) => true,
-            Ok(false) => {
-                debug!("route already taken by a newer connection; no offline event");
-                return;
-            }
-            Err(error) => {
-                warn!(%error, "route not removed");
-                false
-            }
-        };
+        let owned_route =
+            match shared.routes.remove(&handle.device_id, &self.id.to_string(), &shared.pod).await {
+                Ok(true) => true,
+                Ok(false) => {
+                    debug!("route already taken by a newer connection; no offline event");
+                    return;
+                }
+                Err(error) => {
+                    warn!(%error, "route not removed");
+                    false
+                }
+            };
         self.handle = Some(handle);
         self.publish(self.session_event(SessionState::Offline, close.label(), owned_route)).await;
         let deadline = Instant::now() + shared.config.limits.publish_timeout;
@@ -530,7 +531,11 @@ impl Session {
         let unread = self.buf.len();
         self.buf = BytesMut::new();
         if unacknowledged > 0 {
-            self.shared.metrics.lost.get_or_create(&ReasonLabel { reason: "unacknowledged" }).inc_by(unacknowledged as u64);
+            self.shared
+                .metrics
+                .lost
+                .get_or_create(&ReasonLabel { reason: "unacknowledged" })
+                .inc_by(unacknowledged as u64);
             error!(unacknowledged, "uplinks not stored before the connection closed");
         }
         if unread > 0 {

@@ -188,7 +188,10 @@ mod tests {
 
     impl ScriptedBus {
         fn failing(n: usize) -> Self {
-            ScriptedBus { outcomes: Mutex::new(std::iter::repeat_n(false, n).collect()), ..Default::default() }
+            ScriptedBus {
+                outcomes: Mutex::new(std::iter::repeat_n(false, n).collect()),
+                ..Default::default()
+            }
         }
 
         fn ids(&self) -> Vec<String> {
