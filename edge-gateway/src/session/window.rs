@@ -224,7 +224,12 @@ mod tests {
     }
 
     fn outlet(bus: &ScriptedBus) -> Outlet<'_> {
-        Outlet { bus, partition: 0, connection: ConnectionId { process: 0, counter: 7 }, timeout: Duration::from_secs(1) }
+        Outlet {
+            bus,
+            partition: 0,
+            connection: ConnectionId { process: 0, counter: 7 },
+            timeout: Duration::from_secs(1),
+        }
     }
 
     fn id(sequence: u64) -> String {
