@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use edge_gateway::routes::{Claim, Reasserted, Registered, Route, RouteError, RouteStore};
+use edge_gateway::routes::{Claim, Leftovers, Reasserted, Registered, Route, RouteError, RouteStore};
 use edge_gateway::uplink::{AckFuture, BusError, UplinkBus};
 use futures::future::BoxFuture;
 use script_worker::auth::Authenticator;
@@ -108,9 +108,18 @@ impl RouteStore for LocalRoutes {
         Box::pin(async { Ok(Vec::new()) })
     }
 
-    fn routes_of_pod<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>> {
+    fn leftovers_of_pod<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<Leftovers, RouteError>> {
         // Every route is this process's, and an earlier process's died with it.
-        Box::pin(async { Ok(Vec::new()) })
+        Box::pin(async { Ok(Leftovers::default()) })
+    }
+
+    fn clear_leftovers<'a>(
+        &'a self,
+        _pod: &'a str,
+        _routes: &'a [Route],
+        _orphans: &'a [String],
+    ) -> BoxFuture<'a, Result<(), RouteError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn reaped<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>> {

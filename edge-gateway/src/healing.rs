@@ -113,33 +113,40 @@ pub(crate) async fn reap_dead_pods(shared: Arc<Shared>, stop: CancellationToken)
     }
 }
 
-/// Reports offline and removes each route of `pod` that `stale` selects; true when
-/// every one was handled (else the next round tries again).
+/// Reports offline and removes each route of `pod` that `stale` selects, and reports
+/// offline the devices of its set left without any route; true when every one was
+/// handled (else the next round tries again).
 async fn reap(shared: &Shared, pod: &str, stale: impl Fn(&Route) -> bool) -> bool {
-    let routes = match shared.routes.routes_of_pod(pod).await {
-        Ok(routes) => routes,
+    let leftovers = match shared.routes.leftovers_of_pod(pod).await {
+        Ok(leftovers) => leftovers,
         Err(error) => {
             warn!(%error, %pod, "routes of a dead pod not read");
             return false;
         }
     };
-    let stale: Vec<Route> = routes.into_iter().filter(stale).collect();
-    for batch in stale.chunks(REAP_WINDOW) {
+    let routes: Vec<Route> = leftovers.routes.into_iter().filter(stale).collect();
+    // An orphan's route is gone: its event names no connection, and the worker reports
+    // the device offline only if it has no route at all by then.
+    let orphans: Vec<Route> = leftovers
+        .orphans
+        .iter()
+        .map(|device| Route {
+            device_id: device.clone(),
+            connection_id: String::new(),
+            pod: pod.to_owned(),
+            grpc_addr: String::new(),
+        })
+        .collect();
+    for batch in routes.chunks(REAP_WINDOW).chain(orphans.chunks(REAP_WINDOW)) {
         if !publish_offline(shared, batch).await {
             return false;
         }
-        for route in batch {
-            match shared.routes.remove(&route.device_id, &route.connection_id, pod).await {
-                Ok(_) => {
-                    shared.metrics.routes_reaped.inc();
-                }
-                Err(error) => {
-                    warn!(%error, %pod, "route of a dead pod not removed");
-                    return false;
-                }
-            }
-        }
     }
+    if let Err(error) = shared.routes.clear_leftovers(pod, &routes, &leftovers.orphans).await {
+        warn!(%error, %pod, "routes of a dead pod not removed");
+        return false;
+    }
+    shared.metrics.routes_reaped.inc_by((routes.len() + orphans.len()) as u64);
     if pod != shared.pod
         && let Err(error) = shared.routes.reaped(pod).await
     {
@@ -168,7 +175,13 @@ async fn publish_offline(shared: &Shared, routes: &[Route]) -> bool {
             UplinkEnvelope { body: Some(uplink_envelope::Body::Session(event)) }.encode_to_vec().into();
         let subject =
             names::uplink_subject(names::partition_of(&route.device_id, shared.config.uplink_partitions));
-        let publish = shared.bus.publish(subject, names::reaped_message_id(&route.connection_id), envelope);
+        // One id per connection (per device for an orphan): two reapers store it once.
+        let id = if route.connection_id.is_empty() {
+            names::reaped_message_id(&format!("{}-{}", route.pod, route.device_id))
+        } else {
+            names::reaped_message_id(&route.connection_id)
+        };
+        let publish = shared.bus.publish(subject, id, envelope);
         match tokio::time::timeout(shared.config.limits.publish_timeout, publish).await {
             Ok(Ok(ack)) => acks.push(ack),
             _ => return false,

@@ -36,6 +36,16 @@ pub struct Registered {
     pub epoch: u64,
 }
 
+/// What a pod left in the route store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// Routes that still name the pod.
+    pub routes: Vec<Route>,
+    /// Devices in the pod's set with no route at all: their route was removed without
+    /// an offline event (e.g. a worker purged it when a downlink found the pod dead).
+    pub orphans: Vec<String>,
+}
+
 /// What re-asserting a route found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reasserted {
@@ -94,9 +104,19 @@ pub trait RouteStore: Send + Sync + 'static {
     /// `me` to reap (one reaper per dead pod).
     fn claim_dead_pods<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RouteError>>;
 
-    /// The routes that still name `pod` (its devices that reconnected elsewhere are
-    /// dropped from its set).
-    fn routes_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>>;
+    /// What `pod` left behind (its devices that reconnected elsewhere are dropped from
+    /// its set).
+    fn leftovers_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Leftovers, RouteError>>;
+
+    /// Removes the leftovers of `pod` once their offline events are stored: each route
+    /// compare-and-deleted on its connection, every device taken out of the pod's set
+    /// (pipelined).
+    fn clear_leftovers<'a>(
+        &'a self,
+        pod: &'a str,
+        routes: &'a [Route],
+        orphans: &'a [String],
+    ) -> BoxFuture<'a, Result<(), RouteError>>;
 
     /// Done reaping `pod`: its set is empty, it leaves the watch list.
     fn reaped<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>>;
@@ -285,14 +305,14 @@ impl RouteStore for RedisRoutes {
         })
     }
 
-    fn routes_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>> {
+    fn leftovers_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Leftovers, RouteError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let mut members = redis::cmd("SMEMBERS");
             members.arg(names::pod_routes_key(pod));
             let devices: Vec<String> =
                 self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
-            let mut routes = Vec::new();
+            let mut leftovers = Leftovers::default();
             for batch in devices.chunks(BATCH) {
                 let mut pipe = redis::pipe();
                 for device in batch {
@@ -302,17 +322,47 @@ impl RouteStore for RedisRoutes {
                     self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
                 let mut moved = redis::pipe();
                 for (device, fields) in batch.iter().zip(hashes) {
-                    match Route::from_fields(device, &fields).filter(|route| route.pod == pod) {
-                        Some(route) => routes.push(route),
-                        // Gone, or routed by another pod now: not this pod's any more.
-                        None => {
+                    match Route::from_fields(device, &fields) {
+                        Some(route) if route.pod == pod => leftovers.routes.push(route),
+                        // Routed by another pod now: not this pod's any more.
+                        Some(_) => {
                             moved.cmd("SREM").arg(names::pod_routes_key(pod)).arg(device).ignore();
                         }
+                        None => leftovers.orphans.push(device.clone()),
                     }
                 }
                 self.bounded(moved.query_async::<()>(&mut connection), RouteError::Reap).await?;
             }
-            Ok(routes)
+            Ok(leftovers)
+        })
+    }
+
+    fn clear_leftovers<'a>(
+        &'a self,
+        pod: &'a str,
+        routes: &'a [Route],
+        orphans: &'a [String],
+    ) -> BoxFuture<'a, Result<(), RouteError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(names::ROUTE_REMOVE_SCRIPT);
+            let sha: String = self.bounded(load.query_async(&mut connection), RouteError::Reap).await?;
+            for batch in routes.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for route in batch {
+                    let key = names::route_key(&route.device_id);
+                    pipe.cmd("EVALSHA").arg(&sha).arg(1).arg(key).arg(&route.connection_id).ignore();
+                    pipe.cmd("SREM").arg(names::pod_routes_key(pod)).arg(&route.device_id).ignore();
+                }
+                self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Reap).await?;
+            }
+            for batch in orphans.chunks(BATCH) {
+                let mut srem = redis::cmd("SREM");
+                srem.arg(names::pod_routes_key(pod)).arg(batch);
+                self.bounded(srem.query_async::<()>(&mut connection), RouteError::Reap).await?;
+            }
+            Ok(())
         })
     }
 

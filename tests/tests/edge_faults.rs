@@ -17,7 +17,7 @@ use tcpc_tests::edge::TestEdge;
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::servers::{NatsServer, RedisServer};
 use tcpc_tests::stream::UplinkReader;
-use tcpc_tests::world::World;
+use tcpc_tests::world::{World, wait_for_partitions};
 use tcpc_tests::{init_logging, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -56,7 +56,7 @@ async fn metric(edge: &TestEdge, series: &str) -> u64 {
 async fn readiness_recovers_by_itself_after_nats_returns_with_nothing_left_to_publish() {
     let mut s = servers().await;
     s.auth.add("idle", device("dev-idle"));
-    s.auth.add("gone", device("dev-gone"));
+    s.auth.add("gone", device("dev-purged"));
     s.auth.add("new", device("dev-new"));
     let edge = TestEdge::spawn(&s.nats, &s.redis, "edge-a", |_| {}).await;
     let _idle = TpDevice::online(edge.official, "idle").await;
@@ -69,7 +69,7 @@ async fn readiness_recovers_by_itself_after_nats_returns_with_nothing_left_to_pu
     // is left that would publish successfully after NATS returns.
     gone.send(Frame::data(cmd::ATTRIBUTES, &b"{\"t\":1}"[..])).await;
     wait_until("the publish to fail", || async { metric(&edge, "edge_republished_total").await >= 1 }).await;
-    let disconnect = DisconnectRequest { device_id: "dev-gone".into(), ..Default::default() };
+    let disconnect = DisconnectRequest { device_id: "dev-purged".into(), ..Default::default() };
     edge.grpc_client().await.disconnect(disconnect).await.unwrap();
     // Its session gives up (flush budget, then the offline event) while NATS is down.
     wait_until("the leaving device's session to end", || async {
@@ -154,29 +154,35 @@ async fn a_killed_edges_devices_go_offline_but_a_device_that_moved_stays_online(
     let w = World::start().await;
     w.device("tok-stay", "dev-stay", "N-stay", json!({}));
     w.device("tok-move", "dev-move", "N-move", json!({}));
-    let _worker = w.worker("worker-a", &[]).await;
+    w.device("tok-purged", "dev-purged", "N-purged", json!({}));
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
     let mut edge_a = w.edge_process("edge-a").await;
     let edge_b = w.edge_process("edge-b").await;
-    let mut status = Watcher::subscribe(
-        &w.broker,
-        &["devices/status/dev-stay", "devices/status/dev-move", "devices/telemetry"],
-    )
-    .await;
+    let mut status = Watcher::subscribe(&w.broker, &["devices/status/+", "devices/telemetry"]).await;
 
     let _stay = TpDevice::online(edge_a.official, "tok-stay").await;
+    let _purged = TpDevice::online(edge_a.official, "tok-purged").await;
     let _moved_old = TpDevice::online(edge_a.official, "tok-move").await;
     let mut moved = TpDevice::online(edge_b.official, "tok-move").await;
-    let mut online = 0;
-    while online < 3 {
+    for _ in 0..4 {
         let message = status.next().await;
         assert_eq!(&message.payload[..], b"1", "{}", message.topic);
-        online += 1;
     }
 
     edge_a.kill();
+    // A route removed without an offline event, as a worker's purge of a dead pod's
+    // route does when a downlink finds the pod gone.
+    let _: () = w.redis.connection().await.del(names::route_key("dev-purged")).await.unwrap();
     // The reaper on edge-b notices edge-a's liveness key expire and reports its devices.
-    let offline = status.next().await;
-    assert_eq!((offline.topic.as_str(), &offline.payload[..]), ("devices/status/dev-stay", &b"0"[..]));
+    let mut offline = Vec::new();
+    for _ in 0..2 {
+        let message = status.next().await;
+        assert_eq!(&message.payload[..], b"0", "{}", message.topic);
+        offline.push(message.topic);
+    }
+    offline.sort();
+    assert_eq!(offline, ["devices/status/dev-purged", "devices/status/dev-stay"]);
     // Whatever the reaper published for dev-move's partition came before this uplink.
     moved.send(Frame::data(cmd::ATTRIBUTES, &b"{\"still\":1}"[..])).await;
     let next = status.next().await;
