@@ -301,3 +301,43 @@ async fn platform_disconnect_closes_the_device_and_its_config_is_fetched_again()
     drop(TpDevice::online(edge.official, "tp-token").await);
     assert_eq!(calls(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_auth_request_the_edge_gave_up_on_is_skipped() {
+    use prost::Message as _;
+    use tcpc_proto::v1::{AuthReply, AuthRequest, Protocol};
+    let w = world().await;
+    w.device("late", "dev-late", "L001", Value::Null);
+    w.device("prompt", "dev-prompt", "L002", Value::Null);
+    let worker = w.worker("worker-a", &[]).await;
+    let nats = w.nats.client().await;
+    let request = |token: &str, deadline_ms: i64| {
+        let request = AuthRequest {
+            protocol: Protocol::Official.into(),
+            access_token: token.to_owned(),
+            connection_id: "0123456789abcdef0123456789abcdef".to_owned(),
+            pod: "edge-a".to_owned(),
+            remote_addr: "127.0.0.1:40000".to_owned(),
+            deadline_ms,
+        };
+        Bytes::from(request.encode_to_vec())
+    };
+    let answered = || async {
+        let deadline = tcpc_proto::now_ms() + 30_000;
+        let reply = nats.request(tcpc_proto::names::AUTH_SUBJECT, request("prompt", deadline)).await.ok()?;
+        AuthReply::decode(reply.payload).ok()
+    };
+    wait_until("the auth responder to answer", || async { answered().await.is_some_and(|r| r.ok) }).await;
+
+    // The edge stopped waiting a second ago: its device is gone.
+    let inbox = nats.new_inbox();
+    let given_up = request("late", tcpc_proto::now_ms() - 1_000);
+    nats.publish_with_reply(tcpc_proto::names::AUTH_SUBJECT, inbox, given_up).await.unwrap();
+    // One responder takes requests in order: once the next one is answered, the late one
+    // was seen.
+    assert!(answered().await.expect("answered").ok);
+    assert_eq!(worker.metric("worker_auth_total{reason=\"expired\"}").await, 1.0);
+    let late_calls =
+        w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"late"}"#).count();
+    assert_eq!(late_calls, 0, "the platform was not asked for a device that is gone");
+}
