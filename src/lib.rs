@@ -187,7 +187,13 @@ pub async fn run(
         ),
         _ => (local_routes.clone(), local_routes),
     };
-    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
+    let metrics = Arc::new(script_worker::metrics::Metrics::default());
+    // One worker: it handles every downlink, whatever the subscription mode.
+    let (subscription, downlink_queue) = script_worker::downlink_subscription(
+        format!("{}#", settings.topic_prefix()),
+        settings.topic_prefix(),
+        metrics.clone(),
+    );
     let sink: Arc<dyn PlatformSink> = match &config.mqtt_url {
         Some(url) => {
             let mqtt = script_worker::platform::mqtt::MqttConfig::from_url(
@@ -197,16 +203,18 @@ pub async fn run(
                 &settings.mqtt_password,
             )
             .map_err(AllInOneError::Config)?;
-            // One worker: it handles every downlink, whatever the subscription mode.
-            let subscription = script_worker::platform::mqtt::Subscription {
-                filter: format!("{}#", settings.topic_prefix()),
-                deliveries,
-            };
             Arc::new(script_worker::platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()))
         }
         None => Arc::new(JsonLines),
     };
-    let core = script_worker::Core::new(settings, devices.clone(), lookup.clone(), sink, Arc::new(|_| true))?;
+    let core = script_worker::Core::new(
+        settings,
+        metrics,
+        devices.clone(),
+        lookup.clone(),
+        sink,
+        Arc::new(|_| true),
+    )?;
     tasks.spawn(script_worker::Core::dispatch_downlinks(
         core.downlinks.clone(),
         downlink_queue,

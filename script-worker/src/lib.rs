@@ -47,6 +47,7 @@ use config::{Config, Settings};
 use metrics::Metrics;
 use pipeline::Pipeline;
 use platform::client::PlatformClient;
+use platform::mqtt::Downlink;
 use routes::RouteLookup;
 use scripts::{Library, Scripts};
 use sink::PlatformSink;
@@ -82,12 +83,12 @@ impl Core {
     /// The script engine's thread cannot start.
     pub fn new(
         settings: &Settings,
+        metrics: Arc<Metrics>,
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
         sink: Arc<dyn PlatformSink>,
         handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Self, WorkerError> {
-        let metrics = Arc::new(Metrics::default());
         let library = Library::new(settings.scripts_dir.clone());
         let scripts = Arc::new(
             Scripts::start(settings.script_engine, settings.script_limits(), library)
@@ -121,19 +122,36 @@ impl Core {
     /// channel closes or `stop`.
     pub async fn dispatch_downlinks(
         downlinks: Arc<downlink::Downlinks>,
-        mut deliveries: tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>,
+        mut deliveries: tokio::sync::mpsc::Receiver<Downlink>,
         stop: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 delivery = deliveries.recv() => match delivery {
-                    Some((topic, payload)) => downlinks.handle(&topic, payload).await,
+                    Some(downlink) => downlinks.handle(downlink).await,
                     None => return,
                 },
             }
         }
     }
+}
+
+/// Downlinks waiting for the dispatcher, at most; more are refused "busy" at once. A
+/// downlink waits at most [`downlink::ANSWER_WITHIN`] anyway: a longer queue would only
+/// hold answers that are already late.
+const DOWNLINK_QUEUE: usize = 1024;
+
+/// The broker subscription on `filter` and the dispatcher's end of its queue; what
+/// does not fit is refused "busy" on the response topic under `prefix`.
+pub fn downlink_subscription(
+    filter: String,
+    prefix: String,
+    metrics: Arc<Metrics>,
+) -> (platform::mqtt::Subscription, tokio::sync::mpsc::Receiver<Downlink>) {
+    let (deliveries, queue) = tokio::sync::mpsc::channel(DOWNLINK_QUEUE);
+    let refuse = downlink::busy_refusal(prefix, metrics);
+    (platform::mqtt::Subscription { filter, deliveries, refuse }, queue)
 }
 
 /// The worker's pre-bound listeners.
@@ -209,8 +227,9 @@ pub async fn run(
     let devices: Arc<dyn DeviceSource> =
         Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
     let routes: Arc<dyn RouteLookup> = Arc::new(routes::RedisRoutes::new(redis.clone()));
-    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
-    let subscription = platform::mqtt::Subscription { filter: settings.downlink_filter(), deliveries };
+    let metrics = Arc::new(Metrics::default());
+    let (subscription, downlink_queue) =
+        downlink_subscription(settings.downlink_filter(), settings.topic_prefix(), metrics.clone());
     let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()));
     let mqtt_sink = sink.clone();
     // With every worker subscribed, a device's downlinks are the partition owner's.
@@ -225,7 +244,7 @@ pub async fn run(
             })
         }
     };
-    let core = Core::new(settings, devices.clone(), routes.clone(), sink, handles)?;
+    let core = Core::new(settings, metrics, devices.clone(), routes.clone(), sink, handles)?;
     tasks.spawn(Core::dispatch_downlinks(core.downlinks.clone(), downlink_queue, stop.clone()));
     info!(%worker, "script-worker starting");
 
@@ -270,7 +289,7 @@ pub async fn run(
             move || metrics.render()
         }),
         ready: Arc::new(move || {
-            nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_connected()
+            nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_ready()
         }),
         draining: draining.clone(),
     };

@@ -8,15 +8,24 @@
 //! connection breaks, every unacknowledged publish fails (the caller does not ack its
 //! source, which redelivers) and a fresh client is built, so that no stale request of
 //! the old one can be confused with a new one.
+//!
+//! The event loop never awaits anyone downstream: a downlink goes to the dispatcher
+//! with `try_send`, and when the dispatcher's queue is full it is refused at once (the
+//! subscription's [`Refusal`] makes the "busy" answer, which the loop publishes
+//! itself). Awaiting the dispatcher there deadlocked: the dispatcher waits for room in
+//! this loop's request queue to publish its answers, while the loop waited for room in
+//! the dispatcher's. A loop that stops turning while work waits for it is reported by
+//! [`MqttSink::is_ready`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -77,11 +86,28 @@ impl MqttConfig {
     }
 }
 
+/// How long the event loop may go without a turn while requests wait for it before
+/// the sink stops counting as ready.
+const STALL: Duration = Duration::from_secs(5);
+
+/// One downlink from the broker, and when it arrived (its answer is due within a bound
+/// from then).
+#[derive(Debug)]
+pub struct Downlink {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub received: Instant,
+}
+
+/// The answer to a downlink the dispatcher has no room for, if its topic wants one.
+pub type Refusal = Arc<dyn Fn(&str) -> Option<PlatformMessage> + Send + Sync>;
+
 /// Where downlinks from the broker go: the topic filter subscribed at QoS 1 (again on
-/// every connection), and the channel of (topic, payload).
+/// every connection), the dispatcher's bounded queue, and what to answer when it is full.
 pub struct Subscription {
     pub filter: String,
-    pub deliveries: mpsc::Sender<(String, bytes::Bytes)>,
+    pub deliveries: mpsc::Sender<Downlink>,
+    pub refuse: Refusal,
 }
 
 struct Request {
@@ -93,12 +119,14 @@ struct Request {
 pub struct MqttSink {
     requests: mpsc::Sender<Request>,
     connected: Arc<AtomicBool>,
+    /// Milliseconds from `started` to the event loop's last turn.
+    last_turn: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl MqttSink {
     /// Starts the connection task; it reconnects until `shutdown`. With a
-    /// subscription, downlinks flow to it; while its channel is full, the broker waits
-    /// (the connection stops reading).
+    /// subscription, downlinks flow to it; while its queue is full, they are refused.
     pub fn start(
         config: MqttConfig,
         subscription: Option<Subscription>,
@@ -106,13 +134,31 @@ impl MqttSink {
     ) -> Self {
         let (requests, queue) = mpsc::channel(IN_FLIGHT);
         let connected = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(config, queue, subscription, connected.clone(), shutdown));
-        MqttSink { requests, connected }
+        let (last_turn, started) = (Arc::new(AtomicU64::new(0)), Instant::now());
+        let progress = Progress { last_turn: last_turn.clone(), started };
+        tokio::spawn(run(config, queue, subscription, connected.clone(), progress, shutdown));
+        MqttSink { requests, connected, last_turn, started }
     }
 
-    /// Whether the broker connection is up (readiness).
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+    /// Readiness: the broker connection is up and the event loop makes progress (it
+    /// turned lately, or nothing waits for it).
+    pub fn is_ready(&self) -> bool {
+        let idle = self.requests.capacity() == self.requests.max_capacity();
+        let last_turn = Duration::from_millis(self.last_turn.load(Ordering::Relaxed));
+        let turning = self.started.elapsed().saturating_sub(last_turn) < STALL;
+        self.connected.load(Ordering::Relaxed) && (idle || turning)
+    }
+}
+
+/// Where the event loop records its turns.
+struct Progress {
+    last_turn: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Progress {
+    fn turn(&self) {
+        self.last_turn.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -152,6 +198,22 @@ impl Connection {
         self.unnamed.len() + self.in_flight.len()
     }
 
+    /// Publishes the refusal of a downlink, when its topic wants an answer and the
+    /// client has room (its request queue is twice [`IN_FLIGHT`], so a refusal never
+    /// takes the room of an uplink). Nobody waits for its PUBACK, but it takes its
+    /// place in `unnamed` so that packet ids still match.
+    fn refuse(&mut self, refuse: &Refusal, topic: &str) {
+        let Some(answer) = refuse(topic) else { return };
+        if self.pending() >= IN_FLIGHT * 2 - 1 {
+            warn!(%topic, "downlink refused with no room to answer it");
+            return;
+        }
+        match self.client.try_publish(answer.topic, QoS::AtLeastOnce, false, answer.payload) {
+            Ok(()) => self.unnamed.push_back(oneshot::channel().0),
+            Err(error) => warn!(%error, "refusal of a downlink not sent"),
+        }
+    }
+
     fn fail_all(&mut self) {
         for done in self.unnamed.drain(..).chain(self.in_flight.drain().map(|(_, done)| done)) {
             let _ = done.send(Err(SinkError::ConnectionLost));
@@ -164,11 +226,13 @@ async fn run(
     mut queue: mpsc::Receiver<Request>,
     subscription: Option<Subscription>,
     connected: Arc<AtomicBool>,
+    progress: Progress,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut connection = Connection::new(&config);
     loop {
+        progress.turn();
         let accepting = connection.pending() < IN_FLIGHT;
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -206,7 +270,12 @@ async fn run(
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(subscription) = &subscription {
-                        let _ = subscription.deliveries.send((publish.topic, publish.payload)).await;
+                        let downlink =
+                            Downlink { topic: publish.topic, payload: publish.payload, received: Instant::now() };
+                        // Never `send().await` here (see the module doc): a full queue refuses.
+                        if let Err(error) = subscription.deliveries.try_send(downlink) {
+                            connection.refuse(&subscription.refuse, &error.into_inner().topic);
+                        }
                     }
                 }
                 Ok(_) => {}
