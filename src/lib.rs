@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::Parser;
 use edge_gateway::routes::RouteStore;
 use edge_gateway::uplink::UplinkBus;
+use script_worker::dead_letter::{DeadLetters, JetStreamDeadLetters, LoggedDeadLetters};
 use script_worker::platform::client::PlatformClient;
 use script_worker::routes::RouteLookup;
 use script_worker::sink::{JsonLines, PlatformSink};
@@ -207,12 +208,29 @@ pub async fn run(
         }
         None => Arc::new(JsonLines),
     };
+    // The worker's side of NATS, when the bus is JetStream; connected before the core,
+    // which keeps dead letters there.
+    let nats = match (&config.nats_url, &redis) {
+        (Some(url), Some(_)) => Some(
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(url)
+                .await
+                .map_err(|e| script_worker::WorkerError::Connect("nats", e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let dead_letters: Arc<dyn DeadLetters> = match &nats {
+        Some(nats) => Arc::new(JetStreamDeadLetters::new(nats.clone())),
+        None => Arc::new(LoggedDeadLetters),
+    };
     let core = script_worker::Core::new(
         settings,
         metrics,
         devices.clone(),
         lookup.clone(),
         sink,
+        dead_letters,
         Arc::new(|_| true),
     )?;
     tasks.spawn(script_worker::Core::dispatch_downlinks(
@@ -221,8 +239,8 @@ pub async fn run(
         stop.clone(),
     ));
 
-    let (bus, nats): (Arc<dyn UplinkBus>, Option<async_nats::Client>) = match (&config.nats_url, redis) {
-        (Some(url), Some(redis)) => {
+    let bus: Arc<dyn UplinkBus> = match (&config.nats_url, redis, &nats) {
+        (Some(url), Some(redis), Some(nats)) => {
             let bus = Arc::new(
                 edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout)
                     .await
@@ -232,31 +250,23 @@ pub async fn run(
                 let (bus, stop) = (bus.clone(), stop.clone());
                 async move { bus.ensure_stream(&stop).await }
             });
-            let nats = async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect(url)
-                .await
-                .map_err(|e| script_worker::WorkerError::Connect("nats", e.to_string()))?;
             script_worker::spawn_bus_tasks(
                 &tasks,
                 &core,
                 &devices,
-                &nats,
+                nats,
                 redis,
                 pod.clone(),
                 settings.uplink_partitions,
                 Arc::default(),
                 &stop,
             );
-            (bus, Some(nats))
+            bus
         }
-        _ => (
-            Arc::new(local::LocalBus {
-                pipeline: core.pipeline.clone(),
-                authenticator: core.authenticator.clone(),
-            }),
-            None,
-        ),
+        _ => Arc::new(local::LocalBus {
+            pipeline: core.pipeline.clone(),
+            authenticator: core.authenticator.clone(),
+        }),
     };
 
     let api = script_worker::api::ApiState {

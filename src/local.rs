@@ -31,7 +31,7 @@ impl UplinkBus for LocalBus {
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
             let handled =
-                self.pipeline.handle(&envelope).await.map_err(|e| BusError::Publish(e.to_string()))?;
+                self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.to_string()))?;
             let ack: AckFuture =
                 Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.to_string())) });
             Ok(ack)

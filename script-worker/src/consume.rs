@@ -25,12 +25,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
+use tcpc_proto::backoff::Backoff;
 use tcpc_proto::names;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{HandleError, Pipeline};
 
 /// How often membership and leases are renewed.
 const TICK: Duration = Duration::from_secs(2);
@@ -282,8 +283,9 @@ impl Partitions {
                 }
             }
             let Some(last) = messages.last() else { continue };
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             // Retry the batch until the platform took all of it: nothing is acked before.
+            // Only transient failures come back here (permanent ones were dead-lettered).
             while !stop.is_cancelled() {
                 // Stopping mid-batch leaves it unacknowledged: the next owner takes it.
                 let handled = tokio::select! {
@@ -298,22 +300,23 @@ impl Partitions {
                         break;
                     }
                     Err(error) => {
-                        warn!(partition, %error, retry_in = ?backoff, "batch not delivered to the platform");
+                        let retry_in = backoff.next_delay();
+                        self.pipeline.metrics.retries.inc();
+                        warn!(partition, %error, ?retry_in, "batch not delivered to the platform");
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(retry_in) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }
         }
     }
 
-    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Result<(), crate::sink::SinkError> {
+    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Result<(), HandleError> {
         let mut handled = Vec::with_capacity(messages.len());
         for message in messages {
-            handled.push(self.pipeline.handle(&message.payload).await?);
+            handled.push(self.pipeline.handle(message.payload.clone()).await?);
         }
         futures::future::try_join_all(handled).await.map(drop)
     }

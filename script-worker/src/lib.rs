@@ -7,7 +7,8 @@
 //!   order, to the [`pipeline`]: [`uplink`] maps it (running the device's script from
 //!   [`scripts`]) to platform messages for the [`sink::PlatformSink`] — the platform's
 //!   MQTT broker ([`platform::mqtt`]) or JSON lines — and the envelope is acknowledged
-//!   only after the broker acknowledged its messages.
+//!   only after the broker acknowledged its messages. One that can never be delivered
+//!   goes to the [`dead_letter`] stream with its reason, and is then acknowledged.
 //! - [`downlink`] takes the platform's downlinks from the broker subscription, encodes
 //!   them (TP frame or the device's downlink script), and delivers them through the edge
 //!   pod that holds the device ([`routes`]: route lookups and one gRPC channel per pod);
@@ -19,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod consume;
+pub mod dead_letter;
 pub mod devices;
 pub mod downlink;
 pub mod metrics;
@@ -44,6 +46,7 @@ use tracing::{info, warn};
 
 use auth::Authenticator;
 use config::{Config, Settings};
+use dead_letter::DeadLetters;
 use metrics::Metrics;
 use pipeline::Pipeline;
 use platform::client::PlatformClient;
@@ -76,8 +79,8 @@ pub struct Core {
 }
 
 impl Core {
-    /// Builds the core on a device source, a route lookup and a platform sink;
-    /// `handles` says whether this worker handles a device's downlinks.
+    /// Builds the core on a device source, a route lookup, a platform sink and a
+    /// keeper of dead letters; `handles` says whether this worker handles a device's downlinks.
     ///
     /// # Errors
     /// The script engine's thread cannot start.
@@ -87,6 +90,7 @@ impl Core {
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
         sink: Arc<dyn PlatformSink>,
+        dead_letters: Arc<dyn DeadLetters>,
         handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Self, WorkerError> {
         let library = Library::new(settings.scripts_dir.clone());
@@ -112,7 +116,7 @@ impl Core {
             metrics: metrics.clone(),
             downlinks: downlinks.clone(),
         };
-        let pipeline = Arc::new(Pipeline { mapper, sink, metrics: metrics.clone() });
+        let pipeline = Arc::new(Pipeline { mapper, sink, dead_letters, metrics: metrics.clone() });
         let authenticator =
             Arc::new(Authenticator { devices, scripts: scripts.clone(), metrics: metrics.clone() });
         Ok(Core { metrics, scripts, pipeline, authenticator, downlinks })
@@ -244,7 +248,8 @@ pub async fn run(
             })
         }
     };
-    let core = Core::new(settings, metrics, devices.clone(), routes.clone(), sink, handles)?;
+    let dead_letters = Arc::new(dead_letter::JetStreamDeadLetters::new(nats.clone()));
+    let core = Core::new(settings, metrics, devices.clone(), routes.clone(), sink, dead_letters, handles)?;
     tasks.spawn(Core::dispatch_downlinks(core.downlinks.clone(), downlink_queue, stop.clone()));
     info!(%worker, "script-worker starting");
 

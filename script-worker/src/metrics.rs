@@ -27,6 +27,10 @@ pub struct Metrics {
     pub partitions: Gauge,
     /// Downlinks by outcome (delivered, offline, failed, queued, …).
     pub downlinks: Family<ReasonLabel, Counter>,
+    /// Envelopes that can never be delivered, kept as dead letters, by cause.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Uplink batches retried after a transient failure (the ack held meanwhile).
+    pub retries: Counter,
 }
 
 impl Default for Metrics {
@@ -48,7 +52,25 @@ impl Default for Metrics {
         registry.register("worker_partitions", "Uplink partitions owned", partitions.clone());
         let downlinks = Family::<ReasonLabel, Counter>::default();
         registry.register("worker_downlinks", "Downlinks by outcome", downlinks.clone());
-        Metrics { registry, envelopes, published, uplink_errors, auth, partitions, downlinks }
+        let dead_letters = Family::<ReasonLabel, Counter>::default();
+        registry.register("worker_dead_letters", "Envelopes dead-lettered, by cause", dead_letters.clone());
+        let retries = Counter::default();
+        registry.register(
+            "worker_uplink_retries",
+            "Uplink batches retried after a transient failure",
+            retries.clone(),
+        );
+        Metrics {
+            registry,
+            envelopes,
+            published,
+            uplink_errors,
+            auth,
+            partitions,
+            downlinks,
+            dead_letters,
+            retries,
+        }
     }
 }
 

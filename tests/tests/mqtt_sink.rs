@@ -87,3 +87,45 @@ async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
     assert!(sink.is_ready());
     stop.cancel();
 }
+
+/// A message the broker would refuse fails alone, as permanent; the connection and the
+/// messages around it are unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_broker_would_refuse_fails_alone() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn().await;
+    let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
+    let stop = CancellationToken::new();
+    let sink = MqttSink::start(config, None, stop.clone());
+    let message = |topic: &str, payload: Bytes| PlatformMessage { topic: topic.to_owned(), payload };
+    let numbered = |n: u32| message("devices/telemetry", Bytes::from(format!(r#"{{"n":{n}}}"#)));
+    let oversize = Bytes::from(vec![b'x'; script_worker::platform::mqtt::MAX_PACKET]);
+    let sent = [
+        numbered(0),
+        message("devices/command/response/#", Bytes::from_static(b"{}")),
+        numbered(1),
+        message("devices/event/a\0b", Bytes::from_static(b"{}")),
+        numbered(2),
+        message("devices/telemetry", oversize),
+        numbered(3),
+    ];
+    let mut acks = Vec::new();
+    for message in sent {
+        acks.push(tokio::time::timeout(DEADLINE, sink.publish(message)).await.expect("queued").unwrap());
+    }
+    let mut outcomes = Vec::new();
+    for ack in acks {
+        let outcome = tokio::time::timeout(DEADLINE, ack).await.expect("an outcome within the deadline");
+        outcomes.push(outcome.map_err(|error| error.is_permanent()));
+    }
+    assert_eq!(outcomes, [Ok(()), Err(true), Ok(()), Err(true), Ok(()), Err(true), Ok(())]);
+    for n in 0..4 {
+        let message = watcher.next().await;
+        assert_eq!(
+            (message.topic.as_str(), &message.payload[..]),
+            ("devices/telemetry", format!(r#"{{"n":{n}}}"#).as_bytes())
+        );
+    }
+    stop.cancel();
+}

@@ -341,3 +341,56 @@ async fn an_auth_request_the_edge_gave_up_on_is_skipped() {
         w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"late"}"#).count();
     assert_eq!(late_calls, 0, "the platform was not asked for a device that is gone");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_frames_are_dead_lettered_and_the_device_goes_on() {
+    use prost::Message as _;
+    let w = world().await;
+    w.device("poison", "dev-poison", "P001", Value::Null);
+    let mut watcher =
+        Watcher::subscribe(&w.broker, &["devices/telemetry", "devices/command/response/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "poison").await;
+    // Message ids the broker would refuse as a topic level, between numbered telemetry.
+    let long = "9".repeat(200);
+    let poisons = ["#", "+", "a\\u0000b", long.as_str()];
+    for (n, id) in poisons.iter().enumerate() {
+        send_numbered(&mut device, n as u32..n as u32 + 1).await;
+        let response = format!(r#"{{"message_id":"{id}","result":0}}"#);
+        device.send(Frame::data(cmd::COMMAND_RESPONSE, Bytes::from(response))).await;
+    }
+    device.send(Frame::data(cmd::COMMAND_RESPONSE, &br#"{"message_id":"ok1","result":0}"#[..])).await;
+    send_numbered(&mut device, 4..5).await;
+    for n in 0..4 {
+        let message = watcher.next().await;
+        assert_eq!(
+            (message.topic.as_str(), message.values("dev-poison")),
+            ("devices/telemetry", json!({"n": n}))
+        );
+    }
+    let answer = watcher.next().await;
+    assert_eq!(
+        (answer.topic.as_str(), answer.values("dev-poison")),
+        ("devices/command/response/ok1", json!({"result": 0}))
+    );
+    assert_eq!(watcher.next().await.values("dev-poison"), json!({"n": 4}), "the device's next frame arrives");
+
+    // Each poison kept once, in order, with its reason and its frame.
+    let jetstream = async_nats::jetstream::new(w.nats.client().await);
+    let mut dead =
+        jetstream.get_stream(tcpc_proto::names::DEAD_LETTER_STREAM).await.expect("the dead-letter stream");
+    assert_eq!(dead.info().await.unwrap().state.messages, poisons.len() as u64);
+    for (n, id) in poisons.iter().enumerate() {
+        let letter = dead.get_raw_message(n as u64 + 1).await.unwrap();
+        let reason = letter.headers.get(tcpc_proto::names::DEAD_LETTER_REASON_HEADER).unwrap();
+        assert_eq!(reason.as_str(), "message_id unusable in a topic");
+        let envelope = tcpc_proto::v1::UplinkEnvelope::decode(letter.payload).unwrap();
+        let Some(tcpc_proto::v1::uplink_envelope::Body::Uplink(uplink)) = envelope.body else {
+            panic!("an uplink")
+        };
+        let frame: Value = serde_json::from_slice(&uplink.payload).unwrap();
+        assert_eq!(frame["message_id"].as_str().unwrap().replace('\0', "\\u0000"), *id);
+    }
+    assert_eq!(worker.metric("worker_dead_letters_total{reason=\"bad_message_id\"}").await, 4.0);
+}

@@ -34,6 +34,31 @@ use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
 /// Publishes handed to the client and not yet acknowledged, at most. Below rumqttc's
 /// request channel capacity, so that handing one over never waits.
 const IN_FLIGHT: usize = 512;
+/// The largest MQTT packet either way (the platform broker's default limit is larger).
+pub const MAX_PACKET: usize = 1 << 20;
+/// Fixed header, topic length and packet id of a PUBLISH, at most.
+const PUBLISH_OVERHEAD: usize = 5 + 2 + 2;
+
+/// Why the broker would refuse `message`, found before it is sent: a refused topic or
+/// an over-size packet closes the connection (mosquitto disconnects the client;
+/// rumqttc fails its event loop), which looked like an outage and was retried forever.
+///
+/// # Errors
+/// [`SinkError::Refused`] with the reason.
+pub fn check(message: &PlatformMessage) -> Result<(), SinkError> {
+    let topic = &message.topic;
+    if topic.is_empty() || topic.len() > usize::from(u16::MAX) {
+        return Err(SinkError::Refused("topic empty or over 65535 bytes"));
+    }
+    // Wildcards are for subscriptions; NUL is not allowed in MQTT strings.
+    if topic.contains(['+', '#', '\0']) {
+        return Err(SinkError::Refused("topic with a wildcard or NUL"));
+    }
+    if topic.len() + message.payload.len() + PUBLISH_OVERHEAD > MAX_PACKET {
+        return Err(SinkError::Refused("message over the MQTT packet limit"));
+    }
+    Ok(())
+}
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -81,7 +106,7 @@ impl MqttConfig {
             .set_clean_session(true)
             .set_inflight(IN_FLIGHT as u16)
             .set_request_channel_capacity(IN_FLIGHT * 2)
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
         options
     }
 }
@@ -242,8 +267,14 @@ async fn run(
             }
             request = queue.recv(), if accepting => {
                 let Some(Request { message, done }) = request else { return };
+                if let Err(refused) = check(&message) {
+                    let _ = done.send(Err(refused));
+                    continue;
+                }
                 match connection.client.try_publish(message.topic, QoS::AtLeastOnce, false, message.payload) {
                     Ok(()) => connection.unnamed.push_back(done),
+                    // Not a full queue (`accepting` keeps room) nor a topic (checked):
+                    // the client's event loop is gone with its connection.
                     Err(_) => { let _ = done.send(Err(SinkError::ConnectionLost)); }
                 }
             }
@@ -306,5 +337,32 @@ mod tests {
         assert_eq!(MqttConfig::from_url("mqtt://broker", "id", "u", "p").unwrap().port, 1883);
         assert!(MqttConfig::from_url("mqtts://broker", "id", "u", "p").is_err());
         assert!(MqttConfig::from_url("mqtt://:1883", "id", "u", "p").is_err());
+    }
+
+    #[test]
+    fn topics_and_sizes_the_broker_would_refuse() {
+        let message = |topic: &str, size: usize| PlatformMessage {
+            topic: topic.to_owned(),
+            payload: bytes::Bytes::from(vec![b'x'; size]),
+        };
+        assert_eq!(check(&message("devices/command/response/m1", 10)), Ok(()));
+        for topic in ["devices/command/response/#", "devices/event/+", "devices/event/a\0b", ""] {
+            assert_eq!(
+                check(&message(topic, 10)).map_err(|e| e.is_permanent()),
+                Err(true),
+                "{topic:?} refused"
+            );
+        }
+        assert_eq!(
+            check(&message(&"a".repeat(70_000), 0)),
+            Err(SinkError::Refused("topic empty or over 65535 bytes"))
+        );
+        let topic = "devices/telemetry";
+        let fits = MAX_PACKET - topic.len() - PUBLISH_OVERHEAD;
+        assert_eq!(check(&message(topic, fits)), Ok(()));
+        assert_eq!(
+            check(&message(topic, fits + 1)),
+            Err(SinkError::Refused("message over the MQTT packet limit"))
+        );
     }
 }
