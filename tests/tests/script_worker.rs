@@ -394,3 +394,41 @@ async fn poison_frames_are_dead_lettered_and_the_device_goes_on() {
     }
     assert_eq!(worker.metric("worker_dead_letters_total{reason=\"bad_message_id\"}").await, 4.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uplinks_wait_out_a_platform_outage_instead_of_being_dropped() {
+    let w = world().await;
+    w.device("outage", "dev-outage", "O001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "outage").await;
+    send_numbered(&mut device, 0..1).await;
+    assert_eq!(watcher.next().await.values("dev-outage"), json!({"n": 0}));
+
+    // A worker that never saw the device takes over, with nothing cached to read, while
+    // the platform is down: it cannot look the device up.
+    first.kill();
+    let mut redis = w.redis.connection().await;
+    let cached: Vec<String> = redis::AsyncCommands::keys(&mut redis, "tcpc:config*").await.unwrap();
+    assert!(!cached.is_empty(), "the first worker shared the device's config");
+    let () = redis::AsyncCommands::del(&mut redis, cached).await.unwrap();
+    w.platform.set_down(true);
+    let second = w.worker("worker-b", &[]).await;
+    wait_for_partitions(&[&second]).await;
+    send_numbered(&mut device, 1..4).await;
+    wait_until("the lookup to fail and be retried", || async {
+        second.metric("worker_uplink_retries_total").await >= 1.0
+    })
+    .await;
+    w.platform.set_down(false);
+    // Held, not acknowledged as handled: every one arrives, in order (0 may come again:
+    // the killed worker may not have acknowledged it).
+    let mut seen = Vec::new();
+    while seen.last() != Some(&3) {
+        seen.push(watcher.next().await.values("dev-outage")["n"].as_u64().unwrap());
+    }
+    let after_outage: Vec<u64> = seen.into_iter().skip_while(|n| *n == 0).collect();
+    assert_eq!(after_outage, [1, 2, 3], "nothing missing, in order, once");
+}
