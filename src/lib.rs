@@ -195,6 +195,8 @@ pub async fn run(
         settings.topic_prefix(),
         metrics.clone(),
     );
+    // The broker connection outlives the worker's tasks: their last batches need it.
+    let (mqtt_stop, mqtt_tasks) = (CancellationToken::new(), TaskTracker::new());
     let sink: Arc<dyn PlatformSink> = match &config.mqtt_url {
         Some(url) => {
             let mqtt = script_worker::platform::mqtt::MqttConfig::from_url(
@@ -204,7 +206,12 @@ pub async fn run(
                 &settings.mqtt_password,
             )
             .map_err(AllInOneError::Config)?;
-            Arc::new(script_worker::platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()))
+            Arc::new(script_worker::platform::mqtt::MqttSink::start(
+                mqtt,
+                Some(subscription),
+                mqtt_stop.clone(),
+                &mqtt_tasks,
+            ))
         }
         None => Arc::new(JsonLines),
     };
@@ -273,13 +280,17 @@ pub async fn run(
         devices,
         routes: lookup,
         edges: core.downlinks.edges.clone(),
-        broadcast_forget: Arc::new(move |device_id: String| {
+        broadcast_forget: Arc::new({
             let nats = nats.clone();
-            Box::pin(async move {
-                if let Some(nats) = nats {
-                    let _ = nats.publish(tcpc_proto::names::DEVICE_FORGET_SUBJECT, device_id.into()).await;
-                }
-            })
+            move |device_id: String| {
+                let nats = nats.clone();
+                Box::pin(async move {
+                    if let Some(nats) = nats {
+                        let _ =
+                            nats.publish(tcpc_proto::names::DEVICE_FORGET_SUBJECT, device_id.into()).await;
+                    }
+                })
+            }
         }),
     };
     tasks.spawn({
@@ -311,6 +322,6 @@ pub async fn run(
     };
     let edge = edge_gateway::run_with(config.edge(&pod), listeners.edge, seams, shutdown).await;
     stop.cancel();
-    tasks.wait().await;
+    script_worker::drain(&tasks, nats.as_ref(), &mqtt_stop, &mqtt_tasks).await;
     edge.map_err(AllInOneError::from)
 }

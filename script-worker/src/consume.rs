@@ -199,8 +199,9 @@ impl Partitions {
 
     async fn release(&self, partition: u32, held: Owned) {
         held.stop.cancel();
-        // The consumer stops at its next await; a JetStream call that hangs does not
-        // hold the whole lease loop (which must keep renewing the other leases).
+        // The consumer finishes the batch under way (published and acknowledged) and
+        // stops; within TICK, so that a JetStream call that hangs does not hold the
+        // whole lease loop (which must keep renewing the other leases) nor a shutdown.
         let mut task = held.task;
         if tokio::time::timeout(TICK, &mut task).await.is_err() {
             warn!(partition, "partition consumer slow to stop; aborting it");
@@ -286,18 +287,22 @@ impl Partitions {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             // Retry the batch until the platform took all of it: nothing is acked before.
             // Only transient failures come back here (permanent ones were dead-lettered).
-            while !stop.is_cancelled() {
-                // Stopping mid-batch leaves it unacknowledged: the next owner takes it.
-                let handled = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    handled = self.handle_batch(&messages) => handled,
-                };
-                match handled {
+            loop {
+                // A batch under way is finished and acknowledged even when asked to
+                // stop (shutdown, hand-over): what the platform already has must not
+                // come again from the next owner. The caller bounds the wait (see
+                // `release`) and aborts past it; a lost lease aborts at once.
+                match self.handle_batch(&messages).await {
                     Ok(()) => {
                         if let Err(error) = last.ack().await {
                             warn!(partition, %error, "batch ack not sent; it will be redelivered");
                         }
                         break;
+                    }
+                    Err(error) if stop.is_cancelled() => {
+                        // Not retried when stopping: unacknowledged, the next owner takes it.
+                        warn!(partition, %error, "batch not delivered while stopping");
+                        return;
                     }
                     Err(error) => {
                         let retry_in = backoff.next_delay();

@@ -234,7 +234,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let (subscription, downlink_queue) =
         downlink_subscription(settings.downlink_filter(), settings.topic_prefix(), metrics.clone());
-    let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()));
+    // The broker connection outlives the consumers: their last batches need its PUBACKs.
+    let (mqtt_stop, mqtt_tasks) = (CancellationToken::new(), TaskTracker::new());
+    let sink =
+        Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), mqtt_stop.clone(), &mqtt_tasks));
     let mqtt_sink = sink.clone();
     // With every worker subscribed, a device's downlinks are the partition owner's.
     let owned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
@@ -288,13 +291,14 @@ pub async fn run(
         }
     });
     let draining = Arc::new(AtomicBool::new(false));
+    let ready_nats = nats.clone();
     let health = tcpc_observe::Health {
         metrics: Arc::new({
             let metrics = core.metrics.clone();
             move || metrics.render()
         }),
         ready: Arc::new(move || {
-            nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_ready()
+            ready_nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_ready()
         }),
         draining: draining.clone(),
     };
@@ -312,8 +316,39 @@ pub async fn run(
     draining.store(true, Ordering::Release);
     info!("script-worker stopping");
     stop.cancel();
-    tasks.wait().await;
+    drain(&tasks, Some(&nats), &mqtt_stop, &mqtt_tasks).await;
     Ok(())
+}
+
+/// How long the consumers and the rest may take to stop before the broker connection
+/// is closed anyway: a partition's batch under way gets `consume`'s hand-over time (2 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The shutdown order, once `tasks` were told to stop: they end (the partition
+/// consumers finish and acknowledge their batches under way), the acknowledgements are
+/// flushed to NATS, and only then is the broker connection closed (DISCONNECT), each
+/// step within a deadline.
+pub async fn drain(
+    tasks: &TaskTracker,
+    nats: Option<&async_nats::Client>,
+    mqtt_stop: &CancellationToken,
+    mqtt_tasks: &TaskTracker,
+) {
+    tasks.close();
+    if tokio::time::timeout(STOP_DEADLINE, tasks.wait()).await.is_err() {
+        warn!("tasks not stopped within {STOP_DEADLINE:?}; closing the broker connection anyway");
+    }
+    if let Some(nats) = nats
+        && tokio::time::timeout(STOP_DEADLINE, nats.flush()).await.is_err()
+    {
+        warn!("acknowledgements not flushed to NATS in time; those batches will come again");
+    }
+    mqtt_stop.cancel();
+    mqtt_tasks.close();
+    let deadline = platform::mqtt::DISCONNECT_DEADLINE + Duration::from_secs(1);
+    if tokio::time::timeout(deadline, mqtt_tasks.wait()).await.is_err() {
+        warn!("platform broker connection not closed in time");
+    }
 }
 
 /// The worker's side of NATS: the auth responder, config invalidations, and the

@@ -14,23 +14,26 @@ use crate::{DEADLINE, wait_until};
 pub struct Mosquitto {
     pub port: u16,
     config: std::path::PathBuf,
+    log: std::path::PathBuf,
     process: Process,
 }
 
 impl Mosquitto {
     pub async fn spawn() -> Self {
         let port = free_port();
-        let config = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}.conf", std::process::id()));
+        let base = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}", std::process::id()));
+        let (config, log) = (base.with_extension("conf"), base.with_extension("log"));
         std::fs::write(
             &config,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
-                 max_queued_messages 0\n"
+                 max_queued_messages 0\nlog_dest file {}\n",
+                log.display()
             ),
         )
         .expect("write mosquitto config");
         let process = Process::start("mosquitto", &["-c".to_owned(), config.display().to_string()]);
-        let broker = Mosquitto { port, config, process };
+        let broker = Mosquitto { port, config, log, process };
         wait_until("mosquitto to accept connections", || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
@@ -41,12 +44,18 @@ impl Mosquitto {
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
+
+    /// The broker's log so far (connections and how they ended).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.process.kill();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

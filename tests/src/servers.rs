@@ -41,6 +41,19 @@ impl Process {
         Process(Some(child))
     }
 
+    /// SIGTERM (a shutdown, not a crash); the process then drains and exits by itself.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.0 {
+            let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            assert!(sent.is_ok_and(|status| status.success()), "SIGTERM sent");
+        }
+    }
+
+    /// Whether the process has exited (reaped if so).
+    pub fn exited(&mut self) -> bool {
+        self.0.as_mut().is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGKILL, and wait for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {

@@ -75,6 +75,12 @@ impl WorkerProcess {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// SIGTERM, and wait until the worker has drained and exited.
+    pub async fn stop(&mut self) {
+        self.process.terminate();
+        wait_until("the worker to drain and exit", || std::future::ready(self.process.exited())).await;
+    }
 }
 
 /// An edge-gateway process (its real main), killable with SIGKILL.

@@ -10,6 +10,7 @@ use tcpc_tests::mqtt::{Mosquitto, Watcher};
 use tcpc_tests::{DEADLINE, wait_until};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A downlink consumer that stopped taking downlinks (it waits on an edge pod, say)
 /// must not stop the uplinks' PUBACKs: extra downlinks are refused and answered.
@@ -30,7 +31,7 @@ async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
     let subscription = Subscription { filter: "plugin/TCP/#".into(), deliveries, refuse };
     let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
     let stop = CancellationToken::new();
-    let sink = MqttSink::start(config, Some(subscription), stop.clone());
+    let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
     let mut probe = 0;
     wait_until("the downlink subscription to be live", || {
         probe += 1;
@@ -97,7 +98,7 @@ async fn a_message_the_broker_would_refuse_fails_alone() {
     let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
     let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
     let stop = CancellationToken::new();
-    let sink = MqttSink::start(config, None, stop.clone());
+    let sink = MqttSink::start(config, None, stop.clone(), &TaskTracker::new());
     let message = |topic: &str, payload: Bytes| PlatformMessage { topic: topic.to_owned(), payload };
     let numbered = |n: u32| message("devices/telemetry", Bytes::from(format!(r#"{{"n":{n}}}"#)));
     let oversize = Bytes::from(vec![b'x'; script_worker::platform::mqtt::MAX_PACKET]);
@@ -128,4 +129,32 @@ async fn a_message_the_broker_would_refuse_fails_alone() {
         );
     }
     stop.cancel();
+}
+
+/// On shutdown the broker sees DISCONNECT, not a dropped socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_disconnects_cleanly() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn().await;
+    let config = MqttConfig::from_url(&broker.url(), "worker-stopping", "plugin", "plugin").unwrap();
+    let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let sink = MqttSink::start(config, None, stop.clone(), &tasks);
+    wait_until("the connection", || async { sink.is_ready() }).await;
+    let message = PlatformMessage { topic: "devices/telemetry".into(), payload: Bytes::from_static(b"{}") };
+    let ack = sink.publish(message).await.unwrap();
+    tokio::time::timeout(DEADLINE, ack).await.expect("a PUBACK").unwrap();
+    stop.cancel();
+    tasks.close();
+    tokio::time::timeout(DEADLINE, tasks.wait()).await.expect("the connection task ends");
+    // Mosquitto logs "Client <id> disconnected." for a DISCONNECT, "closed its
+    // connection" for a dropped socket.
+    let ended = || -> Vec<String> {
+        broker.log().lines().filter(|l| l.contains("Client worker-stopping")).map(str::to_owned).collect()
+    };
+    wait_until("the broker to log how the client left", || async { !ended().is_empty() }).await;
+    let ended = ended();
+    assert!(
+        ended.len() == 1 && ended[0].ends_with("Client worker-stopping disconnected."),
+        "a clean DISCONNECT, not a dropped socket: {ended:?}"
+    );
 }

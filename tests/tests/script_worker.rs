@@ -432,3 +432,36 @@ async fn uplinks_wait_out_a_platform_outage_instead_of_being_dropped() {
     let after_outage: Vec<u64> = seen.into_iter().skip_while(|n| *n == 0).collect();
     assert_eq!(after_outage, [1, 2, 3], "nothing missing, in order, once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_mid_stream_hands_over_without_duplicates() {
+    const COUNT: u64 = 3000;
+    let w = world().await;
+    w.device("steady", "dev-steady", "N003", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "steady").await;
+    // Sent while the worker stops, so that it stops in the middle of a batch.
+    let sender = tokio::spawn(async move {
+        send_numbered(&mut device, 0..COUNT as u32).await;
+        device
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
+    }
+    // A shutdown mid-stream: the batch under way is finished and acknowledged first.
+    first.stop().await;
+    let _second = w.worker("worker-b", &[]).await;
+    let _device = sender.await.unwrap();
+    let mut distinct: std::collections::HashSet<u64> = seen.iter().copied().collect();
+    while distinct.len() < COUNT as usize {
+        let n = watcher.next().await.values("dev-steady")["n"].as_u64().unwrap();
+        distinct.insert(n);
+        seen.push(n);
+    }
+    assert_eq!(seen.len() as u64 - COUNT, 0, "no duplicate");
+    assert_eq!(seen, (0..COUNT).collect::<Vec<_>>(), "all, in order");
+}

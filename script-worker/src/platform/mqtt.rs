@@ -27,6 +27,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS}
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
@@ -111,6 +112,9 @@ impl MqttConfig {
     }
 }
 
+/// How long a shutdown waits for the DISCONNECT to be written.
+pub const DISCONNECT_DEADLINE: Duration = Duration::from_secs(2);
+
 /// How long the event loop may go without a turn while requests wait for it before
 /// the sink stops counting as ready.
 const STALL: Duration = Duration::from_secs(5);
@@ -150,18 +154,20 @@ pub struct MqttSink {
 }
 
 impl MqttSink {
-    /// Starts the connection task; it reconnects until `shutdown`. With a
-    /// subscription, downlinks flow to it; while its queue is full, they are refused.
+    /// Starts the connection task on `tasks`; it reconnects until `shutdown`, then
+    /// sends DISCONNECT (within [`DISCONNECT_DEADLINE`]) and ends. With a subscription,
+    /// downlinks flow to it; while its queue is full, they are refused.
     pub fn start(
         config: MqttConfig,
         subscription: Option<Subscription>,
         shutdown: CancellationToken,
+        tasks: &TaskTracker,
     ) -> Self {
         let (requests, queue) = mpsc::channel(IN_FLIGHT);
         let connected = Arc::new(AtomicBool::new(false));
         let (last_turn, started) = (Arc::new(AtomicU64::new(0)), Instant::now());
         let progress = Progress { last_turn: last_turn.clone(), started };
-        tokio::spawn(run(config, queue, subscription, connected.clone(), progress, shutdown));
+        tasks.spawn(run(config, queue, subscription, connected.clone(), progress, shutdown));
         MqttSink { requests, connected, last_turn, started }
     }
 
@@ -239,6 +245,35 @@ impl Connection {
         }
     }
 
+    /// Drives the event loop until the DISCONNECT queued after everything else was
+    /// written (rumqttc reports it after the flush) or the connection ended; PUBACKs
+    /// arriving meanwhile still complete their publishes.
+    async fn until_disconnected(&mut self) {
+        loop {
+            match self.events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                Ok(event) => self.note(event),
+            }
+        }
+    }
+
+    /// Matches publishes to packet ids and PUBACKs to publishes.
+    fn note(&mut self, event: Event) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(done) = self.unnamed.pop_front() {
+                    self.in_flight.insert(pkid, done);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(done) = self.in_flight.remove(&ack.pkid) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn fail_all(&mut self) {
         for done in self.unnamed.drain(..).chain(self.in_flight.drain().map(|(_, done)| done)) {
             let _ = done.send(Err(SinkError::ConnectionLost));
@@ -261,7 +296,14 @@ async fn run(
         let accepting = connection.pending() < IN_FLIGHT;
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = connection.client.try_disconnect();
+                // A clean end: the broker sees DISCONNECT, not a dropped socket (which
+                // it would report as a failure, and answer with a will if one were set).
+                if connected.swap(false, Ordering::Relaxed) && connection.client.try_disconnect().is_ok() {
+                    let sent = tokio::time::timeout(DISCONNECT_DEADLINE, connection.until_disconnected()).await;
+                    if sent.is_err() {
+                        warn!("DISCONNECT not written within {DISCONNECT_DEADLINE:?}");
+                    }
+                }
                 connection.fail_all();
                 return;
             }
@@ -279,16 +321,6 @@ async fn run(
                 }
             }
             event = connection.events.poll() => match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(done) = connection.unnamed.pop_front() {
-                        connection.in_flight.insert(pkid, done);
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(done) = connection.in_flight.remove(&ack.pkid) {
-                        let _ = done.send(Ok(()));
-                    }
-                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
                     connected.store(true, Ordering::Relaxed);
@@ -309,7 +341,7 @@ async fn run(
                         }
                     }
                 }
-                Ok(_) => {}
+                Ok(event) => connection.note(event),
                 Err(error) => {
                     connected.store(false, Ordering::Relaxed);
                     warn!(%error, retry_in = ?backoff, "platform broker connection failed");
