@@ -20,7 +20,9 @@ redis-server --port "$redis" --bind 127.0.0.1 --save "" --appendonly no >/dev/nu
 env RUST_LOG=${EDGE_LOG:-info} ${EDGE_ENV:-} ${EDGE_WRAP:-} "$bin/edge-gateway" --pod-name rss --nats-url "nats://127.0.0.1:$nats" \
   --redis-url "redis://127.0.0.1:$redis" --official-listen "127.0.0.1:$official" \
   --custom-listen "127.0.0.1:$custom" --grpc-listen "127.0.0.1:$grpc" \
-  --metrics-listen "127.0.0.1:$metrics" >"$work/edge.log" 2>&1 & edge=$!; pids+=($edge)
+  --metrics-listen "127.0.0.1:$metrics" \
+  --max-connections-per-source 0 --auth-rate-per-source 1000000 --auth-burst-per-source 1000000 --ban-after 1000000 \
+  >"$work/edge.log" 2>&1 & edge=$!; pids+=($edge)
 for _ in $(seq 600); do
   curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null 2>&1 && break; sleep 0.1
 done

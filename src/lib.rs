@@ -255,7 +255,7 @@ pub async fn run(
             );
             tasks.spawn({
                 let (bus, stop) = (bus.clone(), stop.clone());
-                async move { bus.ensure_stream(&stop).await }
+                async move { bus.keep_stream(&stop).await }
             });
             script_worker::spawn_bus_tasks(
                 &tasks,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use edge_gateway::routes::{Route, RouteError, RouteStore};
+use edge_gateway::routes::{Claim, Reasserted, Registered, Route, RouteError, RouteStore};
 use edge_gateway::uplink::{AckFuture, BusError, UplinkBus};
 use futures::future::BoxFuture;
 use script_worker::auth::Authenticator;
@@ -30,10 +30,8 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled =
-                self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.to_string()))?;
-            let ack: AckFuture =
-                Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.to_string())) });
+            let handled = self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
     }
@@ -51,36 +49,72 @@ impl UplinkBus for LocalBus {
     }
 }
 
-/// Routes in memory, fenced by connection id like the Redis ones.
+/// Routes in memory, fenced by connection id and epoch like the Redis ones. The map
+/// lives and dies with the process, so nothing is ever lost to re-assert and no other
+/// pod can die: re-asserts find their routes held, and there is nothing to reap.
 #[derive(Default)]
 pub struct LocalRoutes {
-    routes: Mutex<HashMap<String, Route>>,
+    routes: Mutex<HashMap<String, (Route, u64)>>,
 }
 
 impl LocalRoutes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Route, u64)>> {
         self.routes.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl RouteStore for LocalRoutes {
-    fn register<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<Option<String>, RouteError>> {
-        let replaced =
-            self.lock().insert(route.device_id.clone(), route.clone()).map(|old| old.connection_id);
-        Box::pin(async move { Ok(replaced) })
+    fn register<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Registered, RouteError>> {
+        let mut routes = self.lock();
+        let held =
+            routes.get(&claim.route.device_id).map(|(route, epoch)| (route.connection_id.clone(), *epoch));
+        let epoch = held.as_ref().map_or(claim.epoch, |(_, held)| claim.epoch.max(held + 1));
+        routes.insert(claim.route.device_id.clone(), (claim.route.clone(), epoch));
+        let registered = Registered { replaced: held.map(|(connection, _)| connection), epoch };
+        Box::pin(async move { Ok(registered) })
+    }
+
+    fn reassert<'a>(&'a self, claims: &'a [Claim]) -> BoxFuture<'a, Result<Vec<Reasserted>, RouteError>> {
+        let mut routes = self.lock();
+        let outcomes = claims
+            .iter()
+            .map(|claim| match routes.get(&claim.route.device_id) {
+                Some((route, _)) if route.connection_id == claim.route.connection_id => Reasserted::Held,
+                Some((_, epoch)) if *epoch >= claim.epoch => Reasserted::Superseded,
+                _ => {
+                    routes.insert(claim.route.device_id.clone(), (claim.route.clone(), claim.epoch));
+                    Reasserted::Restored
+                }
+            })
+            .collect();
+        Box::pin(async move { Ok(outcomes) })
     }
 
     fn remove<'a>(
         &'a self,
         device_id: &'a str,
         connection_id: &'a str,
+        _pod: &'a str,
     ) -> BoxFuture<'a, Result<bool, RouteError>> {
         let mut routes = self.lock();
-        let owned = routes.get(device_id).is_some_and(|route| route.connection_id == connection_id);
+        let owned = routes.get(device_id).is_some_and(|(route, _)| route.connection_id == connection_id);
         if owned {
             routes.remove(device_id);
         }
         Box::pin(async move { Ok(owned) })
+    }
+
+    fn claim_dead_pods<'a>(&'a self, _me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RouteError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn routes_of_pod<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>> {
+        // Every route is this process's, and an earlier process's died with it.
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn reaped<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn keep_alive<'a>(&'a self, _pod: &'a str, _grpc_addr: &'a str) -> BoxFuture<'a, Result<(), RouteError>> {
@@ -95,7 +129,7 @@ impl RouteStore for LocalRoutes {
 
 impl RouteLookup for LocalRoutes {
     fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>> {
-        let route = self.lock().get(device_id).cloned();
+        let route = self.lock().get(device_id).map(|(route, _)| route.clone());
         Box::pin(async move { Ok(route) })
     }
 
@@ -105,7 +139,7 @@ impl RouteLookup for LocalRoutes {
     }
 
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
-        let removed = RouteStore::remove(self, &route.device_id, &route.connection_id);
+        let removed = RouteStore::remove(self, &route.device_id, &route.connection_id, &route.pod);
         Box::pin(async move { removed.await.map(drop).map_err(|e| e.to_string()) })
     }
 }
@@ -114,23 +148,35 @@ impl RouteLookup for LocalRoutes {
 mod tests {
     use super::*;
 
-    fn route(connection_id: &str) -> Route {
-        Route {
+    fn claim(connection_id: &str, epoch: u64) -> Claim {
+        let route = Route {
             device_id: "d".into(),
             connection_id: connection_id.into(),
             pod: "local".into(),
             grpc_addr: "127.0.0.1:50051".into(),
-        }
+        };
+        Claim { route, epoch }
     }
 
     #[tokio::test]
     async fn routes_are_fenced_like_the_redis_ones() {
         let routes = LocalRoutes::default();
-        assert_eq!(routes.register(&route("c1")).await.unwrap(), None);
-        assert_eq!(routes.register(&route("c2")).await.unwrap(), Some("c1".to_owned()));
-        assert!(!routes.remove("d", "c1").await.unwrap(), "the late close of c1 keeps c2's route");
+        let first = routes.register(&claim("c1", 10)).await.unwrap();
+        assert_eq!(first, Registered { replaced: None, epoch: 10 });
+        let second = routes.register(&claim("c2", 5)).await.unwrap();
+        assert_eq!(
+            second,
+            Registered { replaced: Some("c1".to_owned()), epoch: 11 },
+            "raised above the held epoch"
+        );
+        assert_eq!(
+            routes.reassert(&[claim("c1", 10), claim("c2", 11)]).await.unwrap(),
+            [Reasserted::Superseded, Reasserted::Held]
+        );
+        assert!(!routes.remove("d", "c1", "local").await.unwrap(), "the late close of c1 keeps c2's route");
         assert_eq!(routes.route("d").await.unwrap().unwrap().connection_id, "c2");
-        assert!(routes.remove("d", "c2").await.unwrap());
+        assert!(routes.remove("d", "c2", "local").await.unwrap());
         assert_eq!(routes.route("d").await.unwrap(), None);
+        assert_eq!(routes.reassert(&[claim("c2", 11)]).await.unwrap(), [Reasserted::Restored]);
     }
 }

@@ -36,8 +36,9 @@ pub struct Config {
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
 
-    /// Device partitions of the uplink stream (must match the workers').
-    #[arg(long, env = "EDGE_UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
+    /// Device partitions of the uplink stream (must match the workers'). The old name
+    /// EDGE_UPLINK_PARTITIONS is still read, with a warning.
+    #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
     #[command(flatten)]
     pub limits: Limits,
@@ -76,6 +77,9 @@ pub struct Limits {
     /// Downlinks queued for one connection; past it a delivery fails at once.
     #[arg(long, env = "EDGE_DOWNLINK_QUEUE", default_value_t = 64)]
     pub downlink_queue: usize,
+    /// Bytes of downlinks queued for one connection; past it a delivery fails at once.
+    #[arg(long, env = "EDGE_DOWNLINK_QUEUE_BYTES", default_value = "256KiB", value_parser = parse_size)]
+    pub downlink_queue_bytes: usize,
     /// Deadline of a write to a device.
     #[arg(long, env = "EDGE_WRITE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
@@ -93,6 +97,43 @@ pub struct Limits {
     /// reconnects elsewhere without a thundering herd.
     #[arg(long, env = "EDGE_DRAIN_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_window: Duration,
+    /// A closing connection publishes what it already read and waits for the
+    /// acknowledgements this long at most.
+    #[arg(long, env = "EDGE_CLOSE_FLUSH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub close_flush: Duration,
+    /// SIGTERM to exit, everything included (drain window, flushes, offline events);
+    /// give the pod a termination grace period a few seconds longer.
+    #[arg(long, env = "EDGE_SHUTDOWN_TIMEOUT", default_value = "45s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Open connections per client address; more are refused (0 = no limit).
+    #[arg(long, env = "EDGE_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 1000)]
+    pub max_connections_per_source: u32,
+    /// Authentication attempts per second per client address.
+    #[arg(long, env = "EDGE_AUTH_RATE_PER_SOURCE", default_value_t = 10)]
+    pub auth_rate_per_source: u32,
+    /// Authentication attempts one client address may make in a burst.
+    #[arg(long, env = "EDGE_AUTH_BURST_PER_SOURCE", default_value_t = 20)]
+    pub auth_burst_per_source: u32,
+    /// Refused authentications of one address within --ban-window that ban it.
+    #[arg(long, env = "EDGE_BAN_AFTER", default_value_t = 30)]
+    pub ban_after: u32,
+    #[arg(long, env = "EDGE_BAN_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ban_window: Duration,
+    /// How long a banned address is refused.
+    #[arg(long, env = "EDGE_BAN_FOR", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ban_for: Duration,
+    /// Authentications of the pod waiting on the workers at once; more wait their turn.
+    #[arg(long, env = "EDGE_MAX_AUTH_IN_FLIGHT", default_value_t = 1024)]
+    pub max_auth_in_flight: usize,
+    /// How often every session's route is written again to Redis (jittered), so that
+    /// routes lost in a Redis failover or restart come back.
+    #[arg(long, env = "EDGE_ROUTE_REASSERT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub route_reassert: Duration,
+    /// Device listeners expect a PROXY protocol (v1 or v2) header first, and limits and
+    /// logs use the client address it carries (behind a load balancer that sends it).
+    #[arg(long, env = "EDGE_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
 }
 
 /// A configuration that cannot work.
@@ -125,7 +166,45 @@ impl Config {
         if self.limits.rate_limit > 0 && self.limits.rate_burst == 0 {
             return fail("--rate-burst must be at least 1 when --rate-limit is set");
         }
+        if self.limits.auth_rate_per_source == 0 || self.limits.auth_burst_per_source == 0 {
+            return fail("--auth-rate-per-source and --auth-burst-per-source must be at least 1");
+        }
+        if self.limits.ban_after == 0 || self.limits.max_auth_in_flight == 0 {
+            return fail("--ban-after and --max-auth-in-flight must be at least 1");
+        }
+        if self.limits.route_reassert < Duration::from_millis(100) {
+            return fail("--route-reassert must be at least 100ms");
+        }
+        if self.limits.drain_window + self.limits.close_flush + self.limits.publish_timeout
+            > self.limits.shutdown_timeout
+        {
+            return fail(
+                "--shutdown-timeout must cover --drain-window + --close-flush + --publish-timeout \
+                 (the drain, the last flushes and the offline events)",
+            );
+        }
         Ok(())
+    }
+
+    /// Parses flags and env. The second value is a warning to log once logging is set
+    /// up (a deprecated name was used).
+    pub fn load() -> (Self, Option<String>) {
+        use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+        let matches = Self::command().get_matches();
+        let mut config = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let mut warning = None;
+        if matches.value_source("uplink_partitions") == Some(ValueSource::DefaultValue)
+            && let Ok(legacy) = std::env::var("EDGE_UPLINK_PARTITIONS")
+        {
+            match legacy.parse() {
+                Ok(partitions) => {
+                    config.uplink_partitions = partitions;
+                    warning = Some("EDGE_UPLINK_PARTITIONS is deprecated: use UPLINK_PARTITIONS".to_owned());
+                }
+                Err(_) => warning = Some(format!("EDGE_UPLINK_PARTITIONS={legacy:?} ignored: not a number")),
+            }
+        }
+        (config, warning)
     }
 
     /// This pod's name: --pod-name, else the host name.
@@ -193,5 +272,7 @@ mod tests {
     fn validate_refuses_nonsense() {
         let config = Config::try_parse_from(["edge-gateway", "--max-in-flight", "0"]).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("--max-in-flight"));
+        let config = Config::try_parse_from(["edge-gateway", "--drain-window", "60s"]).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("--shutdown-timeout"));
     }
 }

@@ -40,10 +40,25 @@ impl From<std::io::Error> for FramingError {
 /// A custom device's framing, ready to cut its stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CustomFramer {
-    Delimiter { delimiter: Bytes, max: usize },
+    /// `searched`: bytes at the buffer's start already known to hold no delimiter, so
+    /// that a message dripped byte by byte is scanned once, not once per read.
+    Delimiter {
+        delimiter: Bytes,
+        max: usize,
+        searched: usize,
+    },
     FixedLength(usize),
-    LengthField { offset: usize, width: usize, little_endian: bool, adjustment: i64, max: usize },
-    IdleGap { gap: Duration, buffer_size: usize },
+    LengthField {
+        offset: usize,
+        width: usize,
+        little_endian: bool,
+        adjustment: i64,
+        max: usize,
+    },
+    IdleGap {
+        gap: Duration,
+        buffer_size: usize,
+    },
 }
 
 impl CustomFramer {
@@ -64,7 +79,7 @@ impl CustomFramer {
                 return Err(FramingError::Config("empty delimiter"));
             }
             framing::Kind::Delimiter(delimiter) => {
-                CustomFramer::Delimiter { delimiter: delimiter.clone(), max }
+                CustomFramer::Delimiter { delimiter: delimiter.clone(), max, searched: 0 }
             }
             framing::Kind::FixedLength(0) => return Err(FramingError::Config("zero fixed length")),
             framing::Kind::FixedLength(n) if *n as usize > max => {
@@ -74,6 +89,11 @@ impl CustomFramer {
             framing::Kind::LengthField(field) => {
                 if !matches!(field.width, 1 | 2 | 4 | 8) {
                     return Err(FramingError::Config("length field width must be 1, 2, 4 or 8"));
+                }
+                // The header is buffered before the length is known: a tenant's offset
+                // must not make the edge buffer past the maximum message size.
+                if field.offset as usize + field.width as usize > max {
+                    return Err(FramingError::Config("length field ends past the maximum message size"));
                 }
                 CustomFramer::LengthField {
                     offset: field.offset as usize,
@@ -109,9 +129,15 @@ impl CustomFramer {
         }
     }
 
-    /// Ends the message in progress after an idle gap (idle-gap framing only).
-    pub fn flush_on_gap(&self, src: &mut BytesMut) -> Option<Bytes> {
-        (self.idle_gap().is_some() && !src.is_empty()).then(|| src.split().freeze())
+    /// Ends the message in progress: after its idle gap, or when the device closed the
+    /// connection. Idle-gap and delimiter framings only: a fixed-length or length-field
+    /// message cut short is incomplete, not a message.
+    pub fn flush_at_end(&mut self, src: &mut BytesMut) -> Option<Bytes> {
+        let ends = matches!(self, CustomFramer::IdleGap { .. } | CustomFramer::Delimiter { .. });
+        if let CustomFramer::Delimiter { searched, .. } = self {
+            *searched = 0;
+        }
+        (ends && !src.is_empty()).then(|| src.split().freeze())
     }
 }
 
@@ -121,14 +147,18 @@ impl Decoder for CustomFramer {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, FramingError> {
         match self {
-            CustomFramer::Delimiter { delimiter, max } => loop {
-                let Some(at) = find(src, delimiter) else {
+            CustomFramer::Delimiter { delimiter, max, searched } => loop {
+                // A delimiter may straddle the bytes searched and the new ones.
+                let from = searched.saturating_sub(delimiter.len() - 1).min(src.len());
+                let Some(at) = memchr::memmem::find(&src[from..], delimiter).map(|at| from + at) else {
+                    *searched = src.len();
                     // No delimiter among `max` bytes plus a delimiter: never will be.
                     if src.len() > *max + delimiter.len() {
                         return Err(FramingError::TooLong { max: *max });
                     }
                     return Ok(None);
                 };
+                *searched = 0;
                 if at > *max {
                     return Err(FramingError::TooLong { max: *max });
                 }
@@ -170,10 +200,6 @@ impl Decoder for CustomFramer {
             }
         }
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|window| window == needle)
 }
 
 /// What ends the AccessToken of a custom device (besides an idle gap).
@@ -248,6 +274,20 @@ mod tests {
     }
 
     #[test]
+    fn a_dripped_message_is_scanned_once() {
+        let mut f = framer(framing::Kind::Delimiter(Bytes::from_static(b"\r\n")));
+        let mut buf = BytesMut::new();
+        for byte in b"abcdef\r" {
+            buf.extend_from_slice(&[*byte]);
+            assert_eq!(f.decode(&mut buf), Ok(None));
+        }
+        let CustomFramer::Delimiter { searched, .. } = f else { unreachable!() };
+        assert_eq!(searched, 7, "every byte searched once, remembered");
+        buf.extend_from_slice(b"\n");
+        assert_eq!(f.decode(&mut buf).unwrap().as_deref(), Some(&b"abcdef"[..]), "a delimiter across reads");
+    }
+
+    #[test]
     fn delimiter_bounded_by_max() {
         let mut f = framer(framing::Kind::Delimiter(Bytes::from_static(b"\n")));
         let mut buf = BytesMut::from(&[b'x'; 66][..]);
@@ -303,8 +343,14 @@ mod tests {
         let mut buf = BytesMut::from(&b"abcdef"[..]);
         assert_eq!(f.decode(&mut buf).unwrap().as_deref(), Some(&b"abcd"[..]));
         assert_eq!(f.decode(&mut buf).unwrap(), None);
-        assert_eq!(f.flush_on_gap(&mut buf).as_deref(), Some(&b"ef"[..]));
-        assert_eq!(f.flush_on_gap(&mut buf), None);
+        assert_eq!(f.flush_at_end(&mut buf).as_deref(), Some(&b"ef"[..]));
+        assert_eq!(f.flush_at_end(&mut buf), None);
+        let mut fixed = framer(framing::Kind::FixedLength(4));
+        assert_eq!(
+            fixed.flush_at_end(&mut BytesMut::from(&b"ab"[..])),
+            None,
+            "a cut-short frame is no message"
+        );
     }
 
     #[test]
@@ -322,6 +368,9 @@ mod tests {
             framing::Kind::FixedLength(0),
             framing::Kind::FixedLength(65),
             framing::Kind::LengthField(LengthField { width: 3, ..Default::default() }),
+            // A tenant's offset would make the header alone exceed the maximum.
+            framing::Kind::LengthField(LengthField { offset: 4_000_000_000, width: 4, ..Default::default() }),
+            framing::Kind::LengthField(LengthField { offset: 60, width: 8, ..Default::default() }),
         ] {
             assert!(CustomFramer::from_proto(Some(&Framing { kind: Some(kind) }), 64).is_err());
         }

@@ -5,6 +5,7 @@
 //! tells the platform at once), a write that failed is `FAILED`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tcpc_proto::v1::edge_gateway_server::EdgeGateway;
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::Shared;
 use crate::codec::Frame;
 use crate::metrics::ReasonLabel;
-use crate::registry::{CloseOrder, ConnectionId, QueueError, SessionHandle};
+use crate::registry::{CloseOrder, ConnectionId, QueueError, QueueLimits, SessionHandle};
 
 pub(crate) struct EdgeGatewayService {
     pub shared: Arc<Shared>,
@@ -37,28 +38,37 @@ impl EdgeGatewayService {
         let Some(handle) = self.session(&request.device_id, &request.connection_id) else {
             return reply(DeliverStatus::Offline, "device not connected");
         };
+        let limits = &self.shared.config.limits;
+        // The caller's deadline, or the write timeout: past it the answer is "failed"
+        // and the queued write is skipped (the session sees the receiver gone).
+        let wait = match request.timeout_ms {
+            0 => limits.write_timeout,
+            ms => Duration::from_millis(ms.into()),
+        };
+        if request.payload.len() > limits.max_frame {
+            return reply(DeliverStatus::Failed, "payload exceeds the maximum frame length");
+        }
         let bytes: Bytes = if handle.protocol == Protocol::Official && request.tp_cmd != 0 {
             let Ok(cmd) = u8::try_from(request.tp_cmd) else {
                 return reply(DeliverStatus::Failed, "tp_cmd does not fit a TP CMD byte");
             };
-            if request.payload.len() > self.shared.config.limits.max_frame {
-                return reply(DeliverStatus::Failed, "payload exceeds the maximum frame length");
-            }
             Frame::data(cmd, request.payload).to_bytes()
         } else {
             request.payload
         };
-        let written = match handle.deliver(bytes, self.shared.config.limits.downlink_queue) {
+        let queue = QueueLimits { writes: limits.downlink_queue, bytes: limits.downlink_queue_bytes };
+        let written = match handle.deliver(bytes, queue) {
             Ok(written) => written,
             Err(QueueError::Ended) => return reply(DeliverStatus::Offline, "device not connected"),
             Err(QueueError::Full) => return reply(DeliverStatus::Failed, "downlink queue full"),
         };
         // The session answers after the write, bounded by its write timeout, or drops
         // the sender when the connection closes first.
-        match written.await {
-            Ok(Ok(())) => reply(DeliverStatus::Delivered, ""),
-            Ok(Err(message)) => reply(DeliverStatus::Failed, &message),
-            Err(_) => reply(DeliverStatus::Offline, "connection closed"),
+        match tokio::time::timeout(wait, written).await {
+            Ok(Ok(Ok(()))) => reply(DeliverStatus::Delivered, ""),
+            Ok(Ok(Err(message))) => reply(DeliverStatus::Failed, &message),
+            Ok(Err(_)) => reply(DeliverStatus::Offline, "connection closed"),
+            Err(_) => reply(DeliverStatus::Failed, "not written within the caller's deadline"),
         }
     }
 }

@@ -8,8 +8,11 @@
 //!   authenticates the device through the [`uplink`] bus (a worker answers), registers
 //!   its route in [`routes`], and publishes each message as an envelope on the uplink
 //!   bus, keeping a bounded window of unacknowledged publishes.
+//!   Before authentication, [`sources`] limits each client address (its address from
+//!   the [`proxy`] header behind a load balancer).
 //! - Workers reach a session through `grpc` (Deliver, Disconnect), which queues into
 //!   the session's mailbox in [`registry`].
+//! - `healing` re-asserts the pod's routes periodically and reaps dead pods' routes.
 //! - [`drain`] closes sessions gradually on shutdown; [`metrics`] holds the Prometheus
 //!   metrics (served with `/healthz` and `/readyz` by `tcpc_observe`); [`config`] holds
 //!   every flag.
@@ -19,22 +22,26 @@ pub mod config;
 pub mod drain;
 pub mod framing;
 mod grpc;
+mod healing;
 mod listener;
 pub mod metrics;
+pub mod proxy;
 pub mod registry;
 pub mod routes;
 mod session;
+mod sources;
 pub mod uplink;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tcpc_proto::v1::Protocol;
 use tcpc_proto::v1::edge_gateway_server::EdgeGatewayServer;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -43,6 +50,7 @@ pub use config::Config;
 use metrics::Metrics;
 use registry::{ConnectionIds, Registry};
 use routes::{RedisRoutes, RouteStore};
+use sources::{SourceLimits, SourcePolicy};
 use uplink::{NatsBus, UplinkBus};
 
 /// What every session and server of the pod shares.
@@ -56,6 +64,33 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub ids: ConnectionIds,
     pub connection_limit: Arc<Semaphore>,
+    /// Authentications waiting on the workers (pod-wide bound).
+    pub auth_slots: Semaphore,
+    pub sources: SourceLimits,
+    /// SIGTERM came: sessions that finish authenticating now close at once.
+    pub draining: AtomicBool,
+    /// When the whole shutdown must be over (set when the drain starts).
+    pub shutdown_deadline: OnceLock<Instant>,
+}
+
+impl Shared {
+    /// The per-connection message rate, if limited.
+    pub fn rate_limit(&self) -> Option<session::rate::RateLimit> {
+        let limits = &self.config.limits;
+        (limits.rate_limit > 0)
+            .then_some(session::rate::RateLimit { per_second: limits.rate_limit, burst: limits.rate_burst })
+    }
+
+    /// Until when a session that starts closing at `now` may flush what it read: the
+    /// close flush budget, and during a shutdown what is left of it before the offline
+    /// events must go out.
+    pub fn flush_deadline(&self, now: Instant) -> Instant {
+        let until = now + self.config.limits.close_flush;
+        match self.shutdown_deadline.get() {
+            Some(&end) => until.min(end.checked_sub(self.config.limits.publish_timeout).unwrap_or(now)),
+            None => until,
+        }
+    }
 }
 
 /// The pod's pre-bound listeners (tests bind port 0 and know the ports up front).
@@ -119,7 +154,7 @@ pub async fn run(
     let ensure = CancellationToken::new();
     let stream_task = tokio::spawn({
         let (bus, ensure) = (bus.clone(), ensure.clone());
-        async move { bus.ensure_stream(&ensure).await }
+        async move { bus.keep_stream(&ensure).await }
     });
     let result = run_with(config, listeners, Seams { bus, routes, extra_metrics: None }, shutdown).await;
     ensure.cancel();
@@ -149,6 +184,25 @@ pub async fn run_with(
     config.validate()?;
     let grpc_addr = config.advertised(listeners.grpc.local_addr().map_err(EdgeError::LocalAddr)?);
     let metrics = Arc::new(Metrics::default());
+    let limits = &config.limits;
+    let sources = SourceLimits::new(
+        SourcePolicy {
+            max_connections: if limits.max_connections_per_source == 0 {
+                u32::MAX
+            } else {
+                limits.max_connections_per_source
+            },
+            auth_rate: session::rate::RateLimit {
+                per_second: limits.auth_rate_per_source,
+                burst: limits.auth_burst_per_source,
+            },
+            ban_after: limits.ban_after,
+            ban_window: limits.ban_window,
+            ban_for: limits.ban_for,
+        },
+        metrics.refused.clone(),
+    );
+    warn_if_few_files(limits.max_connections);
     let shared = Arc::new(Shared {
         pod: config.pod(),
         grpc_addr,
@@ -157,7 +211,11 @@ pub async fn run_with(
         registry: Registry::default(),
         metrics: metrics.clone(),
         ids: ConnectionIds::default(),
-        connection_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
+        connection_limit: Arc::new(Semaphore::new(limits.max_connections)),
+        auth_slots: Semaphore::new(limits.max_auth_in_flight),
+        sources,
+        draining: AtomicBool::new(false),
+        shutdown_deadline: OnceLock::new(),
         config,
     });
     info!(pod = %shared.pod, grpc = %shared.grpc_addr, "edge-gateway starting");
@@ -226,23 +284,65 @@ pub async fn run_with(
             routes::keep_pod_alive(&*shared.routes, &shared.pod, &shared.grpc_addr, stopped).await;
         }
     });
+    servers.spawn(healing::reassert_routes(
+        shared.clone(),
+        shared.config.limits.route_reassert,
+        stopped.clone(),
+    ));
+    servers.spawn(healing::reap_dead_pods(shared.clone(), stopped.clone()));
+    servers.spawn({
+        let (shared, stopped) = (shared.clone(), stopped.clone());
+        async move { sources::sweep_periodically(&shared.sources, SOURCE_SWEEP, stopped).await }
+    });
     servers.close();
 
     shutdown.await;
-    // Readiness first, so that load balancers stop sending; then stop accepting and
-    // close the sessions gradually; then a hard deadline.
+    // One budget from here to exit: readiness first, so that load balancers stop
+    // sending; stop accepting; close the sessions spread over the drain window; each
+    // flushes what it read and publishes its offline event; then the bus is flushed.
+    let deadline = Instant::now() + shared.config.limits.shutdown_timeout;
+    let _ = shared.shutdown_deadline.set(deadline);
     draining.store(true, Ordering::Release);
+    shared.draining.store(true, Ordering::SeqCst);
     accepting.cancel();
     info!(sessions = shared.registry.len(), window = ?shared.config.limits.drain_window, "draining");
     drain::spread_closes(&shared.registry, shared.config.limits.drain_window).await;
     sessions.close();
-    // A closing session flushes its window for at most 10 s; past that it is abandoned
-    // (its uplinks were not stored, which it logged) and dies with the process.
-    if tokio::time::timeout(Duration::from_secs(15), sessions.wait()).await.is_err() {
-        warn!(left = shared.registry.len(), "sessions still open after the drain; abandoning them");
+    // Sessions flush until the deadline minus the offline events' publish timeout, so
+    // this wait ends before the deadline unless the bus hangs.
+    let flushed = deadline.checked_sub(FLUSH_MARGIN).unwrap_or_else(Instant::now);
+    if tokio::time::timeout_at(flushed, sessions.wait()).await.is_err() {
+        warn!(left = shared.registry.len(), "sessions still open at the shutdown deadline; abandoning them");
+    }
+    if let Err(error) = tokio::time::timeout(FLUSH_MARGIN, bus.flush()).await.unwrap_or(Ok(())) {
+        warn!(%error, "uplink bus not flushed before exit");
     }
     stopped.cancel();
     servers.wait().await;
     info!("edge-gateway stopped");
     Ok(())
+}
+
+/// How often the per-source table drops what no longer counts.
+const SOURCE_SWEEP: Duration = Duration::from_secs(10);
+/// Kept at the end of the shutdown budget for flushing the bus.
+const FLUSH_MARGIN: Duration = Duration::from_secs(1);
+
+/// Warns when the process may not open as many files as it should hold connections.
+fn warn_if_few_files(max_connections: usize) {
+    let Some(limit) = open_files_limit() else { return };
+    if limit < max_connections as u64 {
+        warn!(
+            open_files = limit,
+            max_connections,
+            "RLIMIT_NOFILE is below --max-connections: accepts will fail first; raise the limit"
+        );
+    }
+}
+
+/// The soft limit of open files, from /proc (no unsafe `getrlimit`).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }

@@ -17,6 +17,12 @@ use crate::Shared;
 use crate::metrics::ReasonLabel;
 use crate::session;
 
+/// TCP keepalive of device sockets: probes after 60 s of silence, every 10 s, 6 times.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(6);
+
 /// Accepts connections until `accepting` is cancelled; each session runs on `tracker`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -47,6 +53,9 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // A device that vanished (power cut, NAT timeout) is noticed by keepalive, not
+        // only by the idle timeout.
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
         tracker.spawn(session::serve(shared.clone(), stream, peer, protocol, permit));
     }
 }

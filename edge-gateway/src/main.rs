@@ -2,18 +2,20 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use edge_gateway::config::Config;
 use edge_gateway::{EdgeError, Listeners};
 use tcpc_observe::{exit_status, usage_error};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let (config, warning) = Config::load();
     if let Err(error) = config.validate() {
         return usage_error("edge-gateway", error);
     }
     tcpc_observe::init_logging(config.log_format);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
     let result = match Listeners::bind(&config).await {
         Ok(listeners) => edge_gateway::run(config, listeners, tcpc_observe::shutdown_signal()).await,
         Err(error) => Err(error),

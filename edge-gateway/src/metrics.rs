@@ -35,6 +35,12 @@ pub struct Metrics {
     pub refused: Family<ReasonLabel, Counter>,
     /// Downlink deliveries, by outcome.
     pub downlinks: Family<ReasonLabel, Counter>,
+    /// Uplinks read from a device and never stored, by cause (see the session's close).
+    pub lost: Family<ReasonLabel, Counter>,
+    /// Routes found missing by the re-assert and written again.
+    pub routes_restored: Counter,
+    /// Routes of dead pods removed, their devices reported offline.
+    pub routes_reaped: Counter,
 }
 
 impl Default for Metrics {
@@ -58,7 +64,29 @@ impl Default for Metrics {
         registry.register("edge_connections_refused", "Connections refused at accept", refused.clone());
         let downlinks = Family::<ReasonLabel, Counter>::default();
         registry.register("edge_downlinks", "Downlink deliveries by outcome", downlinks.clone());
-        Metrics { registry, connections, auth, uplinks, republished, closed, refused, downlinks }
+        let lost = Family::<ReasonLabel, Counter>::default();
+        registry.register("edge_uplinks_lost", "Uplinks read and never stored, by cause", lost.clone());
+        let routes_restored = Counter::default();
+        registry.register(
+            "edge_routes_restored",
+            "Routes re-asserted after the store lost them",
+            routes_restored.clone(),
+        );
+        let routes_reaped = Counter::default();
+        registry.register("edge_routes_reaped", "Routes of dead pods removed", routes_reaped.clone());
+        Metrics {
+            registry,
+            connections,
+            auth,
+            uplinks,
+            republished,
+            closed,
+            refused,
+            downlinks,
+            lost,
+            routes_restored,
+            routes_reaped,
+        }
     }
 }
 

@@ -13,39 +13,49 @@ use bytes::Bytes;
 use tcpc_proto::v1::Protocol;
 use tokio::sync::{Notify, oneshot};
 
-/// A connection's id: unique across pods and restarts (random per process, then a
-/// counter), the fence of the device's route. Shown as 16 hex digits.
+/// A connection's id: unique across pods and restarts, the fence of the device's route
+/// and the prefix of its envelopes' JetStream message ids. Shown as 32 hex digits.
+///
+/// 128 bits: a random 64-bit process prefix and a 64-bit counter. With 64 bits (32 of
+/// them random per process) two of a large fleet's pods collide with a real chance over
+/// a year of restarts, and a collision makes JetStream de-duplicate one pod's envelopes
+/// as another's repeats: lost data.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct ConnectionId(pub u64);
+pub struct ConnectionId(pub u128);
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        write!(f, "{:032x}", self.0)
     }
 }
 
 impl std::str::FromStr for ConnectionId {
     type Err = std::num::ParseIntError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        u64::from_str_radix(text, 16).map(ConnectionId)
+        u128::from_str_radix(text, 16).map(ConnectionId)
     }
 }
 
-/// Hands out connection ids: a random 32-bit process prefix and a 32-bit counter.
+/// Hands out connection ids: a random process prefix and a counter.
 pub struct ConnectionIds {
+    prefix: u128,
     next: AtomicU64,
 }
 
 impl Default for ConnectionIds {
     fn default() -> Self {
-        let prefix = u64::from(rand::random::<u32>()) << 32;
-        ConnectionIds { next: AtomicU64::new(prefix) }
+        ConnectionIds { prefix: u128::from(rand::random::<u64>()) << 64, next: AtomicU64::new(0) }
     }
 }
 
 impl ConnectionIds {
     pub fn next(&self) -> ConnectionId {
-        ConnectionId(self.next.fetch_add(1, Ordering::Relaxed))
+        ConnectionId(self.prefix | u128::from(self.next.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// How every connection id of this process starts, as shown.
+    pub fn process_prefix(&self) -> String {
+        format!("{:016x}", self.prefix >> 64)
     }
 }
 
@@ -64,13 +74,30 @@ pub enum CloseOrder {
 pub struct Outbound {
     pub bytes: Bytes,
     /// Answered after the write completed or failed; dropped unanswered when the
-    /// connection closed first (the caller reads that as offline).
+    /// connection closed first (the caller reads that as offline). Closed when the
+    /// caller gave up waiting: the session then skips the write.
     pub done: oneshot::Sender<Result<(), String>>,
+}
+
+impl Outbound {
+    /// The caller stopped waiting (its deadline passed): writing now would run a
+    /// command the platform was already told failed.
+    pub fn abandoned(&self) -> bool {
+        self.done.is_closed()
+    }
+}
+
+/// Bounds of one session's downlink queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub writes: usize,
+    pub bytes: usize,
 }
 
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<Outbound>,
+    queued_bytes: usize,
     close: Option<CloseOrder>,
     /// The session has ended: nothing more is accepted.
     ended: bool,
@@ -81,6 +108,8 @@ pub struct SessionHandle {
     pub device_id: Box<str>,
     pub connection_id: ConnectionId,
     pub protocol: Protocol,
+    /// The epoch of the session's route (0 until registered), re-asserted with it.
+    route_epoch: AtomicU64,
     mailbox: Mutex<Mailbox>,
     wake: Notify,
 }
@@ -100,6 +129,7 @@ impl SessionHandle {
             device_id: device_id.into(),
             connection_id,
             protocol,
+            route_epoch: AtomicU64::new(0),
             mailbox: Mutex::default(),
             wake: Notify::new(),
         }
@@ -108,11 +138,11 @@ impl SessionHandle {
     /// Queues bytes for the device; the receiver answers once they are written.
     ///
     /// # Errors
-    /// The session ended, or `limit` writes are already queued.
+    /// The session ended, or the queue is at one of its limits.
     pub fn deliver(
         &self,
         bytes: Bytes,
-        limit: usize,
+        limits: QueueLimits,
     ) -> Result<oneshot::Receiver<Result<(), String>>, QueueError> {
         let (done, answer) = oneshot::channel();
         {
@@ -120,13 +150,22 @@ impl SessionHandle {
             if mailbox.ended || mailbox.close.is_some() {
                 return Err(QueueError::Ended);
             }
-            if mailbox.queue.len() >= limit {
+            if mailbox.queue.len() >= limits.writes || mailbox.queued_bytes + bytes.len() > limits.bytes {
                 return Err(QueueError::Full);
             }
+            mailbox.queued_bytes += bytes.len();
             mailbox.queue.push_back(Outbound { bytes, done });
         }
         self.wake.notify_one();
         Ok(answer)
+    }
+
+    pub fn route_epoch(&self) -> u64 {
+        self.route_epoch.load(Ordering::Relaxed)
+    }
+
+    pub fn set_route_epoch(&self, epoch: u64) {
+        self.route_epoch.store(epoch, Ordering::Relaxed);
     }
 
     /// Asks the session to close; the first order wins.
@@ -152,6 +191,7 @@ impl SessionHandle {
     /// Takes what is queued: the writes, and a close order if one came.
     pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseOrder>) {
         let mut mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        mailbox.queued_bytes = 0;
         (std::mem::take(&mut mailbox.queue), mailbox.close)
     }
 
@@ -160,6 +200,7 @@ impl SessionHandle {
         let queue = {
             let mut mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
             mailbox.ended = true;
+            mailbox.queued_bytes = 0;
             std::mem::take(&mut mailbox.queue)
         };
         drop(queue);
@@ -215,28 +256,34 @@ mod tests {
     #[test]
     fn connection_ids_print_and_parse() {
         let id = ConnectionId(0x0123_4567_89ab_cdef);
-        assert_eq!(id.to_string(), "0123456789abcdef");
-        assert_eq!("0123456789abcdef".parse::<ConnectionId>().unwrap(), id);
+        assert_eq!(id.to_string(), "00000000000000000123456789abcdef");
+        assert_eq!("00000000000000000123456789abcdef".parse::<ConnectionId>().unwrap(), id);
         let ids = ConnectionIds::default();
-        assert_ne!(ids.next(), ids.next());
+        let (first, second) = (ids.next(), ids.next());
+        assert_ne!(first, second);
+        assert!(first.to_string().starts_with(&ids.process_prefix()));
     }
 
     #[tokio::test]
     async fn mailbox_bounds_orders_and_ends() {
         let handle = SessionHandle::new("d", ConnectionId(1), Protocol::Official);
-        let first = handle.deliver(Bytes::from_static(b"1"), 2).unwrap();
-        let _second = handle.deliver(Bytes::from_static(b"2"), 2).unwrap();
-        assert_eq!(handle.deliver(Bytes::from_static(b"3"), 2).unwrap_err(), QueueError::Full);
+        let limits = QueueLimits { writes: 2, bytes: 3 };
+        let first = handle.deliver(Bytes::from_static(b"1"), limits).unwrap();
+        assert_eq!(handle.deliver(Bytes::from_static(b"333"), limits).unwrap_err(), QueueError::Full);
+        let second = handle.deliver(Bytes::from_static(b"2"), limits).unwrap();
+        assert_eq!(handle.deliver(Bytes::from_static(b"3"), limits).unwrap_err(), QueueError::Full);
         handle.woken().await; // the permit left by deliver
         let (queue, close) = handle.take();
         assert_eq!(queue.iter().map(|o| &o.bytes[..]).collect::<Vec<_>>(), [b"1", b"2"]);
         assert_eq!(close, None);
+        drop(second);
+        assert_eq!(queue.iter().map(Outbound::abandoned).collect::<Vec<_>>(), [false, true]);
         drop(queue);
         assert!(first.await.is_err(), "dropped unanswered = offline");
 
         handle.close(CloseOrder::Superseded);
         handle.close(CloseOrder::Draining);
         assert_eq!(handle.take().1, Some(CloseOrder::Superseded));
-        assert_eq!(handle.deliver(Bytes::new(), 2).unwrap_err(), QueueError::Ended);
+        assert_eq!(handle.deliver(Bytes::new(), limits).unwrap_err(), QueueError::Ended);
     }
 }

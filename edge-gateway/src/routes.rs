@@ -1,10 +1,16 @@
 //! Session routing: which edge pod and which connection hold a device.
 //!
 //! [`RouteStore`] is the seam the all-in-one swaps (in-process map instead of Redis).
-//! Routes are fenced by the connection id: registering replaces any older route, and
-//! removal is compare-and-delete, so a late close on an old pod never deletes the route
-//! of the device's newer connection. Each pod keeps a liveness key alive so that routes
-//! of a dead pod can be recognised.
+//! Routes are fenced twice:
+//! - by the connection id: removal is compare-and-delete, so a late close on an old pod
+//!   never deletes the route of the device's newer connection;
+//! - by an epoch: every route carries its connection's epoch (raised above the one it
+//!   replaced), and the periodic re-assert writes a route back only over an older epoch,
+//!   so after Redis lost routes a stale connection never wins one back from a newer.
+//!
+//! Each pod keeps a liveness key alive, lists itself in the set of edge pods and the
+//! devices it routes in its own set, so that a live pod can find and reap the routes of
+//! a dead one (see `healing`).
 
 use std::time::Duration;
 
@@ -13,6 +19,33 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tcpc_proto::names;
 
 pub use tcpc_proto::route::Route;
+
+/// A route as a connection claims it: the route and its epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub route: Route,
+    pub epoch: u64,
+}
+
+/// What registering a route did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    /// The connection whose route this replaced.
+    pub replaced: Option<String>,
+    /// The epoch the route holds (at least the one claimed).
+    pub epoch: u64,
+}
+
+/// What re-asserting a route found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reasserted {
+    /// The route still named the connection.
+    Held,
+    /// The route was missing (or older) and is written again.
+    Restored,
+    /// A newer connection of the device holds the route: this one is stale.
+    Superseded,
+}
 
 /// A route-store step failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,19 +60,28 @@ pub enum RouteError {
     Timeout(Duration),
     #[error("route store: {0}")]
     Connect(#[source] redis::RedisError),
+    #[error("re-assert routes: {0}")]
+    Reassert(#[source] redis::RedisError),
+    #[error("reap a dead pod's routes: {0}")]
+    Reap(#[source] redis::RedisError),
 }
 
 /// Device → (pod, connection) routing with fencing.
 pub trait RouteStore: Send + Sync + 'static {
-    /// Makes `route` the device's route; returns the connection id it replaced.
-    fn register<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<Option<String>, RouteError>>;
+    /// Makes the claimed route the device's route, whatever route it had.
+    fn register<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Registered, RouteError>>;
 
-    /// Removes the device's route if it still names `connection_id`; true if removed
-    /// (this connection owned the route).
+    /// Writes every claim again unless a newer epoch holds its device (one pipeline);
+    /// one outcome per claim, in order.
+    fn reassert<'a>(&'a self, claims: &'a [Claim]) -> BoxFuture<'a, Result<Vec<Reasserted>, RouteError>>;
+
+    /// Removes the device's route if it still names `connection_id` (of `pod`); true if
+    /// removed (this connection owned the route).
     fn remove<'a>(
         &'a self,
         device_id: &'a str,
         connection_id: &'a str,
+        pod: &'a str,
     ) -> BoxFuture<'a, Result<bool, RouteError>>;
 
     /// Marks the pod alive for a while; called periodically.
@@ -47,6 +89,17 @@ pub trait RouteStore: Send + Sync + 'static {
 
     /// Marks the pod gone (clean shutdown).
     fn forget_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>>;
+
+    /// Edge pods other than `me` that have routes but no liveness key, each claimed for
+    /// `me` to reap (one reaper per dead pod).
+    fn claim_dead_pods<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RouteError>>;
+
+    /// The routes that still name `pod` (its devices that reconnected elsewhere are
+    /// dropped from its set).
+    fn routes_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>>;
+
+    /// Done reaping `pod`: its set is empty, it leaves the watch list.
+    fn reaped<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>>;
 }
 
 /// Routes in Redis (`tcpc:route:<device>` hashes, `tcpc:pod:<pod>` liveness keys).
@@ -56,6 +109,9 @@ pub struct RedisRoutes {
     remove: redis::Script,
     timeout: Duration,
 }
+
+/// Devices per pipeline of the re-assert and the reaper.
+const BATCH: usize = 1000;
 
 impl RedisRoutes {
     /// Connects lazily and reconnects by itself: the edge starts and keeps serving
@@ -92,16 +148,59 @@ impl RedisRoutes {
 }
 
 impl RouteStore for RedisRoutes {
-    fn register<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<Option<String>, RouteError>> {
+    fn register<'a>(&'a self, claim: &'a Claim) -> BoxFuture<'a, Result<Registered, RouteError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
+            let route = &claim.route;
             let mut invocation = self.register.key(names::route_key(&route.device_id));
             invocation
                 .arg(&route.connection_id)
                 .arg(&route.pod)
                 .arg(&route.grpc_addr)
-                .arg(tcpc_proto::now_ms());
-            self.bounded(invocation.invoke_async(&mut connection), RouteError::Register).await
+                .arg(tcpc_proto::now_ms())
+                .arg(claim.epoch);
+            let (replaced, epoch): (Option<String>, String) =
+                self.bounded(invocation.invoke_async(&mut connection), RouteError::Register).await?;
+            // The pod's set of routed devices: not in the script, whose keys must share
+            // one slot (Redis Cluster).
+            let mut index = redis::cmd("SADD");
+            index.arg(names::pod_routes_key(&route.pod)).arg(&route.device_id);
+            self.bounded(index.query_async::<()>(&mut connection), RouteError::Register).await?;
+            Ok(Registered { replaced, epoch: epoch.parse().unwrap_or(claim.epoch) })
+        })
+    }
+
+    fn reassert<'a>(&'a self, claims: &'a [Claim]) -> BoxFuture<'a, Result<Vec<Reasserted>, RouteError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            // Loaded once per round: after a Redis restart EVALSHA would find no script.
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(names::ROUTE_REASSERT_SCRIPT);
+            let sha: String = self.bounded(load.query_async(&mut connection), RouteError::Reassert).await?;
+            let mut outcomes = Vec::with_capacity(claims.len());
+            for batch in claims.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for Claim { route, epoch } in batch {
+                    pipe.cmd("EVALSHA")
+                        .arg(&sha)
+                        .arg(1)
+                        .arg(names::route_key(&route.device_id))
+                        .arg(&route.connection_id)
+                        .arg(&route.pod)
+                        .arg(&route.grpc_addr)
+                        .arg(tcpc_proto::now_ms())
+                        .arg(epoch);
+                    pipe.cmd("SADD").arg(names::pod_routes_key(&route.pod)).arg(&route.device_id).ignore();
+                }
+                let codes: Vec<i64> =
+                    self.bounded(pipe.query_async(&mut connection), RouteError::Reassert).await?;
+                outcomes.extend(codes.into_iter().map(|code| match code {
+                    1 => Reasserted::Held,
+                    2 => Reasserted::Restored,
+                    _ => Reasserted::Superseded,
+                }));
+            }
+            Ok(outcomes)
         })
     }
 
@@ -109,6 +208,7 @@ impl RouteStore for RedisRoutes {
         &'a self,
         device_id: &'a str,
         connection_id: &'a str,
+        pod: &'a str,
     ) -> BoxFuture<'a, Result<bool, RouteError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
@@ -116,6 +216,13 @@ impl RouteStore for RedisRoutes {
             invocation.arg(connection_id);
             let removed: i64 =
                 self.bounded(invocation.invoke_async(&mut connection), RouteError::Remove).await?;
+            if removed == 1 {
+                // Only the owner drops the device from its pod's set: a newer connection
+                // on the same pod keeps it there.
+                let mut index = redis::cmd("SREM");
+                index.arg(names::pod_routes_key(pod)).arg(device_id);
+                self.bounded(index.query_async::<()>(&mut connection), RouteError::Remove).await?;
+            }
             Ok(removed == 1)
         })
     }
@@ -124,9 +231,10 @@ impl RouteStore for RedisRoutes {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let ttl = names::POD_LIVENESS_TTL.as_secs();
-            let mut command = redis::cmd("SET");
-            command.arg(names::pod_liveness_key(pod)).arg(grpc_addr).arg("EX").arg(ttl);
-            self.bounded(command.query_async::<()>(&mut connection), RouteError::Liveness).await
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET").arg(names::pod_liveness_key(pod)).arg(grpc_addr).arg("EX").arg(ttl).ignore();
+            pipe.cmd("SADD").arg(names::EDGE_PODS_KEY).arg(pod).ignore();
+            self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Liveness).await
         })
     }
 
@@ -135,7 +243,92 @@ impl RouteStore for RedisRoutes {
             let mut connection = self.connection.clone();
             let mut command = redis::cmd("DEL");
             command.arg(names::pod_liveness_key(pod));
-            self.bounded(command.query_async::<()>(&mut connection), RouteError::Liveness).await
+            self.bounded(command.query_async::<()>(&mut connection), RouteError::Liveness).await?;
+            // With routes left (sessions the drain abandoned), the pod stays on the watch
+            // list and a live pod reaps them.
+            self.reaped(pod).await
+        })
+    }
+
+    fn claim_dead_pods<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RouteError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut members = redis::cmd("SMEMBERS");
+            members.arg(names::EDGE_PODS_KEY);
+            let pods: Vec<String> =
+                self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
+            let pods: Vec<String> = pods.into_iter().filter(|pod| pod != me).collect();
+            if pods.is_empty() {
+                return Ok(pods);
+            }
+            let mut pipe = redis::pipe();
+            for pod in &pods {
+                pipe.cmd("EXISTS").arg(names::pod_liveness_key(pod));
+            }
+            let alive: Vec<bool> = self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
+            let mut claimed = Vec::new();
+            for (pod, _) in pods.into_iter().zip(alive).filter(|(_, alive)| !alive) {
+                let mut claim = redis::cmd("SET");
+                claim
+                    .arg(names::pod_reap_key(&pod))
+                    .arg(me)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(names::POD_REAP_CLAIM.as_secs());
+                let won: Option<String> =
+                    self.bounded(claim.query_async(&mut connection), RouteError::Reap).await?;
+                if won.is_some() {
+                    claimed.push(pod);
+                }
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn routes_of_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<Vec<Route>, RouteError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut members = redis::cmd("SMEMBERS");
+            members.arg(names::pod_routes_key(pod));
+            let devices: Vec<String> =
+                self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
+            let mut routes = Vec::new();
+            for batch in devices.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for device in batch {
+                    pipe.cmd("HGETALL").arg(names::route_key(device));
+                }
+                let hashes: Vec<std::collections::HashMap<String, String>> =
+                    self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
+                let mut moved = redis::pipe();
+                for (device, fields) in batch.iter().zip(hashes) {
+                    match Route::from_fields(device, &fields).filter(|route| route.pod == pod) {
+                        Some(route) => routes.push(route),
+                        // Gone, or routed by another pod now: not this pod's any more.
+                        None => {
+                            moved.cmd("SREM").arg(names::pod_routes_key(pod)).arg(device).ignore();
+                        }
+                    }
+                }
+                self.bounded(moved.query_async::<()>(&mut connection), RouteError::Reap).await?;
+            }
+            Ok(routes)
+        })
+    }
+
+    fn reaped<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut count = redis::cmd("SCARD");
+            count.arg(names::pod_routes_key(pod));
+            let left: u64 = self.bounded(count.query_async(&mut connection), RouteError::Reap).await?;
+            if left == 0 {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SREM").arg(names::EDGE_PODS_KEY).arg(pod).ignore();
+                pipe.cmd("DEL").arg(names::pod_reap_key(pod)).ignore();
+                self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Reap).await?;
+            }
+            Ok(())
         })
     }
 }

@@ -4,7 +4,6 @@
 //! [`NatsBus`] is JetStream for envelopes (durable, de-duplicated by message id) and
 //! NATS request/reply to a worker queue group for authentication.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -18,17 +17,26 @@ use tcpc_proto::v1::{AuthReply, AuthRequest};
 /// Resolves once the bus has stored the envelope durably.
 pub type AckFuture = BoxFuture<'static, Result<(), BusError>>;
 
+/// Any error of the bus's client library, kept as the source.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A bus step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    #[error("connect to NATS: {0}")]
+    Connect(#[source] async_nats::ConnectError),
     #[error("publish uplink: {0}")]
-    Publish(String),
+    Publish(#[source] SourceError),
     #[error("uplink not acknowledged: {0}")]
-    Ack(String),
+    Ack(#[source] SourceError),
     #[error("authentication request: {0}")]
-    Authenticate(String),
+    Authenticate(#[source] SourceError),
     #[error("authentication reply: {0}")]
-    DecodeReply(#[from] prost::DecodeError),
+    DecodeReply(#[source] prost::DecodeError),
+    #[error("flush before exit: {0}")]
+    Flush(#[source] SourceError),
+    #[error("the bus is closed")]
+    Closed,
 }
 
 /// Where edges put uplink envelopes and ask for authentication.
@@ -51,17 +59,27 @@ pub trait UplinkBus: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<AuthReply, BusError>>;
 
     /// Whether publishes can succeed now; new connections are refused while not.
+    /// Follows the live state of the bus, never one past failure: it must recover by
+    /// itself when the bus does, whether or not anything is published.
     fn is_ready(&self) -> bool;
+
+    /// Hands everything published so far to the bus before the process exits.
+    fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
+
+/// How often a ready bus checks that JetStream still has the uplink stream.
+const STREAM_PROBE: Duration = Duration::from_secs(5);
 
 /// NATS: JetStream for envelopes, request/reply for auth.
 pub struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
-    /// The stream exists (ensured once at start, retried until it does).
+    /// JetStream answered the last probe and has the uplink stream.
     stream_ready: AtomicBool,
-    /// The last publish failed to be acknowledged; cleared by the next success.
-    failing: Arc<AtomicBool>,
+    /// Deadline of one probe.
+    probe_timeout: Duration,
 }
 
 impl NatsBus {
@@ -76,7 +94,7 @@ impl NatsBus {
             .retry_on_initial_connect()
             .connect(url)
             .await
-            .map_err(|e| BusError::Publish(format!("connect to {url}: {e}")))?;
+            .map_err(BusError::Connect)?;
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(publish_timeout)
             // Every connection's in-flight window shares this budget; a full budget makes
@@ -88,29 +106,39 @@ impl NatsBus {
             client,
             jetstream,
             stream_ready: AtomicBool::new(false),
-            failing: Arc::new(AtomicBool::new(false)),
+            probe_timeout: publish_timeout,
         })
     }
 
-    /// Creates the uplink stream if it does not exist, retrying until it does or
-    /// `shutdown` fires.
-    pub async fn ensure_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+    /// Probes JetStream until `shutdown`: the uplink stream is created if it is missing
+    /// (a NATS restarted without its storage), and readiness follows the answer. A
+    /// probe every few seconds, backing off (jittered) while JetStream does not answer.
+    pub async fn keep_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
+        let mut backoff =
+            tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
-            match tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await {
-                Ok(_) => {
-                    self.stream_ready.store(true, Ordering::Release);
-                    return;
+            let probe = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream);
+            let delay = match tokio::time::timeout(self.probe_timeout, probe).await {
+                Ok(Ok(_)) => {
+                    if !self.stream_ready.swap(true, Ordering::AcqRel) {
+                        tracing::info!("uplink stream available");
+                    }
+                    backoff.reset();
+                    tcpc_proto::backoff::jitter(STREAM_PROBE)
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "uplink stream not available yet; retrying");
+                failed => {
+                    if self.stream_ready.swap(false, Ordering::AcqRel) || backoff.is_reset() {
+                        let error =
+                            failed.map_or_else(|_| "timed out".to_owned(), |r| r.err().unwrap_or_default());
+                        tracing::warn!(%error, "uplink stream not available; refusing new connections");
+                    }
+                    backoff.next_delay()
                 }
-            }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
 }
@@ -131,13 +159,9 @@ impl UplinkBus for NatsBus {
                 .jetstream
                 .send_publish(subject, message)
                 .await
-                .map_err(|e| BusError::Publish(e.to_string()))?;
-            let failing = self.failing.clone();
-            let ack: AckFuture = Box::pin(async move {
-                let result = ack.await.map(drop).map_err(|e| BusError::Ack(e.to_string()));
-                failing.store(result.is_err(), Ordering::Relaxed);
-                result
-            });
+                .map_err(|e| BusError::Publish(e.into()))?;
+            let ack: AckFuture =
+                Box::pin(async move { ack.await.map(drop).map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
     }
@@ -154,14 +178,17 @@ impl UplinkBus for NatsBus {
                 .client
                 .send_request(names::AUTH_SUBJECT, request)
                 .await
-                .map_err(|e| BusError::Authenticate(e.to_string()))?;
-            Ok(AuthReply::decode(reply.payload)?)
+                .map_err(|e| BusError::Authenticate(e.into()))?;
+            AuthReply::decode(reply.payload).map_err(BusError::DecodeReply)
         })
     }
 
     fn is_ready(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
             && self.stream_ready.load(Ordering::Acquire)
-            && !self.failing.load(Ordering::Relaxed)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
+        Box::pin(async move { self.client.flush().await.map_err(|e| BusError::Flush(e.into())) })
     }
 }

@@ -39,6 +39,14 @@ impl Backoff {
     }
 }
 
+/// The delay before retry number `attempt` (0 = the first) of a loop that keeps only a
+/// counter: `initial * 2^attempt`, capped at `max`, jittered. For state that must stay
+/// small (one per device session); [`Backoff`] is the same policy as a value.
+pub fn delay(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
+    jitter(initial.saturating_mul(factor).min(max))
+}
+
 /// A duration drawn uniformly from `[d / 2, d]`.
 pub fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
@@ -63,9 +71,16 @@ mod tests {
     }
 
     #[test]
+    fn delay_by_attempt_is_capped() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert!(delay(initial, max, 0) <= initial);
+        assert!(delay(initial, max, 3) >= Duration::from_millis(400));
+        assert!(delay(initial, max, 40) <= max, "no overflow past the cap");
+    }
+
+    #[test]
     fn jitter_spreads() {
-        let delays: std::collections::HashSet<_> =
-            (0..32).map(|_| jitter(Duration::from_secs(1))).collect();
+        let delays: std::collections::HashSet<_> = (0..32).map(|_| jitter(Duration::from_secs(1))).collect();
         assert!(delays.len() > 16, "jittered delays should differ: {delays:?}");
     }
 }

@@ -35,6 +35,14 @@ pub mod v1 {
     }
 }
 
+/// Microseconds since the Unix epoch (route epochs).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
 /// Milliseconds since the Unix epoch, as the envelopes carry time.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -53,6 +53,28 @@ pub const ROUTE_POD: &str = "pod";
 pub const ROUTE_GRPC_ADDR: &str = "addr";
 /// Route field: when the route was written, Unix milliseconds.
 pub const ROUTE_SINCE_MS: &str = "since";
+/// Route field: the route's epoch, the fence between two connections of a device when
+/// Redis lost both routes (the newer connection's is higher).
+pub const ROUTE_EPOCH: &str = "epoch";
+
+/// Redis set of the devices whose routes an edge pod wrote, so that the routes of a
+/// dead pod can be found without scanning every route.
+pub fn pod_routes_key(pod: &str) -> String {
+    format!("tcpc:pod-routes:{pod}")
+}
+/// Redis set of the edge pods that have written routes (the reaper's watch list).
+pub const EDGE_PODS_KEY: &str = "tcpc:edge-pods";
+/// Redis: held by the one edge pod that reaps a dead pod's routes.
+pub fn pod_reap_key(pod: &str) -> String {
+    format!("tcpc:reap:{pod}")
+}
+/// How long a reap claim holds; a reaper that died mid-way is replaced after it.
+pub const POD_REAP_CLAIM: Duration = Duration::from_secs(60);
+/// JetStream message id of the offline event a reaper publishes for a dead pod's
+/// connection: one per connection, so two reapers store it once.
+pub fn reaped_message_id(connection_id: &str) -> String {
+    format!("{connection_id}-reaped")
+}
 
 /// Redis key that exists while an edge pod is alive (value: its gRPC address). A route
 /// whose pod has no liveness key belongs to a dead pod.
@@ -64,13 +86,32 @@ pub const POD_LIVENESS_TTL: Duration = Duration::from_secs(15);
 /// How often a live pod refreshes its key.
 pub const POD_LIVENESS_REFRESH: Duration = Duration::from_secs(5);
 
-/// Writes a route, replacing any older one; returns the connection id it replaced (or
-/// nil). `KEYS[1]`: the route key; `ARGV`: conn, pod, addr, since.
+/// Writes a route, replacing any older one: a new connection always wins. Its epoch is
+/// the one asked (the connection's time, µs) raised above the epoch held, so a newer
+/// connection's epoch is always higher. Returns `[replaced conn or nil, epoch]`.
+/// `KEYS[1]`: the route key; `ARGV`: conn, pod, addr, since, epoch.
 pub const ROUTE_REGISTER_SCRIPT: &str = r#"
-local old = redis.call('HGET', KEYS[1], 'conn')
+local old = redis.call('HMGET', KEYS[1], 'conn', 'epoch')
+local epoch = tonumber(ARGV[5])
+local held = tonumber(old[2])
+if held and held >= epoch then epoch = held + 1 end
+epoch = string.format('%d', epoch)
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'conn', ARGV[1], 'pod', ARGV[2], 'addr', ARGV[3], 'since', ARGV[4])
-return old
+redis.call('HSET', KEYS[1], 'conn', ARGV[1], 'pod', ARGV[2], 'addr', ARGV[3], 'since', ARGV[4], 'epoch', epoch)
+return {old[1], epoch}
+"#;
+
+/// Writes a route again (the periodic re-assert): 1 if it still names this connection;
+/// 2 if it was missing or held by an older epoch and is restored; 0 if a newer
+/// connection holds it (the fence: a stale connection never wins a route back).
+/// `KEYS[1]`: the route key; `ARGV`: conn, pod, addr, since, epoch.
+pub const ROUTE_REASSERT_SCRIPT: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'conn', 'epoch')
+if cur[1] == ARGV[1] then return 1 end
+if cur[1] and (tonumber(cur[2]) or 0) >= tonumber(ARGV[5]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'conn', ARGV[1], 'pod', ARGV[2], 'addr', ARGV[3], 'since', ARGV[4], 'epoch', ARGV[5])
+return 2
 "#;
 
 /// Deletes a route only if it still names this connection (the fence): a late close on

@@ -20,6 +20,15 @@ pub struct TestEdge {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// For load tools: every simulated device connects from 127.0.0.1, which the per-source
+/// limits would otherwise read as one address flooding the pod.
+pub fn one_address_load(config: &mut Config) {
+    config.limits.max_connections_per_source = 0;
+    config.limits.auth_rate_per_source = u32::MAX;
+    config.limits.auth_burst_per_source = u32::MAX;
+    config.limits.ban_after = u32::MAX;
+}
+
 impl TestEdge {
     /// Starts an edge named `pod`; `tweak` adjusts its configuration (short timeouts).
     /// Returns once it reports ready.

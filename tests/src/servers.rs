@@ -69,20 +69,32 @@ impl Drop for Process {
     }
 }
 
-/// A `redis-server` that keeps nothing on disk.
+/// A `redis-server` that keeps nothing on disk (a restart comes back empty).
 pub struct RedisServer {
     pub port: u16,
-    _process: Process,
+    process: Process,
 }
 
 impl RedisServer {
     pub async fn spawn() -> Self {
-        let port = free_port();
-        let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            .map(String::from);
-        let server = RedisServer { port, _process: Process::start("redis-server", &args) };
-        wait_until("redis-server to accept connections", || accepts(port)).await;
+        let mut server = RedisServer { port: free_port(), process: Process::default() };
+        server.start().await;
         server
+    }
+
+    async fn start(&mut self) {
+        let port = self.port.to_string();
+        let args =
+            ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from);
+        self.process = Process::start("redis-server", &args);
+        wait_until("redis-server to accept connections", || accepts(self.port)).await;
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port, empty: what a
+    /// failover to a replica that had nothing, or a restart without persistence, does.
+    pub async fn restart_empty(&mut self) {
+        self.process.kill();
+        self.start().await;
     }
 
     pub fn url(&self) -> String {

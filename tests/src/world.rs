@@ -29,9 +29,11 @@ impl World {
         WorkerProcess::spawn(&self.nats, &self.redis, &self.broker, &self.platform, name, extra).await
     }
 
-    /// An edge in this process.
+    /// An edge in this process. Worker tests drive many devices, and wrong tokens on
+    /// purpose, from 127.0.0.1: the edge's per-source limits (tested on their own in
+    /// `edge_faults`) are lifted so that what is tested is the worker's behaviour.
     pub async fn edge(&self) -> TestEdge {
-        TestEdge::spawn(&self.nats, &self.redis, "edge-a", |_| {}).await
+        TestEdge::spawn(&self.nats, &self.redis, "edge-a", crate::edge::one_address_load).await
     }
 
     /// An edge process (killable).

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use edge_gateway::codec::{Frame, cmd};
 use serde_json::Value;
 use tcpc_tests::device::TpDevice;
-use tcpc_tests::edge::TestEdge;
+use tcpc_tests::edge::{TestEdge, one_address_load};
 use tcpc_tests::mqtt::{Mosquitto, Watcher};
 use tcpc_tests::platform::{FakePlatform, direct_device};
 use tcpc_tests::servers::{NatsServer, RedisServer};
@@ -36,7 +36,7 @@ async fn main() {
         worker.metric("worker_partitions").await >= 16.0
     })
     .await;
-    let edge = TestEdge::spawn(&nats, &redis, "load-edge", |_| {}).await;
+    let edge = TestEdge::spawn(&nats, &redis, "load-edge", one_address_load).await;
     let mut connected = Vec::new();
     for i in 0..devices {
         connected.push(TpDevice::online(edge.official, &format!("load-{i}")).await);
