@@ -54,6 +54,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 "#;
 
+/// This process's identity in leases and membership: the worker's name and a nonce
+/// drawn at start. Two processes started with the same POD_NAME (a restart racing the
+/// old pod, a copy-pasted manifest) are two members and never share a lease.
+pub fn boot_identity(worker: &str) -> String {
+    format!("{worker}#{:08x}", rand::random::<u32>())
+}
+
 /// The partitions a worker owns, for whoever needs to know (the downlinks).
 pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>>;
 
@@ -61,6 +68,7 @@ pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>
 pub struct Partitions {
     pub jetstream: jetstream::Context,
     pub redis: ConnectionManager,
+    /// Who holds the leases: [`boot_identity`].
     pub worker: String,
     pub partitions: u32,
     pub pipeline: Arc<Pipeline>,

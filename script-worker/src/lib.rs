@@ -222,7 +222,8 @@ pub async fn run(
         .map_err(|e| WorkerError::Connect("nats", e.to_string()))?;
     let mqtt = platform::mqtt::MqttConfig::from_url(
         &config.mqtt_url,
-        &format!("tcpc-worker-{worker}"),
+        // Two processes with one POD_NAME must not take each other's broker session.
+        &consume::boot_identity(&format!("tcpc-worker-{worker}")),
         &settings.mqtt_username,
         &settings.mqtt_password,
     )
@@ -370,7 +371,7 @@ pub fn spawn_bus_tasks(
     let partitions = consume::Partitions {
         jetstream: async_nats::jetstream::new(nats.clone()),
         redis,
-        worker,
+        worker: consume::boot_identity(&worker),
         partitions,
         pipeline: core.pipeline.clone(),
         owned,

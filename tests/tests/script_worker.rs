@@ -224,7 +224,11 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
     )
     .await
     .unwrap();
-    let victim = workers.iter().position(|worker| worker.name == owner).expect("the owner is one of ours");
+    // The lease names the worker and its boot nonce: `worker-a#1f2e3d4c`.
+    let victim = workers
+        .iter()
+        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
+        .expect("the owner is one of ours");
     workers[victim].kill();
     send_numbered(&mut device, 300..1000).await;
     while !(0..1000).all(|n| seen.contains(&n)) {
@@ -464,4 +468,23 @@ async fn a_worker_stopped_mid_stream_hands_over_without_duplicates() {
     }
     assert_eq!(seen.len() as u64 - COUNT, 0, "no duplicate");
     assert_eq!(seen, (0..COUNT).collect::<Vec<_>>(), "all, in order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_with_one_pod_name_share_no_partition() {
+    let w = world().await;
+    w.device("counter", "dev-twin", "T001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let a = w.worker("twin", &[]).await;
+    let b = w.worker("twin", &[]).await;
+    // Between them, each partition once (not each of them all of them).
+    wait_for_partitions(&[&a, &b]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "counter").await;
+    send_numbered(&mut device, 0..200).await;
+    let mut seen = Vec::new();
+    while seen.len() < 200 {
+        seen.push(watcher.next().await.values("dev-twin")["n"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "all, once, in order");
 }
