@@ -66,12 +66,7 @@ async fn tp_and_custom_devices_reach_the_platform_as_thingspanel_expects() {
     assert_eq!(&watcher.next_on("devices/status/dev-custom").await.payload[..], b"1");
     let telemetry = watcher.next_on("devices/telemetry").await;
     assert_eq!(telemetry.values("dev-custom"), json!({"temperature": 36.5, "humidity": 52}));
-    assert!(
-        !w.platform.heartbeats().is_empty() || {
-            wait_until("a plugin heartbeat", || async { !w.platform.heartbeats().is_empty() }).await;
-            true
-        }
-    );
+    wait_until("a plugin heartbeat", || async { !w.platform.heartbeats().is_empty() }).await;
     assert_eq!(w.platform.heartbeats()[0], "TCP");
 }
 
@@ -252,12 +247,23 @@ async fn known_devices_authenticate_from_cache_while_the_platform_is_down() {
     let w = world().await;
     w.device("known", "dev-known", "K001", Value::Null);
     w.device("stranger", "dev-stranger", "K002", Value::Null);
-    let _worker = w.worker("worker-a", &[]).await;
+    let mut first = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
     drop(TpDevice::online(edge.official, "known").await);
+    // Only a stale copy left: the shared one aged past its hour of freshness, and a
+    // worker with nothing in memory.
+    first.kill();
+    let mut redis = w.redis.connection().await;
+    let shared: Vec<String> = redis::AsyncCommands::keys(&mut redis, "tcpc:config:*").await.unwrap();
+    assert_eq!(shared.len(), 1, "the known device's config is shared");
+    let text: String = redis::AsyncCommands::get(&mut redis, &shared[0]).await.unwrap();
+    let mut entry: Value = serde_json::from_str(&text).unwrap();
+    entry["fetched_ms"] = json!(tcpc_proto::now_ms() - 2 * 3600 * 1000);
+    let () = redis::AsyncCommands::set(&mut redis, &shared[0], entry.to_string()).await.unwrap();
     w.platform.set_down(true);
+    let _worker = w.worker("worker-b", &[]).await;
     let calls_before = w.platform.calls().len();
-    // Known: served from the cached config. New: refused for now, and told to retry.
+    // Known: served from the stale config. New: refused for now, and told to retry.
     drop(TpDevice::online(edge.official, "known").await);
     let mut stranger = TpDevice::connect(edge.official).await;
     assert_eq!(
