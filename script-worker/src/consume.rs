@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -27,6 +28,7 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use tcpc_proto::backoff::Backoff;
 use tcpc_proto::names;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -61,6 +63,39 @@ pub fn boot_identity(worker: &str) -> String {
     format!("{worker}#{:08x}", rand::random::<u32>())
 }
 
+/// How much of a lease this worker does not count on: the renewal's round trip and
+/// the drift between its clock and Redis's.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Until when this worker may act for a partition: the last successful renewal's send
+/// time plus the lease, less a margin, on this process's monotonic clock. The consumer
+/// checks it before each fetch, publish and ack: a worker paused past its lease
+/// (SIGSTOP, a stalled VM) must not act for a partition another worker may own by now —
+/// the lease loop that would notice runs no sooner than the consumer on resume.
+#[derive(Clone)]
+pub struct Lease {
+    /// Milliseconds from `epoch`.
+    until: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Lease { until: Arc::default(), epoch: Instant::now() }
+    }
+
+    /// The lease was renewed by a call sent at `sent`.
+    fn renewed(&self, sent: Instant) {
+        let until = (sent + LEASE).saturating_duration_since(self.epoch).saturating_sub(LEASE_MARGIN);
+        self.until.store(until.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the partition is still ours for sure.
+    fn is_held(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.until.load(Ordering::Relaxed)
+    }
+}
+
 /// The partitions a worker owns, for whoever needs to know (the downlinks).
 pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>>;
 
@@ -79,6 +114,7 @@ pub struct Partitions {
 struct Owned {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    lease: Lease,
 }
 
 impl Partitions {
@@ -129,18 +165,21 @@ impl Partitions {
                 let mut redis = this.redis.clone();
                 let mut invocation = take.key(names::partition_lease_key(partition));
                 invocation.arg(&this.worker).arg(LEASE.as_millis() as u64);
+                let sent = Instant::now();
                 let held = matches!(
                     tokio::time::timeout(TICK, invocation.invoke_async::<i64>(&mut redis)).await,
                     Ok(Ok(1))
                 );
                 match (held, owned.contains_key(&partition)) {
                     (true, false) => {
-                        let stop = shutdown.child_token();
-                        let task = tokio::spawn(this.clone().consume(partition, stop.clone()));
-                        owned.insert(partition, Owned { stop, task });
+                        let (stop, lease) = (shutdown.child_token(), Lease::new());
+                        lease.renewed(sent);
+                        let task = tokio::spawn(this.clone().consume(partition, stop.clone(), lease.clone()));
+                        owned.insert(partition, Owned { stop, task, lease });
                         this.set_owned(partition, true);
                         info!(partition, "partition taken");
                     }
+                    (true, true) => owned[&partition].lease.renewed(sent),
                     (false, false) => next_round = HAND_OVER_POLL,
                     (false, true) => {
                         warn!(partition, "partition lease lost; stopping its consumer");
@@ -149,7 +188,6 @@ impl Partitions {
                         lost.stop.cancel();
                         lost.task.abort();
                     }
-                    _ => {}
                 }
             }
             this.pipeline.metrics.partitions.set(owned.len() as i64);
@@ -251,7 +289,14 @@ impl Partitions {
             .map_err(|e| e.to_string())
     }
 
-    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken) {
+    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken, lease: Lease) {
+        let expired = || {
+            let expired = !lease.is_held();
+            if expired {
+                warn!(partition, "partition lease not renewed in time; stopping without acting on it");
+            }
+            expired
+        };
         let consumer = loop {
             let taken = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -269,6 +314,9 @@ impl Partitions {
             }
         };
         while !stop.is_cancelled() {
+            if expired() {
+                return;
+            }
             let fetched = tokio::select! {
                 _ = stop.cancelled() => return,
                 fetched = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages() => fetched,
@@ -300,13 +348,16 @@ impl Partitions {
                 // stop (shutdown, hand-over): what the platform already has must not
                 // come again from the next owner. The caller bounds the wait (see
                 // `release`) and aborts past it; a lost lease aborts at once.
-                match self.handle_batch(&messages).await {
+                match self.handle_batch(&messages, &expired).await {
+                    // Unacknowledged: whoever holds the lease now takes the batch again.
+                    Ok(()) if expired() => return,
                     Ok(()) => {
                         if let Err(error) = last.ack().await {
                             warn!(partition, %error, "batch ack not sent; it will be redelivered");
                         }
                         break;
                     }
+                    Err(HandleError::LeaseExpired) => return,
                     Err(error) if stop.is_cancelled() => {
                         // Not retried when stopping: unacknowledged, the next owner takes it.
                         warn!(partition, %error, "batch not delivered while stopping");
@@ -326,11 +377,42 @@ impl Partitions {
         }
     }
 
-    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Result<(), HandleError> {
+    /// Hands a batch to the pipeline, message by message while the lease is held;
+    /// resolves when the platform took all of it.
+    async fn handle_batch(
+        &self,
+        messages: &[jetstream::Message],
+        expired: &impl Fn() -> bool,
+    ) -> Result<(), HandleError> {
         let mut handled = Vec::with_capacity(messages.len());
         for message in messages {
+            if expired() {
+                return Err(HandleError::LeaseExpired);
+            }
             handled.push(self.pipeline.handle(message.payload.clone()).await?);
         }
         futures::future::try_join_all(handled).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_counted_on_from_the_renewal_sent_less_a_margin() {
+        let lease = Lease::new();
+        assert!(!lease.is_held(), "not before a renewal");
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        lease.renewed(sent);
+        assert!(lease.is_held());
+        // From the send, not the answer: LEASE - LEASE_MARGIN after `sent`.
+        tokio::time::advance(LEASE - LEASE_MARGIN - Duration::from_millis(301)).await;
+        assert!(lease.is_held());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!lease.is_held(), "a stalled worker stops before the lease can have expired");
+        lease.renewed(Instant::now());
+        assert!(lease.is_held(), "renewed again");
     }
 }

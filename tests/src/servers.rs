@@ -43,9 +43,14 @@ impl Process {
 
     /// SIGTERM (a shutdown, not a crash); the process then drains and exits by itself.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
         if let Some(child) = &self.0 {
-            let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            assert!(sent.is_ok_and(|status| status.success()), "SIGTERM sent");
+            let sent = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
+            assert!(sent.is_ok_and(|status| status.success()), "SIG{name} sent");
         }
     }
 

@@ -76,6 +76,16 @@ impl WorkerProcess {
         self.process.kill();
     }
 
+    /// SIGSTOP: alive but frozen (its leases expire while it holds them).
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// SIGCONT: it resumes where it was frozen.
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
+    }
+
     /// SIGTERM, and wait until the worker has drained and exited.
     pub async fn stop(&mut self) {
         self.process.terminate();

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::wait_until;
+use tcpc_tests::worker::WorkerProcess;
 use tcpc_tests::world::{World, wait_for_partitions};
 
 async fn world() -> World {
@@ -173,6 +174,40 @@ async fn send_numbered(device: &mut TpDevice, range: std::ops::Range<u32>) {
     }
 }
 
+/// Reads `device_id`'s numbered telemetry after `seen` until each of `0..count` was seen;
+/// every value read, in arrival order (duplicates included).
+async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u64>, count: u64) -> Vec<u64> {
+    let mut distinct: std::collections::HashSet<u64> = seen.iter().copied().collect();
+    while distinct.len() < count as usize {
+        let n = watcher.next().await.values(device_id)["n"].as_u64().unwrap();
+        distinct.insert(n);
+        seen.push(n);
+    }
+    seen
+}
+
+/// The values in the order each was first seen.
+fn first_seen(seen: &[u64]) -> Vec<u64> {
+    let mut counted = std::collections::HashSet::new();
+    seen.iter().copied().filter(|n| counted.insert(*n)).collect()
+}
+
+/// Which of `workers` holds the lease of `device_id`'s partition (the lease names the
+/// worker and its boot nonce: `worker-a#1f2e3d4c`).
+async fn partition_owner(w: &World, workers: &[WorkerProcess], device_id: &str) -> usize {
+    let partition = tcpc_proto::names::partition_of(device_id, tcpc_proto::names::DEFAULT_PARTITIONS);
+    let owner: String = redis::AsyncCommands::get(
+        &mut w.redis.connection().await,
+        tcpc_proto::names::partition_lease_key(partition),
+    )
+    .await
+    .unwrap();
+    workers
+        .iter()
+        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
+        .expect("the owner is one of ours")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_keep_a_device_in_order() {
     let w = world().await;
@@ -212,33 +247,13 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
         seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
     }
     // Kill the worker that owns the device's partition.
-    let partition = tcpc_proto::names::partition_of("dev-steady", tcpc_proto::names::DEFAULT_PARTITIONS);
-    let owner: String = redis::AsyncCommands::get(
-        &mut w.redis.connection().await,
-        tcpc_proto::names::partition_lease_key(partition),
-    )
-    .await
-    .unwrap();
-    // The lease names the worker and its boot nonce: `worker-a#1f2e3d4c`.
-    let victim = workers
-        .iter()
-        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
-        .expect("the owner is one of ours");
+    let victim = partition_owner(&w, &workers, "dev-steady").await;
+    let owner = workers[victim].name.clone();
     workers[victim].kill();
     send_numbered(&mut device, 300..1000).await;
-    while !(0..1000).all(|n| seen.contains(&n)) {
-        let message =
-            watcher.next_within(Duration::from_secs(30)).await.expect("the survivor takes over within 30 s");
-        seen.push(message.values("dev-steady")["n"].as_u64().unwrap());
-    }
+    let seen = read_until_all(&mut watcher, "dev-steady", seen, 1000).await;
     let duplicates = seen.len() - 1000;
-    let mut first = Vec::new();
-    for n in &seen {
-        if !first.contains(n) {
-            first.push(*n);
-        }
-    }
-    assert_eq!(first, (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
+    assert_eq!(first_seen(&seen), (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
     println!("killed {owner} mid-stream: 1000 messages arrived, {duplicates} duplicates");
 }
 
@@ -466,12 +481,7 @@ async fn a_worker_stopped_mid_stream_hands_over_without_duplicates() {
     first.stop().await;
     let _second = w.worker("worker-b", &[]).await;
     let _device = sender.await.unwrap();
-    let mut distinct: std::collections::HashSet<u64> = seen.iter().copied().collect();
-    while distinct.len() < COUNT as usize {
-        let n = watcher.next().await.values("dev-steady")["n"].as_u64().unwrap();
-        distinct.insert(n);
-        seen.push(n);
-    }
+    let seen = read_until_all(&mut watcher, "dev-steady", seen, COUNT).await;
     assert_eq!(seen.len() as u64 - COUNT, 0, "no duplicate");
     assert_eq!(seen, (0..COUNT).collect::<Vec<_>>(), "all, in order");
 }
@@ -521,19 +531,41 @@ async fn a_broker_restart_loses_nothing_and_keeps_the_order() {
     .await;
     w.broker.start().await;
     send_numbered(&mut device, 300..COUNT as u32).await;
-    let mut distinct: std::collections::HashSet<u64> = seen.iter().copied().collect();
-    while distinct.len() < COUNT as usize {
-        let n = watcher.next().await.values("dev-restart")["n"].as_u64().unwrap();
-        distinct.insert(n);
-        seen.push(n);
-    }
-    let mut first_seen = Vec::new();
-    let mut counted = std::collections::HashSet::new();
-    for n in &seen {
-        if counted.insert(*n) {
-            first_seen.push(*n);
-        }
-    }
-    assert_eq!(first_seen, (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
+    let seen = read_until_all(&mut watcher, "dev-restart", seen, COUNT).await;
+    assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
     println!("broker restarted mid-stream: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_past_its_lease_does_not_act_on_resume() {
+    const COUNT: u64 = 3000;
+    let w = world().await;
+    w.device("frozen", "dev-frozen", "F001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let frozen = partition_owner(&w, &workers, "dev-frozen").await;
+    let survivor = &workers[1 - frozen];
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "frozen").await;
+    let sender = tokio::spawn(async move {
+        send_numbered(&mut device, 0..COUNT as u32).await;
+        device
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-frozen")["n"].as_u64().unwrap());
+    }
+    // Frozen mid-stream until the survivor owns every partition, then resumed: the
+    // frozen worker must neither acknowledge nor take anything of the survivor's.
+    workers[frozen].freeze();
+    wait_until("the survivor to own every partition", || async {
+        survivor.metric("worker_partitions").await == f64::from(tcpc_proto::names::DEFAULT_PARTITIONS)
+    })
+    .await;
+    workers[frozen].thaw();
+    let _device = sender.await.unwrap();
+    let seen = read_until_all(&mut watcher, "dev-frozen", seen, COUNT).await;
+    assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
+    println!("owner frozen past its lease: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
 }
