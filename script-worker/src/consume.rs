@@ -297,6 +297,7 @@ impl Partitions {
             }
             expired
         };
+        let mut backoff = Backoff::new(TICK, Duration::from_secs(10));
         let consumer = loop {
             let taken = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -305,14 +306,16 @@ impl Partitions {
             match taken {
                 Ok(consumer) => break consumer,
                 Err(error) => {
-                    warn!(partition, %error, "partition consumer not ready; retrying");
+                    let retry_in = backoff.next_delay();
+                    warn!(partition, %error, ?retry_in, "partition consumer not ready; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(TICK) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
                 }
             }
         };
+        let mut fetch_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         while !stop.is_cancelled() {
             if expired() {
                 return;
@@ -322,10 +325,17 @@ impl Partitions {
                 fetched = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages() => fetched,
             };
             let mut batch = match fetched {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    fetch_backoff.reset();
+                    batch
+                }
                 Err(error) => {
-                    warn!(partition, %error, "fetch failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let retry_in = fetch_backoff.next_delay();
+                    warn!(partition, %error, ?retry_in, "fetch failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry_in) => {}
+                    }
                     continue;
                 }
             };

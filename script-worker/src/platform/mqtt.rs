@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use tcpc_proto::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +290,7 @@ async fn run(
     progress: Progress,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut connection = Connection::new(&config);
     loop {
         progress.turn();
@@ -322,7 +323,7 @@ async fn run(
             }
             event = connection.events.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     connected.store(true, Ordering::Relaxed);
                     info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
                     if let Some(subscription) = &subscription
@@ -344,13 +345,13 @@ async fn run(
                 Ok(event) => connection.note(event),
                 Err(error) => {
                     connected.store(false, Ordering::Relaxed);
-                    warn!(%error, retry_in = ?backoff, "platform broker connection failed");
+                    let retry_in = backoff.next_delay();
+                    warn!(%error, ?retry_in, "platform broker connection failed");
                     connection.fail_all();
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     connection = Connection::new(&config);
                 }
             },
