@@ -50,6 +50,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 "#;
+/// Renews this worker's membership on Redis's clock (one clock decides who is alive,
+/// not each worker's), drops expired members, and lists the live ones. `KEYS[1]`: the
+/// workers' sorted set; `ARGV`: worker, ms.
+const MEMBERSHIP: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
 /// Releases the lease if it is ours. `KEYS[1]`: the lease; `ARGV[1]`: the worker.
 const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -122,7 +132,6 @@ impl Partitions {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let mut owned: HashMap<u32, Owned> = HashMap::new();
-        let take = redis::Script::new(TAKE_LEASE);
         // The first round at once; then every TICK, or sooner while a partition that is
         // ours is still held by its previous owner (so that a hand-over leaves it
         // without a consumer, and its downlinks without a handler, as briefly as can be).
@@ -151,25 +160,22 @@ impl Partitions {
                     continue;
                 }
             };
-            for partition in 0..this.partitions {
-                let want = desired.contains(&partition);
-                let holding = owned.contains_key(&partition);
-                if holding && !want {
-                    this.set_owned(partition, false);
-                    this.release(partition, owned.remove(&partition).expect("held")).await;
-                    continue;
+            // Every lease of ours renewed (or taken) in one round trip, first: a round
+            // never outlives a lease because of how many partitions it holds, nor
+            // because of a hand-over below.
+            let sent = Instant::now();
+            let held = match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
+                Ok(Ok(held)) => held,
+                Ok(Err(error)) => {
+                    warn!(%error, "leases not renewed");
+                    vec![false; desired.len()]
                 }
-                if !want {
-                    continue;
+                Err(_) => {
+                    warn!("leases not renewed in time");
+                    vec![false; desired.len()]
                 }
-                let mut redis = this.redis.clone();
-                let mut invocation = take.key(names::partition_lease_key(partition));
-                invocation.arg(&this.worker).arg(LEASE.as_millis() as u64);
-                let sent = Instant::now();
-                let held = matches!(
-                    tokio::time::timeout(TICK, invocation.invoke_async::<i64>(&mut redis)).await,
-                    Ok(Ok(1))
-                );
+            };
+            for (&partition, held) in desired.iter().zip(held) {
                 match (held, owned.contains_key(&partition)) {
                     (true, false) => {
                         let (stop, lease) = (shutdown.child_token(), Lease::new());
@@ -183,6 +189,7 @@ impl Partitions {
                     (false, false) => next_round = HAND_OVER_POLL,
                     (false, true) => {
                         warn!(partition, "partition lease lost; stopping its consumer");
+                        this.pipeline.metrics.partitions_lost.inc();
                         this.set_owned(partition, false);
                         let lost = owned.remove(&partition).expect("held");
                         lost.stop.cancel();
@@ -190,6 +197,14 @@ impl Partitions {
                     }
                 }
             }
+            // Partitions that now belong to another worker, let go of together.
+            let leaving: Vec<u32> = owned.keys().copied().filter(|p| !desired.contains(p)).collect();
+            let releases = leaving.into_iter().map(|partition| {
+                this.set_owned(partition, false);
+                this.release(partition, owned.remove(&partition).expect("held"))
+            });
+            futures::future::join_all(releases).await;
+            this.pipeline.metrics.lease_rounds.inc();
             this.pipeline.metrics.partitions.set(owned.len() as i64);
         }
         this.owned.write().unwrap_or_else(|e| e.into_inner()).clear();
@@ -208,27 +223,31 @@ impl Partitions {
     /// Renews our membership; the partitions that are ours among the live workers.
     async fn membership(&self) -> Result<Vec<u32>, redis::RedisError> {
         let mut redis = self.redis.clone();
-        let now = tcpc_proto::now_ms();
-        let (_, _, members): ((), (), Vec<String>) = redis::pipe()
-            .cmd("ZADD")
-            .arg(names::WORKERS_KEY)
-            .arg(now + LEASE.as_millis() as i64)
-            .arg(&self.worker)
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(names::WORKERS_KEY)
-            .arg("-inf")
-            .arg(now)
-            .cmd("ZRANGE")
-            .arg(names::WORKERS_KEY)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut redis)
-            .await?;
-        let mut members = members;
+        let script = redis::Script::new(MEMBERSHIP);
+        let mut invocation = script.key(names::WORKERS_KEY);
+        invocation.arg(&self.worker).arg(LEASE.as_millis() as u64);
+        let mut members: Vec<String> = invocation.invoke_async(&mut redis).await?;
         members.sort();
         let Some(index) = members.iter().position(|m| *m == self.worker) else { return Ok(Vec::new()) };
         let count = members.len() as u32;
         Ok((0..self.partitions).filter(|p| p % count == index as u32).collect())
+    }
+
+    /// Takes or renews the leases of `partitions` in one round trip (one single-key
+    /// script each, so that each runs in its key's slot on a Redis Cluster); whether
+    /// each is ours.
+    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<bool>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        for &partition in partitions {
+            pipe.cmd("EVAL")
+                .arg(TAKE_LEASE)
+                .arg(1)
+                .arg(names::partition_lease_key(partition))
+                .arg(&self.worker)
+                .arg(LEASE.as_millis() as u64);
+        }
+        let held: Vec<i64> = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(held.into_iter().map(|held| held == 1).collect())
     }
 
     /// Keeps the shared set of owned partitions exact: a partition leaves it before its

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub dead_letters: Family<ReasonLabel, Counter>,
     /// Uplink batches retried after a transient failure (the ack held meanwhile).
     pub retries: Counter,
+    /// Partition leases found taken by another worker while this one held them.
+    pub partitions_lost: Counter,
+    /// Rounds of the lease loop (membership and every lease renewed).
+    pub lease_rounds: Counter,
 }
 
 impl Default for Metrics {
@@ -60,6 +64,14 @@ impl Default for Metrics {
             "Uplink batches retried after a transient failure",
             retries.clone(),
         );
+        let partitions_lost = Counter::default();
+        registry.register(
+            "worker_partitions_lost",
+            "Partition leases lost while held",
+            partitions_lost.clone(),
+        );
+        let lease_rounds = Counter::default();
+        registry.register("worker_lease_rounds", "Rounds of the partition lease loop", lease_rounds.clone());
         Metrics {
             registry,
             envelopes,
@@ -70,6 +82,8 @@ impl Default for Metrics {
             downlinks,
             dead_letters,
             retries,
+            partitions_lost,
+            lease_rounds,
         }
     }
 }

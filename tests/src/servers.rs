@@ -89,8 +89,20 @@ impl RedisServer {
 
     async fn start(&mut self) {
         let port = self.port.to_string();
-        let args =
-            ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from);
+        // DEBUG SLEEP lets a test make Redis slow (a loaded server, a failover).
+        let args = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+        ]
+        .map(String::from);
         self.process = Process::start("redis-server", &args);
         wait_until("redis-server to accept connections", || accepts(self.port)).await;
     }

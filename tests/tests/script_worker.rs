@@ -569,3 +569,41 @@ async fn a_worker_frozen_past_its_lease_does_not_act_on_resume() {
     assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
     println!("owner frozen past its lease: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_redis_does_not_cost_a_worker_its_partitions() {
+    let w = world().await;
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let rounds = || async {
+        let mut rounds = Vec::new();
+        for worker in &workers {
+            rounds.push(worker.metric("worker_lease_rounds_total").await);
+        }
+        rounds
+    };
+    let before = rounds().await;
+    // Redis busy most of the time: every command waits for the end of a 0.8 s sleep.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut busy = redis::Client::open(w.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let slow = tokio::spawn(async move {
+        loop {
+            let slept: redis::RedisResult<()> =
+                redis::cmd("DEBUG").arg("SLEEP").arg("0.8").query_async(&mut busy).await;
+            slept.expect("DEBUG SLEEP (enabled by the fixture)");
+        }
+    });
+    wait_until("three lease rounds of each worker under the slow Redis", || async {
+        rounds().await.iter().zip(&before).all(|(now, then)| *now >= then + 3.0)
+    })
+    .await;
+    assert!(!slow.is_finished(), "Redis was kept busy throughout (DEBUG SLEEP answered)");
+    slow.abort();
+    for worker in &workers {
+        assert_eq!(worker.metric("worker_partitions_lost_total").await, 0.0, "{} lost none", worker.name);
+    }
+}
