@@ -47,7 +47,11 @@ mod tests {
         let registry = Registry::default();
         let handles: Vec<_> = (0..100)
             .map(|i| {
-                let handle = Arc::new(SessionHandle::new("d", ConnectionId(i), Protocol::Official));
+                let handle = Arc::new(SessionHandle::new(
+                    "d",
+                    ConnectionId { process: 0, counter: i },
+                    Protocol::Official,
+                ));
                 registry.insert(handle.clone());
                 handle
             })

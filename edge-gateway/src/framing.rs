@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tcpc_proto::v1::{Framing, framing};
-use tokio_util::codec::Decoder;
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 /// Default idle-gap framing when the device config names none.
 pub const DEFAULT_BUFFER_SIZE: usize = 1024;
@@ -17,12 +17,12 @@ pub const DEFAULT_BUFFER_SIZE: usize = 1024;
 pub const DEFAULT_IDLE_GAP: Duration = Duration::from_millis(50);
 
 /// Why a byte stream does not fit the configured framing, or the framing is unusable.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum FramingError {
     #[error("message exceeds the maximum of {max} bytes")]
     TooLong { max: usize },
-    #[error("length field declares a message of {length} bytes, more than the maximum of {max}")]
-    DeclaredTooLong { length: i128, max: usize },
+    #[error("length field: {0}")]
+    LengthField(#[source] std::io::Error),
     #[error("length field declares a message shorter than its own header")]
     DeclaredTooShort,
     #[error("invalid framing configuration: {0}")]
@@ -38,7 +38,7 @@ impl From<std::io::Error> for FramingError {
 }
 
 /// A custom device's framing, ready to cut its stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum CustomFramer {
     /// `searched`: bytes at the buffer's start already known to hold no delimiter, so
     /// that a message dripped byte by byte is scanned once, not once per read.
@@ -48,12 +48,12 @@ pub enum CustomFramer {
         searched: usize,
     },
     FixedLength(usize),
+    /// tokio-util's codec, bounded so that the whole frame (header, length and
+    /// adjustment) stays within the maximum; it checks the length before it buffers.
+    /// `header`: offset and width, which every frame at least holds.
     LengthField {
-        offset: usize,
-        width: usize,
-        little_endian: bool,
-        adjustment: i64,
-        max: usize,
+        codec: LengthDelimitedCodec,
+        header: usize,
     },
     IdleGap {
         gap: Duration,
@@ -90,18 +90,30 @@ impl CustomFramer {
                 if !matches!(field.width, 1 | 2 | 4 | 8) {
                     return Err(FramingError::Config("length field width must be 1, 2, 4 or 8"));
                 }
-                // The header is buffered before the length is known: a tenant's offset
-                // must not make the edge buffer past the maximum message size.
-                if field.offset as usize + field.width as usize > max {
+                // The header is buffered before the length is known, and the codec
+                // bounds the length before the adjustment: a tenant's offset or
+                // adjustment must not make the edge buffer past the maximum.
+                let header = field.offset as usize + field.width as usize;
+                let added = usize::try_from(field.adjustment.max(0)).unwrap_or(usize::MAX);
+                let Some(payload_max) = max.checked_sub(header).and_then(|rest| rest.checked_sub(added))
+                else {
                     return Err(FramingError::Config("length field ends past the maximum message size"));
+                };
+                let mut builder = LengthDelimitedCodec::builder();
+                builder
+                    .length_field_offset(field.offset as usize)
+                    .length_field_length(field.width as usize)
+                    // The whole frame, header included, is the message: nothing is
+                    // skipped, and the header's length is added to the declared one.
+                    .length_adjustment(field.adjustment as isize + header as isize)
+                    .num_skip(0)
+                    .max_frame_length(payload_max);
+                if field.little_endian {
+                    builder.little_endian();
+                } else {
+                    builder.big_endian();
                 }
-                CustomFramer::LengthField {
-                    offset: field.offset as usize,
-                    width: field.width as usize,
-                    little_endian: field.little_endian,
-                    adjustment: field.adjustment.into(),
-                    max,
-                }
+                CustomFramer::LengthField { codec: builder.new_codec(), header }
             }
             framing::Kind::IdleGap(idle) => CustomFramer::IdleGap {
                 gap: if idle.gap_ms == 0 {
@@ -170,31 +182,11 @@ impl Decoder for CustomFramer {
                 }
             },
             CustomFramer::FixedLength(n) => Ok((src.len() >= *n).then(|| src.split_to(*n).freeze())),
-            CustomFramer::LengthField { offset, width, little_endian, adjustment, max } => {
-                let header = *offset + *width;
-                if src.len() < header {
-                    return Ok(None);
-                }
-                let field = &src[*offset..header];
-                let mut value: u64 = 0;
-                for i in 0..*width {
-                    let byte = if *little_endian { field[*width - 1 - i] } else { field[i] };
-                    value = (value << 8) | u64::from(byte);
-                }
-                let total = header as i128 + i128::from(value) + i128::from(*adjustment);
-                if total < header as i128 {
-                    return Err(FramingError::DeclaredTooShort);
-                }
-                if total > *max as i128 {
-                    return Err(FramingError::DeclaredTooLong { length: total, max: *max });
-                }
-                let total = total as usize;
-                if src.len() < total {
-                    src.reserve(total - src.len());
-                    return Ok(None);
-                }
-                Ok(Some(src.split_to(total).freeze()))
-            }
+            CustomFramer::LengthField { codec, header } => match codec.decode(src) {
+                Ok(Some(frame)) if frame.len() < *header => Err(FramingError::DeclaredTooShort),
+                Ok(frame) => Ok(frame.map(BytesMut::freeze)),
+                Err(error) => Err(FramingError::LengthField(error)),
+            },
             CustomFramer::IdleGap { buffer_size, .. } => {
                 Ok((src.len() >= *buffer_size).then(|| src.split_to(*buffer_size).freeze()))
             }
@@ -279,7 +271,7 @@ mod tests {
         let mut buf = BytesMut::new();
         for byte in b"abcdef\r" {
             buf.extend_from_slice(&[*byte]);
-            assert_eq!(f.decode(&mut buf), Ok(None));
+            assert_eq!(f.decode(&mut buf).unwrap(), None);
         }
         let CustomFramer::Delimiter { searched, .. } = f else { unreachable!() };
         assert_eq!(searched, 7, "every byte searched once, remembered");
@@ -291,7 +283,7 @@ mod tests {
     fn delimiter_bounded_by_max() {
         let mut f = framer(framing::Kind::Delimiter(Bytes::from_static(b"\n")));
         let mut buf = BytesMut::from(&[b'x'; 66][..]);
-        assert_eq!(f.decode(&mut buf), Err(FramingError::TooLong { max: 64 }));
+        assert!(matches!(f.decode(&mut buf), Err(FramingError::TooLong { max: 64 })));
     }
 
     #[test]
@@ -324,6 +316,18 @@ mod tests {
     }
 
     #[test]
+    fn length_field_shorter_than_its_header_is_refused() {
+        let mut f = framer(framing::Kind::LengthField(LengthField {
+            offset: 1,
+            width: 1,
+            little_endian: false,
+            adjustment: -2,
+        }));
+        let mut buf = BytesMut::from(&b"\xaa\x00\x00"[..]);
+        assert!(matches!(f.decode(&mut buf), Err(FramingError::DeclaredTooShort)));
+    }
+
+    #[test]
     fn length_field_refuses_oversize_before_buffering() {
         let mut f = framer(framing::Kind::LengthField(LengthField {
             offset: 0,
@@ -332,7 +336,7 @@ mod tests {
             adjustment: 0,
         }));
         let mut buf = BytesMut::from(&[0xff; 8][..]);
-        assert!(matches!(f.decode(&mut buf), Err(FramingError::DeclaredTooLong { .. })));
+        assert!(matches!(f.decode(&mut buf), Err(FramingError::LengthField(_))));
         assert!(buf.capacity() < 64);
     }
 
@@ -355,10 +359,10 @@ mod tests {
 
     #[test]
     fn default_is_idle_gap_with_one_kib() {
-        assert_eq!(
+        assert!(matches!(
             CustomFramer::from_proto(None, 65536).unwrap(),
             CustomFramer::IdleGap { gap: DEFAULT_IDLE_GAP, buffer_size: 1024 }
-        );
+        ));
     }
 
     #[test]
@@ -371,6 +375,8 @@ mod tests {
             // A tenant's offset would make the header alone exceed the maximum.
             framing::Kind::LengthField(LengthField { offset: 4_000_000_000, width: 4, ..Default::default() }),
             framing::Kind::LengthField(LengthField { offset: 60, width: 8, ..Default::default() }),
+            // An adjustment would let a small length declare a huge frame.
+            framing::Kind::LengthField(LengthField { width: 1, adjustment: 1 << 30, ..Default::default() }),
         ] {
             assert!(CustomFramer::from_proto(Some(&Framing { kind: Some(kind) }), 64).is_err());
         }

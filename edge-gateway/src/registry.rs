@@ -19,43 +19,57 @@ use tokio::sync::{Notify, oneshot};
 /// 128 bits: a random 64-bit process prefix and a 64-bit counter. With 64 bits (32 of
 /// them random per process) two of a large fleet's pods collide with a real chance over
 /// a year of restarts, and a collision makes JetStream de-duplicate one pod's envelopes
-/// as another's repeats: lost data.
+/// as another's repeats: lost data. Two `u64`s rather than a `u128`, whose 16-byte
+/// alignment would pad every session and registry entry.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub struct ConnectionId(pub u128);
+pub struct ConnectionId {
+    pub process: u64,
+    pub counter: u64,
+}
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        write!(f, "{:016x}{:016x}", self.process, self.counter)
     }
 }
 
+/// Not a connection id of this format.
+#[derive(Debug, thiserror::Error)]
+#[error("not a connection id (32 hex digits)")]
+pub struct ParseConnectionIdError;
+
 impl std::str::FromStr for ConnectionId {
-    type Err = std::num::ParseIntError;
+    type Err = ParseConnectionIdError;
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        u128::from_str_radix(text, 16).map(ConnectionId)
+        if text.len() != 32 || !text.is_ascii() {
+            return Err(ParseConnectionIdError);
+        }
+        let (process, counter) = text.split_at(16);
+        let hex = |part| u64::from_str_radix(part, 16).map_err(|_| ParseConnectionIdError);
+        Ok(ConnectionId { process: hex(process)?, counter: hex(counter)? })
     }
 }
 
 /// Hands out connection ids: a random process prefix and a counter.
 pub struct ConnectionIds {
-    prefix: u128,
+    process: u64,
     next: AtomicU64,
 }
 
 impl Default for ConnectionIds {
     fn default() -> Self {
-        ConnectionIds { prefix: u128::from(rand::random::<u64>()) << 64, next: AtomicU64::new(0) }
+        ConnectionIds { process: rand::random(), next: AtomicU64::new(0) }
     }
 }
 
 impl ConnectionIds {
     pub fn next(&self) -> ConnectionId {
-        ConnectionId(self.prefix | u128::from(self.next.fetch_add(1, Ordering::Relaxed)))
+        ConnectionId { process: self.process, counter: self.next.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// How every connection id of this process starts, as shown.
     pub fn process_prefix(&self) -> String {
-        format!("{:016x}", self.prefix >> 64)
+        format!("{:016x}", self.process)
     }
 }
 
@@ -97,7 +111,6 @@ pub struct QueueLimits {
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<Outbound>,
-    queued_bytes: usize,
     close: Option<CloseOrder>,
     /// The session has ended: nothing more is accepted.
     ended: bool,
@@ -150,10 +163,12 @@ impl SessionHandle {
             if mailbox.ended || mailbox.close.is_some() {
                 return Err(QueueError::Ended);
             }
-            if mailbox.queue.len() >= limits.writes || mailbox.queued_bytes + bytes.len() > limits.bytes {
+            // Summed, not kept: the queue is short, and a field would weigh on every
+            // idle session.
+            let queued: usize = mailbox.queue.iter().map(|outbound| outbound.bytes.len()).sum();
+            if mailbox.queue.len() >= limits.writes || queued + bytes.len() > limits.bytes {
                 return Err(QueueError::Full);
             }
-            mailbox.queued_bytes += bytes.len();
             mailbox.queue.push_back(Outbound { bytes, done });
         }
         self.wake.notify_one();
@@ -191,7 +206,6 @@ impl SessionHandle {
     /// Takes what is queued: the writes, and a close order if one came.
     pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseOrder>) {
         let mut mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
-        mailbox.queued_bytes = 0;
         (std::mem::take(&mut mailbox.queue), mailbox.close)
     }
 
@@ -200,7 +214,6 @@ impl SessionHandle {
         let queue = {
             let mut mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
             mailbox.ended = true;
-            mailbox.queued_bytes = 0;
             std::mem::take(&mut mailbox.queue)
         };
         drop(queue);
@@ -255,9 +268,10 @@ mod tests {
 
     #[test]
     fn connection_ids_print_and_parse() {
-        let id = ConnectionId(0x0123_4567_89ab_cdef);
-        assert_eq!(id.to_string(), "00000000000000000123456789abcdef");
-        assert_eq!("00000000000000000123456789abcdef".parse::<ConnectionId>().unwrap(), id);
+        let id = ConnectionId { process: 0xfeed, counter: 0x0123_4567_89ab_cdef };
+        assert_eq!(id.to_string(), "000000000000feed0123456789abcdef");
+        assert_eq!("000000000000feed0123456789abcdef".parse::<ConnectionId>().unwrap(), id);
+        assert!("0123456789abcdef".parse::<ConnectionId>().is_err(), "the old 64-bit form");
         let ids = ConnectionIds::default();
         let (first, second) = (ids.next(), ids.next());
         assert_ne!(first, second);
@@ -266,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn mailbox_bounds_orders_and_ends() {
-        let handle = SessionHandle::new("d", ConnectionId(1), Protocol::Official);
+        let handle = SessionHandle::new("d", ConnectionId { process: 0, counter: 1 }, Protocol::Official);
         let limits = QueueLimits { writes: 2, bytes: 3 };
         let first = handle.deliver(Bytes::from_static(b"1"), limits).unwrap();
         assert_eq!(handle.deliver(Bytes::from_static(b"333"), limits).unwrap_err(), QueueError::Full);

@@ -19,6 +19,11 @@ pub struct TpDevice {
 impl TpDevice {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect to the official listener");
+        Self::over(stream)
+    }
+
+    /// A device on a connection the test set up (socket options, source address).
+    pub fn over(stream: TcpStream) -> Self {
         TpDevice { framed: Framed::new(stream, TpCodec::new(1 << 20)) }
     }
 
@@ -39,6 +44,12 @@ impl TpDevice {
 
     pub async fn send(&mut self, frame: Frame) {
         self.framed.send(frame).await.expect("send a frame");
+    }
+
+    /// The socket, to read or write bytes past the framing (only while the framing
+    /// has nothing buffered, e.g. between frames).
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        self.framed.get_mut()
     }
 
     /// Writes bytes as they are (split, coalesced or malformed frames).

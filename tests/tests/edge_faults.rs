@@ -8,7 +8,9 @@ use edge_gateway::codec::{Frame, cmd};
 use redis::AsyncCommands;
 use serde_json::json;
 use tcpc_proto::names;
-use tcpc_proto::v1::{DisconnectRequest, SessionState, UplinkKind, uplink_envelope};
+use tcpc_proto::v1::{
+    DeliverRequest, DeliverStatus, DisconnectRequest, SessionState, UplinkKind, uplink_envelope,
+};
 use tcpc_tests::auth::{AuthDouble, custom_device, device};
 use tcpc_tests::device::TpDevice;
 use tcpc_tests::edge::TestEdge;
@@ -311,4 +313,113 @@ async fn behind_a_proxy_the_limits_count_the_address_the_header_carries() {
     let mut bare = TpDevice::connect(edge.official).await;
     bare.send(Frame::data(cmd::AUTH, &b"a"[..])).await;
     bare.expect_closed_with(cmd::AUTH, "expected a PROXY protocol header").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downlink_whose_caller_gave_up_is_never_written() {
+    let s = servers().await;
+    s.auth.add("slow", device("dev-slow"));
+    let edge = TestEdge::spawn(&s.nats, &s.redis, "edge-a", |config| {
+        config.limits.max_frame = 4 << 20;
+        config.limits.downlink_queue_bytes = 8 << 20;
+    })
+    .await;
+    // A device that reads slowly: a small receive buffer, and it stops reading.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = TpDevice::over(socket.connect(edge.official).await.unwrap());
+    assert_eq!(slow.auth("slow").await, r#"{"result":0}"#);
+    let mut reader = UplinkReader::open(s.nats.client().await).await;
+    let (online, _) = reader.next().await;
+    let Some(uplink_envelope::Body::Session(online)) = online.body else { panic!("online first") };
+    let deliver = |payload: Vec<u8>, timeout_ms: u32| {
+        let (grpc, connection_id) = (edge.grpc, online.connection_id.clone());
+        async move {
+            let mut client =
+                tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient::connect(format!("http://{grpc}"))
+                    .await
+                    .unwrap();
+            let request = DeliverRequest {
+                device_id: "dev-slow".into(),
+                connection_id,
+                payload: payload.into(),
+                tp_cmd: cmd::COMMAND.into(),
+                timeout_ms,
+            };
+            client.deliver(request).await.unwrap().into_inner()
+        }
+    };
+
+    // Large downlinks until one cannot be written within its caller's 500 ms: the
+    // socket's buffers are full, and that write stays pending while the device does not
+    // read (its caller was answered; the bytes already went out in part).
+    let large = vec![b'a'; 3 << 20];
+    let mut sent = 0;
+    loop {
+        let reply = deliver(large.clone(), 500).await;
+        sent += 1;
+        if reply.status() == DeliverStatus::Failed {
+            assert_eq!(reply.message, "not written within the caller's deadline");
+            break;
+        }
+        assert!(sent < 16, "48 MiB written to a device that does not read");
+    }
+    // Queued behind the pending write; its caller gives up after 200 ms.
+    let late = deliver(b"{\"method\":\"run-once\"}".to_vec(), 200).await;
+    assert_eq!(late.status(), DeliverStatus::Failed);
+    assert_eq!(late.message, "not written within the caller's deadline");
+
+    // The device reads again: the large frames, then the next downlink, never the one
+    // whose caller was told it failed.
+    for _ in 0..sent {
+        let mut frame = vec![0u8; 8 + large.len()];
+        slow.stream_mut().read_exact(&mut frame).await.unwrap();
+        assert_eq!(&frame[..4], b"TP\x00\x12");
+    }
+    let next = tokio::spawn(deliver(b"{\"method\":\"next\"}".to_vec(), 0));
+    assert_eq!(slow.next().await, Some(Frame::data(cmd::COMMAND, &b"{\"method\":\"next\"}"[..])));
+    assert_eq!(next.await.unwrap().status(), DeliverStatus::Delivered);
+    assert_eq!(metric(&edge, "edge_downlinks_total{reason=\"abandoned\"}").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_order_publishes_the_frames_already_read() {
+    let mut s = servers().await;
+    s.auth.add("busy", device("dev-busy"));
+    let edge = TestEdge::spawn(&s.nats, &s.redis, "edge-a", |config| {
+        config.limits.close_flush = Duration::from_secs(20);
+        config.limits.shutdown_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut reader = UplinkReader::open(s.nats.client().await).await;
+    let mut busy = TpDevice::online(edge.official, "busy").await;
+    let (online, _) = reader.next().await;
+    let Some(uplink_envelope::Body::Session(online)) = online.body else { panic!("online first") };
+
+    s.nats.stop();
+    // Three frames in one write: the edge reads them at once, publishes the first (the
+    // window of one is then full) and keeps the other two in its buffer.
+    let frames: Vec<u8> = (1..=3)
+        .flat_map(|n| Frame::data(cmd::TELEMETRY, format!("{{\"n\":{n}}}").into_bytes()).to_bytes().to_vec())
+        .collect();
+    busy.send_raw(&frames).await;
+    wait_until("the first publish to fail", || async { metric(&edge, "edge_republished_total").await >= 1 })
+        .await;
+    let disconnect = DisconnectRequest { device_id: "dev-busy".into(), ..Default::default() };
+    assert_eq!(edge.grpc_client().await.disconnect(disconnect).await.unwrap().into_inner().closed, 1);
+
+    s.nats.start().await;
+    for n in 1..=3u64 {
+        let uplink = reader.uplink().await;
+        assert_eq!((uplink.connection_id.as_str(), uplink.sequence), (online.connection_id.as_str(), n));
+        assert_eq!(uplink.payload, format!("{{\"n\":{n}}}").into_bytes());
+    }
+    busy.expect_closed_with(cmd::ERROR, "disconnected by the platform").await;
+    let (offline, _) = reader.next().await;
+    let Some(uplink_envelope::Body::Session(offline)) = offline.body else { panic!("offline last") };
+    assert_eq!(
+        (offline.state(), offline.sequence, offline.reason.as_str()),
+        (SessionState::Offline, 4, "disconnected")
+    );
+    assert_eq!(metric(&edge, "edge_uplinks_lost_total{reason=\"unacknowledged\"}").await, 0);
 }

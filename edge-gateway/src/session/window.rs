@@ -224,11 +224,16 @@ mod tests {
     }
 
     fn outlet(bus: &ScriptedBus) -> Outlet<'_> {
-        Outlet { bus, partition: 0, connection: ConnectionId(7), timeout: Duration::from_secs(1) }
+        Outlet {
+            bus,
+            partition: 0,
+            connection: ConnectionId { process: 0, counter: 7 },
+            timeout: Duration::from_secs(1),
+        }
     }
 
     fn id(sequence: u64) -> String {
-        names::uplink_message_id(&ConnectionId(7).to_string(), sequence)
+        names::uplink_message_id(&ConnectionId { process: 0, counter: 7 }.to_string(), sequence)
     }
 
     /// Awaits the head's acknowledgement and applies it; whether it stored.
