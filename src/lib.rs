@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::Parser;
 use edge_gateway::routes::RouteStore;
 use edge_gateway::uplink::UplinkBus;
+use script_worker::dead_letter::{DeadLetters, JetStreamDeadLetters, LoggedDeadLetters};
 use script_worker::platform::client::PlatformClient;
 use script_worker::routes::RouteLookup;
 use script_worker::sink::{JsonLines, PlatformSink};
@@ -187,7 +188,15 @@ pub async fn run(
         ),
         _ => (local_routes.clone(), local_routes),
     };
-    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
+    let metrics = Arc::new(script_worker::metrics::Metrics::default());
+    // One worker: it handles every downlink, whatever the subscription mode.
+    let (subscription, downlink_queue) = script_worker::downlink_subscription(
+        format!("{}#", settings.topic_prefix()),
+        settings.topic_prefix(),
+        metrics.clone(),
+    );
+    // The broker connection outlives the worker's tasks: their last batches need it.
+    let (mqtt_stop, mqtt_tasks) = (CancellationToken::new(), TaskTracker::new());
     let sink: Arc<dyn PlatformSink> = match &config.mqtt_url {
         Some(url) => {
             let mqtt = script_worker::platform::mqtt::MqttConfig::from_url(
@@ -197,24 +206,48 @@ pub async fn run(
                 &settings.mqtt_password,
             )
             .map_err(AllInOneError::Config)?;
-            // One worker: it handles every downlink, whatever the subscription mode.
-            let subscription = script_worker::platform::mqtt::Subscription {
-                filter: format!("{}#", settings.topic_prefix()),
-                deliveries,
-            };
-            Arc::new(script_worker::platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()))
+            Arc::new(script_worker::platform::mqtt::MqttSink::start(
+                mqtt,
+                Some(subscription),
+                mqtt_stop.clone(),
+                &mqtt_tasks,
+            ))
         }
         None => Arc::new(JsonLines),
     };
-    let core = script_worker::Core::new(settings, devices.clone(), lookup.clone(), sink, Arc::new(|_| true))?;
+    // The worker's side of NATS, when the bus is JetStream; connected before the core,
+    // which keeps dead letters there.
+    let nats = match (&config.nats_url, &redis) {
+        (Some(url), Some(_)) => Some(
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(url)
+                .await
+                .map_err(|e| script_worker::WorkerError::Connect("nats", e.to_string()))?,
+        ),
+        _ => None,
+    };
+    let dead_letters: Arc<dyn DeadLetters> = match &nats {
+        Some(nats) => Arc::new(JetStreamDeadLetters::new(nats.clone())),
+        None => Arc::new(LoggedDeadLetters),
+    };
+    let core = script_worker::Core::new(
+        settings,
+        metrics,
+        devices.clone(),
+        lookup.clone(),
+        sink,
+        dead_letters,
+        Arc::new(|_| true),
+    )?;
     tasks.spawn(script_worker::Core::dispatch_downlinks(
         core.downlinks.clone(),
         downlink_queue,
         stop.clone(),
     ));
 
-    let (bus, nats): (Arc<dyn UplinkBus>, Option<async_nats::Client>) = match (&config.nats_url, redis) {
-        (Some(url), Some(redis)) => {
+    let bus: Arc<dyn UplinkBus> = match (&config.nats_url, redis, &nats) {
+        (Some(url), Some(redis), Some(nats)) => {
             let bus = Arc::new(
                 edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout)
                     .await
@@ -224,44 +257,40 @@ pub async fn run(
                 let (bus, stop) = (bus.clone(), stop.clone());
                 async move { bus.keep_stream(&stop).await }
             });
-            let nats = async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect(url)
-                .await
-                .map_err(|e| script_worker::WorkerError::Connect("nats", e.to_string()))?;
             script_worker::spawn_bus_tasks(
                 &tasks,
                 &core,
                 &devices,
-                &nats,
+                nats,
                 redis,
                 pod.clone(),
                 settings.uplink_partitions,
                 Arc::default(),
                 &stop,
             );
-            (bus, Some(nats))
+            bus
         }
-        _ => (
-            Arc::new(local::LocalBus {
-                pipeline: core.pipeline.clone(),
-                authenticator: core.authenticator.clone(),
-            }),
-            None,
-        ),
+        _ => Arc::new(local::LocalBus {
+            pipeline: core.pipeline.clone(),
+            authenticator: core.authenticator.clone(),
+        }),
     };
 
     let api = script_worker::api::ApiState {
         devices,
         routes: lookup,
         edges: core.downlinks.edges.clone(),
-        broadcast_forget: Arc::new(move |device_id: String| {
+        broadcast_forget: Arc::new({
             let nats = nats.clone();
-            Box::pin(async move {
-                if let Some(nats) = nats {
-                    let _ = nats.publish(tcpc_proto::names::DEVICE_FORGET_SUBJECT, device_id.into()).await;
-                }
-            })
+            move |device_id: String| {
+                let nats = nats.clone();
+                Box::pin(async move {
+                    if let Some(nats) = nats {
+                        let _ =
+                            nats.publish(tcpc_proto::names::DEVICE_FORGET_SUBJECT, device_id.into()).await;
+                    }
+                })
+            }
         }),
     };
     tasks.spawn({
@@ -293,6 +322,6 @@ pub async fn run(
     };
     let edge = edge_gateway::run_with(config.edge(&pod), listeners.edge, seams, shutdown).await;
     stop.cancel();
-    tasks.wait().await;
+    script_worker::drain(&tasks, nats.as_ref(), &mqtt_stop, &mqtt_tasks).await;
     edge.map_err(AllInOneError::from)
 }

@@ -30,7 +30,7 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled = self.pipeline.handle(&envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let handled = self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.into()))?;
             let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })

@@ -159,6 +159,16 @@ pub fn partition_consumer(partition: u32) -> String {
     format!("tcpc-p{partition}")
 }
 
+/// JetStream stream of dead letters: envelopes a worker could never deliver (a topic
+/// the broker refuses, an output over the limit, a script that fails on them), kept with
+/// their reason for an operator, and acknowledged on the uplink stream so that they do
+/// not stall their partition.
+pub const DEAD_LETTER_STREAM: &str = "TCPC_DEAD";
+/// The subject of [`DEAD_LETTER_STREAM`]: the envelope as the edge published it.
+pub const DEAD_LETTER_SUBJECT: &str = "tcpc.dead";
+/// Header of a dead letter: why it was not delivered.
+pub const DEAD_LETTER_REASON_HEADER: &str = "Tcpc-Dead-Reason";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,6 +90,12 @@ impl Authenticator {
     }
 }
 
+/// Whether the edge stopped waiting for this request (`deadline_ms` set and passed):
+/// its device is gone, so the platform is not asked and no reply is sent.
+fn given_up(request: &AuthRequest, now_ms: i64) -> bool {
+    request.deadline_ms != 0 && request.deadline_ms <= now_ms
+}
+
 /// Answers auth requests on NATS until `shutdown`.
 ///
 /// # Errors
@@ -117,6 +123,12 @@ pub async fn serve(
             continue;
         };
         let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        // Checked after the wait for a permit, which is where a burst makes requests late.
+        if given_up(&request, tcpc_proto::now_ms()) {
+            authenticator.metrics.auth.get_or_create(&ReasonLabel { reason: "expired" }).inc();
+            debug!(pod = %request.pod, "auth request past its deadline skipped");
+            continue;
+        }
         let (client, authenticator) = (client.clone(), authenticator.clone());
         tokio::spawn(async move {
             let reply = authenticator.answer(&request).await;

@@ -178,6 +178,17 @@ impl Settings {
         if self.script_cpu_time.is_zero() || self.script_heap_mib == 0 || self.script_output_kib == 0 {
             return Err("script limits must be positive".to_owned());
         }
+        // A result goes out base64-encoded (4/3) in an envelope: past the MQTT packet
+        // limit, every message that large would be refused by the broker.
+        if (self.script_output_kib << 10).saturating_mul(4) / 3 + ENVELOPE_ROOM
+            > crate::platform::mqtt::MAX_PACKET
+        {
+            return Err(format!(
+                "--script-output-kib {} does not fit an MQTT packet of {} bytes once base64-encoded",
+                self.script_output_kib,
+                crate::platform::mqtt::MAX_PACKET
+            ));
+        }
         if self.heartbeat_interval > Duration::from_secs(50) {
             return Err(
                 "--heartbeat-interval above 50 s makes the platform show the plugin inactive".to_owned()
@@ -186,6 +197,9 @@ impl Settings {
         Ok(())
     }
 }
+
+/// Topic, device id and JSON around a script's base64 result, at most.
+const ENVELOPE_ROOM: usize = 1024;
 
 /// This host's name, the default worker and pod name.
 pub fn host_name() -> String {
@@ -221,6 +235,23 @@ mod tests {
         assert_eq!(cli.config.settings.topic_prefix(), "plugin/x/");
         assert_eq!(cli.config.settings.downlink_filter(), "$share/tcpc-workers/plugin/x/#");
         assert_eq!(cli.config.settings.queue_policy().unwrap().kinds.len(), 2);
+    }
+
+    #[test]
+    fn script_output_must_fit_an_mqtt_packet() {
+        let with_output = |kib: &str| {
+            Cli::try_parse_from(["script-worker", "--script-output-kib", kib])
+                .unwrap()
+                .config
+                .settings
+                .validate()
+        };
+        assert_eq!(with_output("767"), Ok(()));
+        assert_eq!(
+            with_output("768"),
+            Err("--script-output-kib 768 does not fit an MQTT packet of 1048576 bytes once base64-encoded"
+                .into())
+        );
     }
 
     #[test]

@@ -20,17 +20,20 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
+use tcpc_proto::backoff::Backoff;
 use tcpc_proto::names;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::pipeline::Pipeline;
+use crate::pipeline::{HandleError, Pipeline};
 
 /// How often membership and leases are renewed.
 const TICK: Duration = Duration::from_secs(2);
@@ -47,11 +50,61 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 return 0
 "#;
+/// Renews this worker's membership on Redis's clock (one clock decides who is alive,
+/// not each worker's), drops expired members, and lists the live ones. `KEYS[1]`: the
+/// workers' sorted set; `ARGV`: worker, ms.
+const MEMBERSHIP: &str = r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
 /// Releases the lease if it is ours. `KEYS[1]`: the lease; `ARGV[1]`: the worker.
 const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
+
+/// This process's identity in leases and membership: the worker's name and a nonce
+/// drawn at start. Two processes started with the same POD_NAME (a restart racing the
+/// old pod, a copy-pasted manifest) are two members and never share a lease.
+pub fn boot_identity(worker: &str) -> String {
+    format!("{worker}#{:08x}", rand::random::<u32>())
+}
+
+/// How much of a lease this worker does not count on: the renewal's round trip and
+/// the drift between its clock and Redis's.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Until when this worker may act for a partition: the last successful renewal's send
+/// time plus the lease, less a margin, on this process's monotonic clock. The consumer
+/// checks it before each fetch, publish and ack: a worker paused past its lease
+/// (SIGSTOP, a stalled VM) must not act for a partition another worker may own by now —
+/// the lease loop that would notice runs no sooner than the consumer on resume.
+#[derive(Clone)]
+pub struct Lease {
+    /// Milliseconds from `epoch`.
+    until: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Lease {
+    fn new() -> Self {
+        Lease { until: Arc::default(), epoch: Instant::now() }
+    }
+
+    /// The lease was renewed by a call sent at `sent`.
+    fn renewed(&self, sent: Instant) {
+        let until = (sent + LEASE).saturating_duration_since(self.epoch).saturating_sub(LEASE_MARGIN);
+        self.until.store(until.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the partition is still ours for sure.
+    fn is_held(&self) -> bool {
+        (self.epoch.elapsed().as_millis() as u64) < self.until.load(Ordering::Relaxed)
+    }
+}
 
 /// The partitions a worker owns, for whoever needs to know (the downlinks).
 pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>>;
@@ -60,6 +113,7 @@ pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>
 pub struct Partitions {
     pub jetstream: jetstream::Context,
     pub redis: ConnectionManager,
+    /// Who holds the leases: [`boot_identity`].
     pub worker: String,
     pub partitions: u32,
     pub pipeline: Arc<Pipeline>,
@@ -70,6 +124,7 @@ pub struct Partitions {
 struct Owned {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    lease: Lease,
 }
 
 impl Partitions {
@@ -77,7 +132,6 @@ impl Partitions {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let mut owned: HashMap<u32, Owned> = HashMap::new();
-        let take = redis::Script::new(TAKE_LEASE);
         // The first round at once; then every TICK, or sooner while a partition that is
         // ours is still held by its previous owner (so that a hand-over leaves it
         // without a consumer, and its downlinks without a handler, as briefly as can be).
@@ -106,43 +160,51 @@ impl Partitions {
                     continue;
                 }
             };
-            for partition in 0..this.partitions {
-                let want = desired.contains(&partition);
-                let holding = owned.contains_key(&partition);
-                if holding && !want {
-                    this.set_owned(partition, false);
-                    this.release(partition, owned.remove(&partition).expect("held")).await;
-                    continue;
+            // Every lease of ours renewed (or taken) in one round trip, first: a round
+            // never outlives a lease because of how many partitions it holds, nor
+            // because of a hand-over below.
+            let sent = Instant::now();
+            let held = match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
+                Ok(Ok(held)) => held,
+                Ok(Err(error)) => {
+                    warn!(%error, "leases not renewed");
+                    vec![false; desired.len()]
                 }
-                if !want {
-                    continue;
+                Err(_) => {
+                    warn!("leases not renewed in time");
+                    vec![false; desired.len()]
                 }
-                let mut redis = this.redis.clone();
-                let mut invocation = take.key(names::partition_lease_key(partition));
-                invocation.arg(&this.worker).arg(LEASE.as_millis() as u64);
-                let held = matches!(
-                    tokio::time::timeout(TICK, invocation.invoke_async::<i64>(&mut redis)).await,
-                    Ok(Ok(1))
-                );
+            };
+            for (&partition, held) in desired.iter().zip(held) {
                 match (held, owned.contains_key(&partition)) {
                     (true, false) => {
-                        let stop = shutdown.child_token();
-                        let task = tokio::spawn(this.clone().consume(partition, stop.clone()));
-                        owned.insert(partition, Owned { stop, task });
+                        let (stop, lease) = (shutdown.child_token(), Lease::new());
+                        lease.renewed(sent);
+                        let task = tokio::spawn(this.clone().consume(partition, stop.clone(), lease.clone()));
+                        owned.insert(partition, Owned { stop, task, lease });
                         this.set_owned(partition, true);
                         info!(partition, "partition taken");
                     }
+                    (true, true) => owned[&partition].lease.renewed(sent),
                     (false, false) => next_round = HAND_OVER_POLL,
                     (false, true) => {
                         warn!(partition, "partition lease lost; stopping its consumer");
+                        this.pipeline.metrics.partitions_lost.inc();
                         this.set_owned(partition, false);
                         let lost = owned.remove(&partition).expect("held");
                         lost.stop.cancel();
                         lost.task.abort();
                     }
-                    _ => {}
                 }
             }
+            // Partitions that now belong to another worker, let go of together.
+            let leaving: Vec<u32> = owned.keys().copied().filter(|p| !desired.contains(p)).collect();
+            let releases = leaving.into_iter().map(|partition| {
+                this.set_owned(partition, false);
+                this.release(partition, owned.remove(&partition).expect("held"))
+            });
+            futures::future::join_all(releases).await;
+            this.pipeline.metrics.lease_rounds.inc();
             this.pipeline.metrics.partitions.set(owned.len() as i64);
         }
         this.owned.write().unwrap_or_else(|e| e.into_inner()).clear();
@@ -161,27 +223,31 @@ impl Partitions {
     /// Renews our membership; the partitions that are ours among the live workers.
     async fn membership(&self) -> Result<Vec<u32>, redis::RedisError> {
         let mut redis = self.redis.clone();
-        let now = tcpc_proto::now_ms();
-        let (_, _, members): ((), (), Vec<String>) = redis::pipe()
-            .cmd("ZADD")
-            .arg(names::WORKERS_KEY)
-            .arg(now + LEASE.as_millis() as i64)
-            .arg(&self.worker)
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(names::WORKERS_KEY)
-            .arg("-inf")
-            .arg(now)
-            .cmd("ZRANGE")
-            .arg(names::WORKERS_KEY)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut redis)
-            .await?;
-        let mut members = members;
+        let script = redis::Script::new(MEMBERSHIP);
+        let mut invocation = script.key(names::WORKERS_KEY);
+        invocation.arg(&self.worker).arg(LEASE.as_millis() as u64);
+        let mut members: Vec<String> = invocation.invoke_async(&mut redis).await?;
         members.sort();
         let Some(index) = members.iter().position(|m| *m == self.worker) else { return Ok(Vec::new()) };
         let count = members.len() as u32;
         Ok((0..self.partitions).filter(|p| p % count == index as u32).collect())
+    }
+
+    /// Takes or renews the leases of `partitions` in one round trip (one single-key
+    /// script each, so that each runs in its key's slot on a Redis Cluster); whether
+    /// each is ours.
+    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<bool>, redis::RedisError> {
+        let mut pipe = redis::pipe();
+        for &partition in partitions {
+            pipe.cmd("EVAL")
+                .arg(TAKE_LEASE)
+                .arg(1)
+                .arg(names::partition_lease_key(partition))
+                .arg(&self.worker)
+                .arg(LEASE.as_millis() as u64);
+        }
+        let held: Vec<i64> = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(held.into_iter().map(|held| held == 1).collect())
     }
 
     /// Keeps the shared set of owned partitions exact: a partition leaves it before its
@@ -198,8 +264,9 @@ impl Partitions {
 
     async fn release(&self, partition: u32, held: Owned) {
         held.stop.cancel();
-        // The consumer stops at its next await; a JetStream call that hangs does not
-        // hold the whole lease loop (which must keep renewing the other leases).
+        // The consumer finishes the batch under way (published and acknowledged) and
+        // stops; within TICK, so that a JetStream call that hangs does not hold the
+        // whole lease loop (which must keep renewing the other leases) nor a shutdown.
         let mut task = held.task;
         if tokio::time::timeout(TICK, &mut task).await.is_err() {
             warn!(partition, "partition consumer slow to stop; aborting it");
@@ -241,7 +308,15 @@ impl Partitions {
             .map_err(|e| e.to_string())
     }
 
-    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken) {
+    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken, lease: Lease) {
+        let expired = || {
+            let expired = !lease.is_held();
+            if expired {
+                warn!(partition, "partition lease not renewed in time; stopping without acting on it");
+            }
+            expired
+        };
+        let mut backoff = Backoff::new(TICK, Duration::from_secs(10));
         let consumer = loop {
             let taken = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -250,24 +325,36 @@ impl Partitions {
             match taken {
                 Ok(consumer) => break consumer,
                 Err(error) => {
-                    warn!(partition, %error, "partition consumer not ready; retrying");
+                    let retry_in = backoff.next_delay();
+                    warn!(partition, %error, ?retry_in, "partition consumer not ready; retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(TICK) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
                 }
             }
         };
+        let mut fetch_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         while !stop.is_cancelled() {
+            if expired() {
+                return;
+            }
             let fetched = tokio::select! {
                 _ = stop.cancelled() => return,
                 fetched = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages() => fetched,
             };
             let mut batch = match fetched {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    fetch_backoff.reset();
+                    batch
+                }
                 Err(error) => {
-                    warn!(partition, %error, "fetch failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let retry_in = fetch_backoff.next_delay();
+                    warn!(partition, %error, ?retry_in, "fetch failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(retry_in) => {}
+                    }
                     continue;
                 }
             };
@@ -282,39 +369,79 @@ impl Partitions {
                 }
             }
             let Some(last) = messages.last() else { continue };
-            let mut backoff = Duration::from_millis(200);
+            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             // Retry the batch until the platform took all of it: nothing is acked before.
-            while !stop.is_cancelled() {
-                // Stopping mid-batch leaves it unacknowledged: the next owner takes it.
-                let handled = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    handled = self.handle_batch(&messages) => handled,
-                };
-                match handled {
+            // Only transient failures come back here (permanent ones were dead-lettered).
+            loop {
+                // A batch under way is finished and acknowledged even when asked to
+                // stop (shutdown, hand-over): what the platform already has must not
+                // come again from the next owner. The caller bounds the wait (see
+                // `release`) and aborts past it; a lost lease aborts at once.
+                match self.handle_batch(&messages, &expired).await {
+                    // Unacknowledged: whoever holds the lease now takes the batch again.
+                    Ok(()) if expired() => return,
                     Ok(()) => {
                         if let Err(error) = last.ack().await {
                             warn!(partition, %error, "batch ack not sent; it will be redelivered");
                         }
                         break;
                     }
+                    Err(HandleError::LeaseExpired) => return,
+                    Err(error) if stop.is_cancelled() => {
+                        // Not retried when stopping: unacknowledged, the next owner takes it.
+                        warn!(partition, %error, "batch not delivered while stopping");
+                        return;
+                    }
                     Err(error) => {
-                        warn!(partition, %error, retry_in = ?backoff, "batch not delivered to the platform");
+                        let retry_in = backoff.next_delay();
+                        self.pipeline.metrics.retries.inc();
+                        warn!(partition, %error, ?retry_in, "batch not delivered to the platform");
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(retry_in) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }
         }
     }
 
-    async fn handle_batch(&self, messages: &[jetstream::Message]) -> Result<(), crate::sink::SinkError> {
+    /// Hands a batch to the pipeline, message by message while the lease is held;
+    /// resolves when the platform took all of it.
+    async fn handle_batch(
+        &self,
+        messages: &[jetstream::Message],
+        expired: &impl Fn() -> bool,
+    ) -> Result<(), HandleError> {
         let mut handled = Vec::with_capacity(messages.len());
         for message in messages {
-            handled.push(self.pipeline.handle(&message.payload).await?);
+            if expired() {
+                return Err(HandleError::LeaseExpired);
+            }
+            handled.push(self.pipeline.handle(message.payload.clone()).await?);
         }
         futures::future::try_join_all(handled).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_counted_on_from_the_renewal_sent_less_a_margin() {
+        let lease = Lease::new();
+        assert!(!lease.is_held(), "not before a renewal");
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        lease.renewed(sent);
+        assert!(lease.is_held());
+        // From the send, not the answer: LEASE - LEASE_MARGIN after `sent`.
+        tokio::time::advance(LEASE - LEASE_MARGIN - Duration::from_millis(301)).await;
+        assert!(lease.is_held());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!lease.is_held(), "a stalled worker stops before the lease can have expired");
+        lease.renewed(Instant::now());
+        assert!(lease.is_held(), "renewed again");
     }
 }

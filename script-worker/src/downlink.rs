@@ -13,6 +13,13 @@
 //!
 //! One worker handles a device's downlinks one at a time, in the order the broker
 //! delivered them: per-device order end to end.
+//!
+//! Every downlink is answered within [`ANSWER_WITHIN`] of its arrival, whatever the edge
+//! pod, the route store or the device source does: the steps before the delivery are
+//! cut off at that bound, and the delivery is given what is left of it (at most
+//! [`DELIVER_TIMEOUT`]), which the edge is told so that it skips a write its caller no
+//! longer waits for. One that cannot be queued at all is refused by the broker
+//! connection with [`busy_refusal`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -27,11 +34,40 @@ use tracing::{debug, info, warn};
 
 use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
+use crate::platform::mqtt::{Downlink, Refusal};
 use crate::platform::topics;
 use crate::routes::{EdgeClients, RouteLookup};
 use crate::scripts::{Call, CallContext, Output, Scripts};
-use crate::sink::PlatformSink;
+use crate::sink::{PlatformMessage, PlatformSink};
 use crate::source::{DeviceSource, Target};
+
+/// The longest one Deliver call may take (sent to the edge as `timeout_ms`).
+pub const DELIVER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Every downlink is answered within this long of its arrival: one Deliver and a
+/// margin for the wait in the queue, the device resolution and the route lookup.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(4);
+/// A Deliver with less time than this left is not attempted: the edge could not write
+/// before its caller gives up.
+const MIN_DELIVER: Duration = Duration::from_millis(100);
+
+/// The answer to a downlink the worker has no room to queue: `{"result":1,…}` on its
+/// response topic (commands and attribute sets; the others have none). The device is
+/// named as the platform did (number or id): resolving it would wait on the very
+/// lookups that are backed up.
+pub fn busy_refusal(prefix: String, metrics: Arc<Metrics>) -> Refusal {
+    Arc::new(move |topic: &str| {
+        let parsed = parse_topic(&prefix, topic)?;
+        metrics.downlinks.get_or_create(&ReasonLabel { reason: "busy" }).inc();
+        answer_message(&parsed, &parsed.device, &Undelivered::Busy)
+    })
+}
+
+/// The `{"result":1,"message":…}` answer on a downlink's response topic, if it has one.
+fn answer_message(parsed: &DownlinkTopic, device_id: &str, why: &Undelivered) -> Option<PlatformMessage> {
+    let topic = parsed.message_id.as_deref().and_then(|id| parsed.kind.response_topic(id))?;
+    let values = serde_json::json!({ "result": 1, "message": why.to_string() });
+    Some(topics::envelope(topic, device_id, values.to_string().as_bytes()))
+}
 
 /// The four downlinks and their TP CMD.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, clap::ValueEnum)]
@@ -157,6 +193,10 @@ enum Undelivered {
     Script(String),
     #[error("unknown device")]
     UnknownDevice,
+    #[error("worker busy, not delivered")]
+    Busy,
+    #[error("not delivered in time")]
+    Late,
 }
 
 /// The downlink side of a worker.
@@ -202,33 +242,50 @@ impl Downlinks {
         }
     }
 
-    /// Handles one downlink message from the broker.
-    pub async fn handle(&self, topic: &str, payload: Bytes) {
+    /// Handles one downlink message from the broker, answering it within
+    /// [`ANSWER_WITHIN`] of its arrival.
+    pub async fn handle(&self, downlink: Downlink) {
+        let Downlink { topic, payload, received } = downlink;
+        let topic = topic.as_str();
         let Some(parsed) = parse_topic(&self.prefix, topic) else {
             debug!(%topic, "not a downlink topic");
             return;
         };
-        let target = match self.devices.resolve(&parsed.device).await {
-            Ok(Some(target)) => target,
+        let due = received + ANSWER_WITHIN;
+        let resolved = tokio::time::timeout_at(due, self.devices.resolve(&parsed.device)).await;
+        let target = match resolved {
+            Err(_) if (self.handles)(&parsed.device) => {
+                return self.answer(&parsed, &parsed.device, Undelivered::Late).await;
+            }
+            Err(_) => return,
+            Ok(Ok(Some(target))) => target,
             // Every worker may see the downlink; only one answers for a device no one
             // can resolve: the one that would own the reference as a device id.
-            Ok(None) if (self.handles)(&parsed.device) => {
+            Ok(Ok(None)) if (self.handles)(&parsed.device) => {
                 return self.answer(&parsed, &parsed.device, Undelivered::UnknownDevice).await;
             }
-            Err(error) if (self.handles)(&parsed.device) => {
+            Ok(Err(error)) if (self.handles)(&parsed.device) => {
                 return self
                     .answer(&parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string()))
                     .await;
             }
-            Ok(None) | Err(_) => return,
+            Ok(Ok(None) | Err(_)) => return,
         };
         if !(self.handles)(&target.carrier.id) {
             return;
         }
-        match self.deliver(&parsed, &target, &payload).await {
+        match self.deliver(&parsed, &target, &payload, due).await {
             Ok(()) => self.count("delivered"),
-            Err(Undelivered::Offline) if self.queues(parsed.kind) => self.enqueue(&target, topic, payload),
-            Err(error) => self.answer(&parsed, &target.device_id, error).await,
+            Err((Undelivered::Offline, _)) if self.queues(parsed.kind) => {
+                self.enqueue(&target, topic, payload)
+            }
+            Err((error, unreachable)) => {
+                self.answer(&parsed, &target.device_id, error).await;
+                // After the answer, which must not wait for the liveness check.
+                if let Some(route) = unreachable {
+                    self.purge_if_dead(&route).await;
+                }
+            }
         }
     }
 
@@ -282,27 +339,41 @@ impl Downlinks {
         Ok((bytes, parsed.kind.tp_cmd()))
     }
 
+    /// Encodes and delivers by `due`; why not, and the route when its edge pod could
+    /// not be reached.
     async fn deliver(
         &self,
         parsed: &DownlinkTopic,
         target: &Target,
         payload: &[u8],
-    ) -> Result<(), Undelivered> {
-        let (bytes, tp_cmd) = self.encode(parsed, target, payload).await?;
-        let route = match self.routes.route(&target.carrier.id).await {
-            Ok(Some(route)) => route,
-            Ok(None) => return Err(Undelivered::Offline),
-            Err(error) => {
-                return Err(Undelivered::OfflineBecause(format!("route store unavailable ({error})")));
+        due: Instant,
+    ) -> Result<(), (Undelivered, Option<Route>)> {
+        let prepared = tokio::time::timeout_at(due, async {
+            let encoded = self.encode(parsed, target, payload).await?;
+            match self.routes.route(&target.carrier.id).await {
+                Ok(Some(route)) => Ok((encoded, route)),
+                Ok(None) => Err(Undelivered::Offline),
+                Err(error) => Err(Undelivered::OfflineBecause(format!("route store unavailable ({error})"))),
             }
+        })
+        .await;
+        let ((bytes, tp_cmd), route) = match prepared {
+            Ok(Ok(prepared)) => prepared,
+            Ok(Err(why)) => return Err((why, None)),
+            Err(_) => return Err((Undelivered::Late, None)),
         };
-        match self.edges.deliver(&route, bytes, tp_cmd).await {
+        let timeout = due.saturating_duration_since(Instant::now()).min(DELIVER_TIMEOUT);
+        if timeout < MIN_DELIVER {
+            return Err((Undelivered::Late, None));
+        }
+        match self.edges.deliver(&route, bytes, tp_cmd, timeout).await {
             Ok((DeliverStatus::Delivered, _)) => Ok(()),
-            Ok((DeliverStatus::Offline, _)) => Err(Undelivered::Offline),
-            Ok((_, message)) => Err(Undelivered::Failed(message)),
+            Ok((DeliverStatus::Offline, _)) => Err((Undelivered::Offline, None)),
+            Ok((_, message)) => Err((Undelivered::Failed(message), None)),
             Err(error) => {
-                self.purge_if_dead(&route).await;
-                Err(Undelivered::OfflineBecause(format!("edge pod {} unreachable ({error})", route.pod)))
+                let why =
+                    Undelivered::OfflineBecause(format!("edge pod {} unreachable ({error})", route.pod));
+                Err((why, Some(route)))
             }
         }
     }
@@ -324,14 +395,11 @@ impl Downlinks {
         self.count(match why {
             Undelivered::Offline | Undelivered::OfflineBecause(_) => "offline",
             Undelivered::UnknownDevice => "unknown_device",
-            _ => "failed",
+            Undelivered::Busy | Undelivered::Late => "busy",
+            Undelivered::Failed(_) | Undelivered::Script(_) => "failed",
         });
         info!(device = %parsed.device, kind = parsed.kind.name(), reason = %why, "downlink not delivered");
-        let Some(topic) = parsed.message_id.as_deref().and_then(|id| parsed.kind.response_topic(id)) else {
-            return;
-        };
-        let values = serde_json::json!({ "result": 1, "message": why.to_string() });
-        let message = topics::envelope(topic, device_id, values.to_string().as_bytes());
+        let Some(message) = answer_message(parsed, device_id, &why) else { return };
         // Not awaited: the acknowledgement needs the broker connection, which may be
         // waiting for this very dispatcher to take the next downlink.
         if let Ok(delivered) = self.sink.publish(message).await {
@@ -373,7 +441,8 @@ impl Downlinks {
                 self.count("queue_expired");
                 continue;
             }
-            self.handle(&item.topic, item.payload).await;
+            let downlink = Downlink { topic: item.topic, payload: item.payload, received: Instant::now() };
+            self.handle(downlink).await;
         }
     }
 

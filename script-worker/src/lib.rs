@@ -7,7 +7,8 @@
 //!   order, to the [`pipeline`]: [`uplink`] maps it (running the device's script from
 //!   [`scripts`]) to platform messages for the [`sink::PlatformSink`] — the platform's
 //!   MQTT broker ([`platform::mqtt`]) or JSON lines — and the envelope is acknowledged
-//!   only after the broker acknowledged its messages.
+//!   only after the broker acknowledged its messages. One that can never be delivered
+//!   goes to the [`dead_letter`] stream with its reason, and is then acknowledged.
 //! - [`downlink`] takes the platform's downlinks from the broker subscription, encodes
 //!   them (TP frame or the device's downlink script), and delivers them through the edge
 //!   pod that holds the device ([`routes`]: route lookups and one gRPC channel per pod);
@@ -19,6 +20,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod consume;
+pub mod dead_letter;
 pub mod devices;
 pub mod downlink;
 pub mod metrics;
@@ -44,9 +46,11 @@ use tracing::{info, warn};
 
 use auth::Authenticator;
 use config::{Config, Settings};
+use dead_letter::DeadLetters;
 use metrics::Metrics;
 use pipeline::Pipeline;
 use platform::client::PlatformClient;
+use platform::mqtt::Downlink;
 use routes::RouteLookup;
 use scripts::{Library, Scripts};
 use sink::PlatformSink;
@@ -75,19 +79,20 @@ pub struct Core {
 }
 
 impl Core {
-    /// Builds the core on a device source, a route lookup and a platform sink;
-    /// `handles` says whether this worker handles a device's downlinks.
+    /// Builds the core on a device source, a route lookup, a platform sink and a
+    /// keeper of dead letters; `handles` says whether this worker handles a device's downlinks.
     ///
     /// # Errors
     /// The script engine's thread cannot start.
     pub fn new(
         settings: &Settings,
+        metrics: Arc<Metrics>,
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
         sink: Arc<dyn PlatformSink>,
+        dead_letters: Arc<dyn DeadLetters>,
         handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     ) -> Result<Self, WorkerError> {
-        let metrics = Arc::new(Metrics::default());
         let library = Library::new(settings.scripts_dir.clone());
         let scripts = Arc::new(
             Scripts::start(settings.script_engine, settings.script_limits(), library)
@@ -111,7 +116,7 @@ impl Core {
             metrics: metrics.clone(),
             downlinks: downlinks.clone(),
         };
-        let pipeline = Arc::new(Pipeline { mapper, sink, metrics: metrics.clone() });
+        let pipeline = Arc::new(Pipeline { mapper, sink, dead_letters, metrics: metrics.clone() });
         let authenticator =
             Arc::new(Authenticator { devices, scripts: scripts.clone(), metrics: metrics.clone() });
         Ok(Core { metrics, scripts, pipeline, authenticator, downlinks })
@@ -121,19 +126,36 @@ impl Core {
     /// channel closes or `stop`.
     pub async fn dispatch_downlinks(
         downlinks: Arc<downlink::Downlinks>,
-        mut deliveries: tokio::sync::mpsc::Receiver<(String, bytes::Bytes)>,
+        mut deliveries: tokio::sync::mpsc::Receiver<Downlink>,
         stop: CancellationToken,
     ) {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 delivery = deliveries.recv() => match delivery {
-                    Some((topic, payload)) => downlinks.handle(&topic, payload).await,
+                    Some(downlink) => downlinks.handle(downlink).await,
                     None => return,
                 },
             }
         }
     }
+}
+
+/// Downlinks waiting for the dispatcher, at most; more are refused "busy" at once. A
+/// downlink waits at most [`downlink::ANSWER_WITHIN`] anyway: a longer queue would only
+/// hold answers that are already late.
+const DOWNLINK_QUEUE: usize = 1024;
+
+/// The broker subscription on `filter` and the dispatcher's end of its queue; what
+/// does not fit is refused "busy" on the response topic under `prefix`.
+pub fn downlink_subscription(
+    filter: String,
+    prefix: String,
+    metrics: Arc<Metrics>,
+) -> (platform::mqtt::Subscription, tokio::sync::mpsc::Receiver<Downlink>) {
+    let (deliveries, queue) = tokio::sync::mpsc::channel(DOWNLINK_QUEUE);
+    let refuse = downlink::busy_refusal(prefix, metrics);
+    (platform::mqtt::Subscription { filter, deliveries, refuse }, queue)
 }
 
 /// The worker's pre-bound listeners.
@@ -200,7 +222,8 @@ pub async fn run(
         .map_err(|e| WorkerError::Connect("nats", e.to_string()))?;
     let mqtt = platform::mqtt::MqttConfig::from_url(
         &config.mqtt_url,
-        &format!("tcpc-worker-{worker}"),
+        // Two processes with one POD_NAME must not take each other's broker session.
+        &consume::boot_identity(&format!("tcpc-worker-{worker}")),
         &settings.mqtt_username,
         &settings.mqtt_password,
     )
@@ -209,9 +232,13 @@ pub async fn run(
     let devices: Arc<dyn DeviceSource> =
         Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
     let routes: Arc<dyn RouteLookup> = Arc::new(routes::RedisRoutes::new(redis.clone()));
-    let (deliveries, downlink_queue) = tokio::sync::mpsc::channel(1024);
-    let subscription = platform::mqtt::Subscription { filter: settings.downlink_filter(), deliveries };
-    let sink = Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), stop.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let (subscription, downlink_queue) =
+        downlink_subscription(settings.downlink_filter(), settings.topic_prefix(), metrics.clone());
+    // The broker connection outlives the consumers: their last batches need its PUBACKs.
+    let (mqtt_stop, mqtt_tasks) = (CancellationToken::new(), TaskTracker::new());
+    let sink =
+        Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), mqtt_stop.clone(), &mqtt_tasks));
     let mqtt_sink = sink.clone();
     // With every worker subscribed, a device's downlinks are the partition owner's.
     let owned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
@@ -225,7 +252,8 @@ pub async fn run(
             })
         }
     };
-    let core = Core::new(settings, devices.clone(), routes.clone(), sink, handles)?;
+    let dead_letters = Arc::new(dead_letter::JetStreamDeadLetters::new(nats.clone()));
+    let core = Core::new(settings, metrics, devices.clone(), routes.clone(), sink, dead_letters, handles)?;
     tasks.spawn(Core::dispatch_downlinks(core.downlinks.clone(), downlink_queue, stop.clone()));
     info!(%worker, "script-worker starting");
 
@@ -264,13 +292,14 @@ pub async fn run(
         }
     });
     let draining = Arc::new(AtomicBool::new(false));
+    let ready_nats = nats.clone();
     let health = tcpc_observe::Health {
         metrics: Arc::new({
             let metrics = core.metrics.clone();
             move || metrics.render()
         }),
         ready: Arc::new(move || {
-            nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_connected()
+            ready_nats.connection_state() == async_nats::connection::State::Connected && mqtt_sink.is_ready()
         }),
         draining: draining.clone(),
     };
@@ -288,8 +317,39 @@ pub async fn run(
     draining.store(true, Ordering::Release);
     info!("script-worker stopping");
     stop.cancel();
-    tasks.wait().await;
+    drain(&tasks, Some(&nats), &mqtt_stop, &mqtt_tasks).await;
     Ok(())
+}
+
+/// How long the consumers and the rest may take to stop before the broker connection
+/// is closed anyway: a partition's batch under way gets `consume`'s hand-over time (2 s).
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The shutdown order, once `tasks` were told to stop: they end (the partition
+/// consumers finish and acknowledge their batches under way), the acknowledgements are
+/// flushed to NATS, and only then is the broker connection closed (DISCONNECT), each
+/// step within a deadline.
+pub async fn drain(
+    tasks: &TaskTracker,
+    nats: Option<&async_nats::Client>,
+    mqtt_stop: &CancellationToken,
+    mqtt_tasks: &TaskTracker,
+) {
+    tasks.close();
+    if tokio::time::timeout(STOP_DEADLINE, tasks.wait()).await.is_err() {
+        warn!("tasks not stopped within {STOP_DEADLINE:?}; closing the broker connection anyway");
+    }
+    if let Some(nats) = nats
+        && tokio::time::timeout(STOP_DEADLINE, nats.flush()).await.is_err()
+    {
+        warn!("acknowledgements not flushed to NATS in time; those batches will come again");
+    }
+    mqtt_stop.cancel();
+    mqtt_tasks.close();
+    let deadline = platform::mqtt::DISCONNECT_DEADLINE + Duration::from_secs(1);
+    if tokio::time::timeout(deadline, mqtt_tasks.wait()).await.is_err() {
+        warn!("platform broker connection not closed in time");
+    }
 }
 
 /// The worker's side of NATS: the auth responder, config invalidations, and the
@@ -311,7 +371,7 @@ pub fn spawn_bus_tasks(
     let partitions = consume::Partitions {
         jetstream: async_nats::jetstream::new(nats.clone()),
         redis,
-        worker,
+        worker: consume::boot_identity(&worker),
         partitions,
         pipeline: core.pipeline.clone(),
         owned,

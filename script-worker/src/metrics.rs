@@ -27,6 +27,14 @@ pub struct Metrics {
     pub partitions: Gauge,
     /// Downlinks by outcome (delivered, offline, failed, queued, …).
     pub downlinks: Family<ReasonLabel, Counter>,
+    /// Envelopes that can never be delivered, kept as dead letters, by cause.
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Uplink batches retried after a transient failure (the ack held meanwhile).
+    pub retries: Counter,
+    /// Partition leases found taken by another worker while this one held them.
+    pub partitions_lost: Counter,
+    /// Rounds of the lease loop (membership and every lease renewed).
+    pub lease_rounds: Counter,
 }
 
 impl Default for Metrics {
@@ -48,7 +56,35 @@ impl Default for Metrics {
         registry.register("worker_partitions", "Uplink partitions owned", partitions.clone());
         let downlinks = Family::<ReasonLabel, Counter>::default();
         registry.register("worker_downlinks", "Downlinks by outcome", downlinks.clone());
-        Metrics { registry, envelopes, published, uplink_errors, auth, partitions, downlinks }
+        let dead_letters = Family::<ReasonLabel, Counter>::default();
+        registry.register("worker_dead_letters", "Envelopes dead-lettered, by cause", dead_letters.clone());
+        let retries = Counter::default();
+        registry.register(
+            "worker_uplink_retries",
+            "Uplink batches retried after a transient failure",
+            retries.clone(),
+        );
+        let partitions_lost = Counter::default();
+        registry.register(
+            "worker_partitions_lost",
+            "Partition leases lost while held",
+            partitions_lost.clone(),
+        );
+        let lease_rounds = Counter::default();
+        registry.register("worker_lease_rounds", "Rounds of the partition lease loop", lease_rounds.clone());
+        Metrics {
+            registry,
+            envelopes,
+            published,
+            uplink_errors,
+            auth,
+            partitions,
+            downlinks,
+            dead_letters,
+            retries,
+            partitions_lost,
+            lease_rounds,
+        }
     }
 }
 

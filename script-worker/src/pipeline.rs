@@ -2,56 +2,118 @@
 //! resulting message to the platform sink in order, and resolve once the platform
 //! side acknowledged them all — the moment the source (JetStream, or the all-in-one's
 //! edge) may be acknowledged.
+//!
+//! Failures are told apart: one that the same envelope would meet again (undecodable,
+//! unmappable, a message the sink refuses) is permanent, and the envelope goes to the
+//! [`DeadLetters`] with its reason and then counts as handled; one that goes away with
+//! its cause (the broker connection, a lookup the platform or Redis could not answer)
+//! is transient, and fails the envelope so that the source retries it, holding the ack.
 
 use std::sync::Arc;
 
-use futures::future::{BoxFuture, try_join_all};
+use bytes::Bytes;
+use futures::future::{BoxFuture, join_all};
 use prost::Message as _;
 use tcpc_proto::v1::UplinkEnvelope;
 use tracing::warn;
 
+use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::sink::{PlatformSink, SinkError};
-use crate::uplink::Mapper;
+use crate::uplink::{MapError, Mapper};
 
-/// Resolves when every message of an envelope was acknowledged.
-pub type Handled = BoxFuture<'static, Result<(), SinkError>>;
+/// Resolves when every message of an envelope was acknowledged (or the envelope was
+/// dead-lettered).
+pub type Handled = BoxFuture<'static, Result<(), HandleError>>;
 
-/// Mapper and sink.
+/// An envelope was not handled; the source keeps it and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error("map the envelope: {0}")]
+    Map(#[source] MapError),
+    #[error("queue a platform message: {0}")]
+    Queue(#[source] SinkError),
+    #[error("platform acknowledgement: {0}")]
+    Acknowledge(#[source] SinkError),
+    #[error("dead-letter the envelope: {0}")]
+    DeadLetter(#[source] DeadLetterError),
+    /// The partition's lease ran out before the envelope was handed over (see
+    /// `consume::Lease`): it is left to the partition's next owner.
+    #[error("partition lease not held")]
+    LeaseExpired,
+}
+
+/// Mapper, sink and dead letters.
 pub struct Pipeline {
     pub mapper: Mapper,
     pub sink: Arc<dyn PlatformSink>,
+    pub dead_letters: Arc<dyn DeadLetters>,
     pub metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
     /// Maps an encoded envelope and queues its messages; returns once they are queued
     /// (so that the next envelope's messages queue after them), with a future of their
-    /// acknowledgement. An undecodable envelope is reported and counts as handled.
+    /// acknowledgement.
     ///
     /// # Errors
-    /// The sink cannot take messages (stopped).
-    pub async fn handle(&self, encoded: &[u8]) -> Result<Handled, SinkError> {
+    /// A transient failure: the lookups behind the mapping could not be made, or the
+    /// sink cannot take messages (stopped).
+    pub async fn handle(&self, encoded: Bytes) -> Result<Handled, HandleError> {
         self.metrics.envelopes.inc();
-        let envelope = match UplinkEnvelope::decode(encoded) {
+        let envelope = match UplinkEnvelope::decode(&encoded[..]) {
             Ok(envelope) => envelope,
             Err(error) => {
                 self.metrics.uplink_errors.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
-                warn!(%error, "undecodable envelope skipped");
-                return Ok(Box::pin(async { Ok(()) }));
+                warn!(%error, "undecodable envelope");
+                return Ok(self.dead_letter(
+                    encoded,
+                    format!("undecodable envelope: {error}"),
+                    "undecodable",
+                ));
             }
         };
-        let messages = self.mapper.map(&envelope).await;
+        let messages = match self.mapper.map(&envelope).await {
+            Ok(messages) => messages,
+            Err(error) if error.is_transient() => return Err(HandleError::Map(error)),
+            Err(error) => return Ok(self.dead_letter(encoded, error.to_string(), error.label())),
+        };
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in messages {
-            deliveries.push(self.sink.publish(message).await?);
+            deliveries.push(self.sink.publish(message).await.map_err(HandleError::Queue)?);
         }
-        let published = self.metrics.published.clone();
+        let (letters, metrics) = (self.dead_letters.clone(), self.metrics.clone());
         Ok(Box::pin(async move {
-            let count = deliveries.len() as u64;
-            try_join_all(deliveries).await?;
-            published.inc_by(count);
-            Ok(())
+            let mut permanent = None;
+            for delivered in join_all(deliveries).await {
+                match delivered {
+                    Ok(()) => drop(metrics.published.inc()),
+                    Err(error) if error.is_permanent() => permanent = Some(error),
+                    Err(error) => return Err(HandleError::Acknowledge(error)),
+                }
+            }
+            match permanent {
+                None => Ok(()),
+                Some(error) => keep(&*letters, &metrics, encoded, error.to_string(), "refused").await,
+            }
         }))
     }
+
+    /// The envelope as a dead letter with `reason`, counted under `label`.
+    fn dead_letter(&self, encoded: Bytes, reason: String, label: &'static str) -> Handled {
+        let (letters, metrics) = (self.dead_letters.clone(), self.metrics.clone());
+        Box::pin(async move { keep(&*letters, &metrics, encoded, reason, label).await })
+    }
+}
+
+async fn keep(
+    letters: &dyn DeadLetters,
+    metrics: &Metrics,
+    envelope: Bytes,
+    reason: String,
+    label: &'static str,
+) -> Result<(), HandleError> {
+    letters.keep(envelope, reason).await.map_err(HandleError::DeadLetter)?;
+    metrics.dead_letters.get_or_create(&ReasonLabel { reason: label }).inc();
+    Ok(())
 }

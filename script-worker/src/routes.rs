@@ -18,8 +18,8 @@ use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
 use tcpc_proto::v1::{DeliverRequest, DeliverStatus, DisconnectRequest};
 use tonic::transport::{Channel, Endpoint};
 
-/// Deadline of a route read or an edge call (a delivery waits for the write to the
-/// device, which the edge bounds by its write timeout).
+/// Deadline of a route read or an edge call other than a delivery (whose caller
+/// chooses its own, see [`EdgeClients::deliver`]).
 const DEADLINE: Duration = Duration::from_secs(3);
 
 /// Reads device routes.
@@ -81,7 +81,8 @@ impl RouteLookup for RedisRoutes {
     }
 }
 
-/// One gRPC channel per edge pod, made on first use and kept.
+/// One gRPC channel per edge pod, made on first use and kept. Each call bounds its own
+/// wait (the channel has no request timeout of its own, which would race it).
 #[derive(Default)]
 pub struct EdgeClients {
     channels: Mutex<HashMap<String, EdgeGatewayClient<Channel>>>,
@@ -96,7 +97,6 @@ impl EdgeClients {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("edge address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
-            .timeout(DEADLINE)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         let client = EdgeGatewayClient::new(endpoint.connect_lazy());
@@ -105,7 +105,13 @@ impl EdgeClients {
     }
 
     /// Writes bytes to the connection a route names (framed as TP with `tp_cmd` on
-    /// official connections, when not 0); the edge's answer.
+    /// official connections, when not 0); the edge's answer, within `timeout`.
+    ///
+    /// The edge is told the same `timeout` (`timeout_ms`), so that it skips the write
+    /// once this caller has given up. The wait is bounded here and not by the channel's
+    /// own request timeout alone: a pod whose address accepts TCP but never completes
+    /// the HTTP/2 handshake (a dead pod's IP reused, a hung process) leaves the request
+    /// waiting for a ready connection, which that timeout does not cover.
     ///
     /// # Errors
     /// The edge pod cannot be reached or did not answer in time.
@@ -114,6 +120,7 @@ impl EdgeClients {
         route: &Route,
         payload: Bytes,
         tp_cmd: u32,
+        timeout: Duration,
     ) -> Result<(DeliverStatus, String), String> {
         let mut client = self.client(&route.grpc_addr)?;
         let request = DeliverRequest {
@@ -123,9 +130,13 @@ impl EdgeClients {
             tp_cmd,
             // The edge skips the write once this caller has given up: a command the
             // platform heard "offline" for must not reach the device afterwards.
-            timeout_ms: DEADLINE.as_millis() as u32,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        let reply = client.deliver(request).await.map_err(|e| e.message().to_owned())?.into_inner();
+        let reply = tokio::time::timeout(timeout, client.deliver(request))
+            .await
+            .map_err(|_| "no answer in time".to_owned())?
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
         Ok((reply.status(), reply.message))
     }
 
@@ -140,8 +151,11 @@ impl EdgeClients {
             connection_id: route.connection_id.clone(),
             reason: reason.to_owned(),
         };
-        let reply =
-            client.disconnect(request).await.map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
+        // Bounded here for the same reason as `deliver`.
+        let reply = tokio::time::timeout(DEADLINE, client.disconnect(request))
+            .await
+            .map_err(|_| format!("edge {}: no answer within {DEADLINE:?}", route.pod))?
+            .map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
         Ok(reply.into_inner().closed)
     }
 }

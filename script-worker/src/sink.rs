@@ -26,6 +26,16 @@ pub enum SinkError {
     Stopped,
     #[error("write to stdout: {0}")]
     Stdout(String),
+    /// The message can never be published as it is: retrying cannot help.
+    #[error("refused by the platform sink: {0}")]
+    Refused(&'static str),
+}
+
+impl SinkError {
+    /// Whether retrying the same message cannot succeed (it is dead-lettered instead).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SinkError::Refused(_))
+    }
 }
 
 /// Where platform-bound messages go.

@@ -12,9 +12,11 @@
 //! - Gateway data, in the v1.x form or the 0.x form keyed by address, goes out as
 //!   gateway telemetry.
 //!
-//! A message that cannot be mapped (unknown device, not JSON, a failing script) is
-//! reported (log and `worker_uplink_errors_total{reason}`) and skipped; it never stops
-//! the pipeline.
+//! A message that cannot be mapped (unknown device, not JSON, a failing script, a
+//! message id that cannot be a topic level) is reported (log and
+//! `worker_uplink_errors_total{reason}`) and handed back as a [`MapError`]: permanent
+//! ones are dead-lettered by the pipeline, transient ones (a lookup that could not be
+//! made) retried.
 
 use std::sync::Arc;
 
@@ -41,6 +43,8 @@ pub enum MapError {
     NotJson(String),
     #[error("response without a message_id")]
     NoMessageId,
+    #[error("message_id unusable in a topic")]
+    BadMessageId,
     #[error("uplink script: {0}")]
     Script(#[from] ScriptError),
     #[error("unknown envelope")]
@@ -55,12 +59,19 @@ impl MapError {
             MapError::Lookup(_) => "lookup",
             MapError::NotJson(_) => "not_json",
             MapError::NoMessageId => "no_message_id",
+            MapError::BadMessageId => "bad_message_id",
             MapError::Script(ScriptError::Timeout) => "script_timeout",
             MapError::Script(ScriptError::OutOfMemory) => "script_memory",
             MapError::Script(ScriptError::Quarantined) => "script_quarantined",
             MapError::Script(_) => "script_error",
             MapError::Unknown => "unknown_envelope",
         }
+    }
+
+    /// Whether the same envelope may map once the cause is gone (the platform or the
+    /// route store answers again); every other error would repeat.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MapError::Lookup(_))
     }
 }
 
@@ -75,24 +86,24 @@ pub struct Mapper {
 }
 
 impl Mapper {
-    /// What `envelope` becomes; nothing when it cannot be mapped (reported here).
-    pub async fn map(&self, envelope: &UplinkEnvelope) -> Vec<PlatformMessage> {
+    /// What `envelope` becomes.
+    ///
+    /// # Errors
+    /// It cannot be mapped (reported here: log and metric).
+    pub async fn map(&self, envelope: &UplinkEnvelope) -> Result<Vec<PlatformMessage>, MapError> {
         let (device_id, result) = match &envelope.body {
             Some(uplink_envelope::Body::Session(event)) => (&event.device_id, self.session(event).await),
             Some(uplink_envelope::Body::Uplink(uplink)) => (&uplink.device_id, self.uplink(uplink).await),
             None => (&String::new(), Err(MapError::Unknown)),
         };
-        match result {
-            Ok(messages) => messages,
-            Err(error) => {
-                self.metrics
-                    .uplink_errors
-                    .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
-                    .inc();
-                warn!(device_id = %device_id, %error, "uplink not delivered to the platform");
-                Vec::new()
-            }
+        if let Err(error) = &result {
+            self.metrics
+                .uplink_errors
+                .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
+                .inc();
+            warn!(device_id = %device_id, %error, "uplink not mapped to the platform");
         }
+        result
     }
 
     async fn session(&self, event: &SessionEvent) -> Result<Vec<PlatformMessage>, MapError> {
@@ -243,7 +254,8 @@ pub fn gateway_form(value: Json) -> Json {
 fn response(device: &Device, value: Json, topic: fn(&str) -> String) -> Result<PlatformMessage, MapError> {
     let Json::Object(mut values) = value else { return Err(MapError::NoMessageId) };
     let message_id = match values.remove("message_id") {
-        Some(Json::String(id)) if !id.is_empty() && !id.contains('/') => id,
+        Some(Json::String(id)) if topics::valid_message_id(&id) => id,
+        Some(Json::String(id)) if !id.is_empty() => return Err(MapError::BadMessageId),
         _ => return Err(MapError::NoMessageId),
     };
     Ok(topics::envelope(topic(&message_id), &device.id, &bytes(&Json::Object(values))))
@@ -340,6 +352,17 @@ mod tests {
             official(&direct, UplinkKind::CommandResponse, br#"{"result":0}"#),
             Err(MapError::NoMessageId)
         ));
+        for poison in [r##""#""##, r#""+""#, r#""a\u0000b""#, r#""a/b""#, &format!("\"{}\"", "9".repeat(129))]
+        {
+            let frame = format!(r#"{{"message_id":{poison},"result":0}}"#);
+            assert!(
+                matches!(
+                    official(&direct, UplinkKind::CommandResponse, frame.as_bytes()),
+                    Err(MapError::BadMessageId)
+                ),
+                "{frame}"
+            );
+        }
     }
 
     #[test]

@@ -11,34 +11,64 @@ use crate::servers::{Process, free_port};
 use crate::{DEADLINE, wait_until};
 
 /// A mosquitto broker accepting anonymous clients (the platform's user `plugin` too).
+/// It keeps its sessions in a store of its own when stopped, so that it can be
+/// restarted on the same port with them (a broker restart, not a new broker).
 pub struct Mosquitto {
     pub port: u16,
     config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    store: std::path::PathBuf,
     process: Process,
 }
 
 impl Mosquitto {
     pub async fn spawn() -> Self {
         let port = free_port();
-        let config = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}.conf", std::process::id()));
+        let base = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}", std::process::id()));
+        let (config, log, store) =
+            (base.with_extension("conf"), base.with_extension("log"), base.with_extension("d"));
+        std::fs::create_dir_all(&store).expect("mosquitto store");
+        // Started as root, mosquitto drops to its own user, which must be able to write here.
+        let writable = std::os::unix::fs::PermissionsExt::from_mode(0o777);
+        std::fs::set_permissions(&store, writable).expect("mosquitto store writable");
         std::fs::write(
             &config,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 0\n\
+                 persistence true\npersistence_location {}/\nlog_dest file {}\n",
+                store.display(),
+                log.display()
             ),
         )
         .expect("write mosquitto config");
-        let process = Process::start("mosquitto", &["-c".to_owned(), config.display().to_string()]);
-        let broker = Mosquitto { port, config, process };
+        let mut broker = Mosquitto { port, config, log, store, process: Process::default() };
+        broker.start().await;
+        broker
+    }
+
+    /// Starts the broker (again) and waits until it accepts connections.
+    pub async fn start(&mut self) {
+        self.process = Process::start("mosquitto", &["-c".to_owned(), self.config.display().to_string()]);
+        let port = self.port;
         wait_until("mosquitto to accept connections", || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        broker
+    }
+
+    /// Stops the broker (SIGTERM: it saves its sessions) and waits until it exited.
+    pub async fn stop(&mut self) {
+        self.process.terminate();
+        wait_until("mosquitto to exit", || std::future::ready(self.process.exited())).await;
     }
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's log so far (connections and how they ended).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -46,6 +76,8 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         self.process.kill();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 
@@ -78,9 +110,21 @@ pub struct Watcher {
 impl Watcher {
     /// Subscribes `topics` at QoS 1; returns once the broker acknowledged.
     pub async fn subscribe(broker: &Mosquitto, topics: &[&str]) -> Self {
-        let id = format!("watcher-{}", rand_suffix());
+        Self::start(broker, &format!("watcher-{}", rand_suffix()), true, topics).await
+    }
+
+    /// A subscriber with a persistent session (`id`, no clean session): across a broker
+    /// restart it keeps its subscriptions, and gets what was published while it was away.
+    pub async fn durable(broker: &Mosquitto, id: &str, topics: &[&str]) -> Self {
+        Self::start(broker, id, false, topics).await
+    }
+
+    async fn start(broker: &Mosquitto, id: &str, clean_session: bool, topics: &[&str]) -> Self {
         let mut options = MqttOptions::new(id, "127.0.0.1", broker.port);
-        options.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_clean_session(clean_session);
         let (client, mut events) = AsyncClient::new(options, 64);
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);

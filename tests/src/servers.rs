@@ -41,6 +41,24 @@ impl Process {
         Process(Some(child))
     }
 
+    /// SIGTERM (a shutdown, not a crash); the process then drains and exits by itself.
+    pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.0 {
+            let sent = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
+            assert!(sent.is_ok_and(|status| status.success()), "SIG{name} sent");
+        }
+    }
+
+    /// Whether the process has exited (reaped if so).
+    pub fn exited(&mut self) -> bool {
+        self.0.as_mut().is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGKILL, and wait for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
@@ -71,8 +89,20 @@ impl RedisServer {
 
     async fn start(&mut self) {
         let port = self.port.to_string();
-        let args =
-            ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from);
+        // DEBUG SLEEP lets a test make Redis slow (a loaded server, a failover).
+        let args = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--enable-debug-command",
+            "local",
+        ]
+        .map(String::from);
         self.process = Process::start("redis-server", &args);
         wait_until("redis-server to accept connections", || accepts(self.port)).await;
     }

@@ -75,6 +75,22 @@ impl WorkerProcess {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// SIGSTOP: alive but frozen (its leases expire while it holds them).
+    pub fn freeze(&self) {
+        self.process.signal("STOP");
+    }
+
+    /// SIGCONT: it resumes where it was frozen.
+    pub fn thaw(&self) {
+        self.process.signal("CONT");
+    }
+
+    /// SIGTERM, and wait until the worker has drained and exited.
+    pub async fn stop(&mut self) {
+        self.process.terminate();
+        wait_until("the worker to drain and exit", || std::future::ready(self.process.exited())).await;
+    }
 }
 
 /// An edge-gateway process (its real main), killable with SIGKILL.

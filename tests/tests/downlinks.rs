@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use edge_gateway::codec::{Frame, cmd};
 use serde_json::{Value, json};
+use tcpc_proto::names;
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::world::{World, wait_for_partitions};
@@ -246,4 +247,59 @@ async fn the_offline_queue_delivers_in_order_on_reconnect_and_drops_expired_ones
     }
     assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "q1", "method": "reboot"}));
     assert!(worker.metric("worker_downlinks_total{reason=\"queue_expired\"}").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downlink_to_an_edge_that_never_answers_is_answered() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/command/response/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    // What a dead pod's reused IP looks like: TCP is accepted, nothing is ever answered.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut redis = w.redis.connection().await;
+    let route = [
+        (names::ROUTE_CONNECTION, "0123456789abcdef0123456789abcdef".to_owned()),
+        (names::ROUTE_POD, "edge-hung".to_owned()),
+        (names::ROUTE_GRPC_ADDR, hung_addr.to_string()),
+        (names::ROUTE_SINCE_MS, tcpc_proto::now_ms().to_string()),
+    ];
+    let () = redis::AsyncCommands::hset_multiple(&mut redis, names::route_key(D001), &route).await.unwrap();
+    // Alive as far as Redis knows, so the route is not purged as a dead pod's.
+    let () =
+        redis::AsyncCommands::set(&mut redis, names::pod_liveness_key("edge-hung"), hung_addr.to_string())
+            .await
+            .unwrap();
+
+    const COMMANDS: u32 = 10;
+    for n in 0..COMMANDS {
+        watcher.publish(&format!("plugin/TCP/devices/command/D001/hung{n}"), r#"{"method":"reboot"}"#).await;
+    }
+    // The first waits out its Deliver. Those queued behind it are answered by the bound
+    // from their arrival (one Deliver and a margin), whether or not a Deliver still fits
+    // in it: the last cannot have had one, ten Deliver deadlines after its arrival.
+    let unreachable =
+        json!({"result": 1, "message": "device offline: edge pod edge-hung unreachable (no answer in time)"});
+    let late = json!({"result": 1, "message": "not delivered in time"});
+    for n in 0..COMMANDS {
+        let answer = watcher.next().await;
+        assert_eq!(answer.topic, format!("devices/command/response/hung{n}"), "each answered, in order");
+        let values = answer.values(D001);
+        match n {
+            0 => assert_eq!(values, unreachable),
+            n if n == COMMANDS - 1 => assert_eq!(values, late),
+            n => assert!(values == unreachable || values == late, "answer {n}: {values}"),
+        }
+    }
+    let answered = worker.metric("worker_downlinks_total{reason=\"offline\"}").await
+        + worker.metric("worker_downlinks_total{reason=\"busy\"}").await;
+    assert_eq!(answered, f64::from(COMMANDS));
 }

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::wait_until;
+use tcpc_tests::worker::WorkerProcess;
 use tcpc_tests::world::{World, wait_for_partitions};
 
 async fn world() -> World {
@@ -66,12 +67,7 @@ async fn tp_and_custom_devices_reach_the_platform_as_thingspanel_expects() {
     assert_eq!(&watcher.next_on("devices/status/dev-custom").await.payload[..], b"1");
     let telemetry = watcher.next_on("devices/telemetry").await;
     assert_eq!(telemetry.values("dev-custom"), json!({"temperature": 36.5, "humidity": 52}));
-    assert!(
-        !w.platform.heartbeats().is_empty() || {
-            wait_until("a plugin heartbeat", || async { !w.platform.heartbeats().is_empty() }).await;
-            true
-        }
-    );
+    wait_until("a plugin heartbeat", || async { !w.platform.heartbeats().is_empty() }).await;
     assert_eq!(w.platform.heartbeats()[0], "TCP");
 }
 
@@ -178,6 +174,40 @@ async fn send_numbered(device: &mut TpDevice, range: std::ops::Range<u32>) {
     }
 }
 
+/// Reads `device_id`'s numbered telemetry after `seen` until each of `0..count` was seen;
+/// every value read, in arrival order (duplicates included).
+async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u64>, count: u64) -> Vec<u64> {
+    let mut distinct: std::collections::HashSet<u64> = seen.iter().copied().collect();
+    while distinct.len() < count as usize {
+        let n = watcher.next().await.values(device_id)["n"].as_u64().unwrap();
+        distinct.insert(n);
+        seen.push(n);
+    }
+    seen
+}
+
+/// The values in the order each was first seen.
+fn first_seen(seen: &[u64]) -> Vec<u64> {
+    let mut counted = std::collections::HashSet::new();
+    seen.iter().copied().filter(|n| counted.insert(*n)).collect()
+}
+
+/// Which of `workers` holds the lease of `device_id`'s partition (the lease names the
+/// worker and its boot nonce: `worker-a#1f2e3d4c`).
+async fn partition_owner(w: &World, workers: &[WorkerProcess], device_id: &str) -> usize {
+    let partition = tcpc_proto::names::partition_of(device_id, tcpc_proto::names::DEFAULT_PARTITIONS);
+    let owner: String = redis::AsyncCommands::get(
+        &mut w.redis.connection().await,
+        tcpc_proto::names::partition_lease_key(partition),
+    )
+    .await
+    .unwrap();
+    workers
+        .iter()
+        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
+        .expect("the owner is one of ours")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_keep_a_device_in_order() {
     let w = world().await;
@@ -217,29 +247,13 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
         seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
     }
     // Kill the worker that owns the device's partition.
-    let partition = tcpc_proto::names::partition_of("dev-steady", tcpc_proto::names::DEFAULT_PARTITIONS);
-    let owner: String = redis::AsyncCommands::get(
-        &mut w.redis.connection().await,
-        tcpc_proto::names::partition_lease_key(partition),
-    )
-    .await
-    .unwrap();
-    let victim = workers.iter().position(|worker| worker.name == owner).expect("the owner is one of ours");
+    let victim = partition_owner(&w, &workers, "dev-steady").await;
+    let owner = workers[victim].name.clone();
     workers[victim].kill();
     send_numbered(&mut device, 300..1000).await;
-    while !(0..1000).all(|n| seen.contains(&n)) {
-        let message =
-            watcher.next_within(Duration::from_secs(30)).await.expect("the survivor takes over within 30 s");
-        seen.push(message.values("dev-steady")["n"].as_u64().unwrap());
-    }
+    let seen = read_until_all(&mut watcher, "dev-steady", seen, 1000).await;
     let duplicates = seen.len() - 1000;
-    let mut first = Vec::new();
-    for n in &seen {
-        if !first.contains(n) {
-            first.push(*n);
-        }
-    }
-    assert_eq!(first, (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
+    assert_eq!(first_seen(&seen), (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
     println!("killed {owner} mid-stream: 1000 messages arrived, {duplicates} duplicates");
 }
 
@@ -248,12 +262,23 @@ async fn known_devices_authenticate_from_cache_while_the_platform_is_down() {
     let w = world().await;
     w.device("known", "dev-known", "K001", Value::Null);
     w.device("stranger", "dev-stranger", "K002", Value::Null);
-    let _worker = w.worker("worker-a", &[]).await;
+    let mut first = w.worker("worker-a", &[]).await;
     let edge = w.edge().await;
     drop(TpDevice::online(edge.official, "known").await);
+    // Only a stale copy left: the shared one aged past its hour of freshness, and a
+    // worker with nothing in memory.
+    first.kill();
+    let mut redis = w.redis.connection().await;
+    let shared: Vec<String> = redis::AsyncCommands::keys(&mut redis, "tcpc:config:*").await.unwrap();
+    assert_eq!(shared.len(), 1, "the known device's config is shared");
+    let text: String = redis::AsyncCommands::get(&mut redis, &shared[0]).await.unwrap();
+    let mut entry: Value = serde_json::from_str(&text).unwrap();
+    entry["fetched_ms"] = json!(tcpc_proto::now_ms() - 2 * 3600 * 1000);
+    let () = redis::AsyncCommands::set(&mut redis, &shared[0], entry.to_string()).await.unwrap();
     w.platform.set_down(true);
+    let _worker = w.worker("worker-b", &[]).await;
     let calls_before = w.platform.calls().len();
-    // Known: served from the cached config. New: refused for now, and told to retry.
+    // Known: served from the stale config. New: refused for now, and told to retry.
     drop(TpDevice::online(edge.official, "known").await);
     let mut stranger = TpDevice::connect(edge.official).await;
     assert_eq!(
@@ -300,4 +325,285 @@ async fn platform_disconnect_closes_the_device_and_its_config_is_fetched_again()
     .await;
     drop(TpDevice::online(edge.official, "tp-token").await);
     assert_eq!(calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_auth_request_the_edge_gave_up_on_is_skipped() {
+    use prost::Message as _;
+    use tcpc_proto::v1::{AuthReply, AuthRequest, Protocol};
+    let w = world().await;
+    w.device("late", "dev-late", "L001", Value::Null);
+    w.device("prompt", "dev-prompt", "L002", Value::Null);
+    let worker = w.worker("worker-a", &[]).await;
+    let nats = w.nats.client().await;
+    let request = |token: &str, deadline_ms: i64| {
+        let request = AuthRequest {
+            protocol: Protocol::Official.into(),
+            access_token: token.to_owned(),
+            connection_id: "0123456789abcdef0123456789abcdef".to_owned(),
+            pod: "edge-a".to_owned(),
+            remote_addr: "127.0.0.1:40000".to_owned(),
+            deadline_ms,
+        };
+        Bytes::from(request.encode_to_vec())
+    };
+    let answered = || async {
+        let deadline = tcpc_proto::now_ms() + 30_000;
+        let reply = nats.request(tcpc_proto::names::AUTH_SUBJECT, request("prompt", deadline)).await.ok()?;
+        AuthReply::decode(reply.payload).ok()
+    };
+    wait_until("the auth responder to answer", || async { answered().await.is_some_and(|r| r.ok) }).await;
+
+    // The edge stopped waiting a second ago: its device is gone.
+    let inbox = nats.new_inbox();
+    let given_up = request("late", tcpc_proto::now_ms() - 1_000);
+    nats.publish_with_reply(tcpc_proto::names::AUTH_SUBJECT, inbox, given_up).await.unwrap();
+    // One responder takes requests in order: once the next one is answered, the late one
+    // was seen.
+    assert!(answered().await.expect("answered").ok);
+    assert_eq!(worker.metric("worker_auth_total{reason=\"expired\"}").await, 1.0);
+    let late_calls =
+        w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"late"}"#).count();
+    assert_eq!(late_calls, 0, "the platform was not asked for a device that is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_frames_are_dead_lettered_and_the_device_goes_on() {
+    use prost::Message as _;
+    let w = world().await;
+    w.device("poison", "dev-poison", "P001", Value::Null);
+    let mut watcher =
+        Watcher::subscribe(&w.broker, &["devices/telemetry", "devices/command/response/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "poison").await;
+    // Message ids the broker would refuse as a topic level, between numbered telemetry.
+    let long = "9".repeat(200);
+    let poisons = ["#", "+", "a\\u0000b", long.as_str()];
+    for (n, id) in poisons.iter().enumerate() {
+        send_numbered(&mut device, n as u32..n as u32 + 1).await;
+        let response = format!(r#"{{"message_id":"{id}","result":0}}"#);
+        device.send(Frame::data(cmd::COMMAND_RESPONSE, Bytes::from(response))).await;
+    }
+    device.send(Frame::data(cmd::COMMAND_RESPONSE, &br#"{"message_id":"ok1","result":0}"#[..])).await;
+    send_numbered(&mut device, 4..5).await;
+    for n in 0..4 {
+        let message = watcher.next().await;
+        assert_eq!(
+            (message.topic.as_str(), message.values("dev-poison")),
+            ("devices/telemetry", json!({"n": n}))
+        );
+    }
+    let answer = watcher.next().await;
+    assert_eq!(
+        (answer.topic.as_str(), answer.values("dev-poison")),
+        ("devices/command/response/ok1", json!({"result": 0}))
+    );
+    assert_eq!(watcher.next().await.values("dev-poison"), json!({"n": 4}), "the device's next frame arrives");
+
+    // Each poison kept once, in order, with its reason and its frame.
+    let jetstream = async_nats::jetstream::new(w.nats.client().await);
+    let mut dead =
+        jetstream.get_stream(tcpc_proto::names::DEAD_LETTER_STREAM).await.expect("the dead-letter stream");
+    assert_eq!(dead.info().await.unwrap().state.messages, poisons.len() as u64);
+    for (n, id) in poisons.iter().enumerate() {
+        let letter = dead.get_raw_message(n as u64 + 1).await.unwrap();
+        let reason = letter.headers.get(tcpc_proto::names::DEAD_LETTER_REASON_HEADER).unwrap();
+        assert_eq!(reason.as_str(), "message_id unusable in a topic");
+        let envelope = tcpc_proto::v1::UplinkEnvelope::decode(letter.payload).unwrap();
+        let Some(tcpc_proto::v1::uplink_envelope::Body::Uplink(uplink)) = envelope.body else {
+            panic!("an uplink")
+        };
+        let frame: Value = serde_json::from_slice(&uplink.payload).unwrap();
+        assert_eq!(frame["message_id"].as_str().unwrap().replace('\0', "\\u0000"), *id);
+    }
+    assert_eq!(worker.metric("worker_dead_letters_total{reason=\"bad_message_id\"}").await, 4.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uplinks_wait_out_a_platform_outage_instead_of_being_dropped() {
+    let w = world().await;
+    w.device("outage", "dev-outage", "O001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "outage").await;
+    send_numbered(&mut device, 0..1).await;
+    assert_eq!(watcher.next().await.values("dev-outage"), json!({"n": 0}));
+
+    // A worker that never saw the device takes over, with nothing cached to read, while
+    // the platform is down: it cannot look the device up.
+    first.kill();
+    let mut redis = w.redis.connection().await;
+    let cached: Vec<String> = redis::AsyncCommands::keys(&mut redis, "tcpc:config*").await.unwrap();
+    assert!(!cached.is_empty(), "the first worker shared the device's config");
+    let () = redis::AsyncCommands::del(&mut redis, cached).await.unwrap();
+    w.platform.set_down(true);
+    let second = w.worker("worker-b", &[]).await;
+    wait_for_partitions(&[&second]).await;
+    send_numbered(&mut device, 1..4).await;
+    wait_until("the lookup to fail and be retried", || async {
+        second.metric("worker_uplink_retries_total").await >= 1.0
+    })
+    .await;
+    w.platform.set_down(false);
+    // Held, not acknowledged as handled: every one arrives, in order (0 may come again:
+    // the killed worker may not have acknowledged it).
+    let mut seen = Vec::new();
+    while seen.last() != Some(&3) {
+        seen.push(watcher.next().await.values("dev-outage")["n"].as_u64().unwrap());
+    }
+    let after_outage: Vec<u64> = seen.into_iter().skip_while(|n| *n == 0).collect();
+    assert_eq!(after_outage, [1, 2, 3], "nothing missing, in order, once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_mid_stream_hands_over_without_duplicates() {
+    const COUNT: u64 = 3000;
+    let w = world().await;
+    w.device("steady", "dev-steady", "N003", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "steady").await;
+    // Sent while the worker stops, so that it stops in the middle of a batch.
+    let sender = tokio::spawn(async move {
+        send_numbered(&mut device, 0..COUNT as u32).await;
+        device
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
+    }
+    // A shutdown mid-stream: the batch under way is finished and acknowledged first.
+    first.stop().await;
+    let _second = w.worker("worker-b", &[]).await;
+    let _device = sender.await.unwrap();
+    let seen = read_until_all(&mut watcher, "dev-steady", seen, COUNT).await;
+    assert_eq!(seen.len() as u64 - COUNT, 0, "no duplicate");
+    assert_eq!(seen, (0..COUNT).collect::<Vec<_>>(), "all, in order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_with_one_pod_name_share_no_partition() {
+    let w = world().await;
+    w.device("counter", "dev-twin", "T001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let a = w.worker("twin", &[]).await;
+    let b = w.worker("twin", &[]).await;
+    // Between them, each partition once (not each of them all of them).
+    wait_for_partitions(&[&a, &b]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "counter").await;
+    send_numbered(&mut device, 0..200).await;
+    let mut seen = Vec::new();
+    while seen.len() < 200 {
+        seen.push(watcher.next().await.values("dev-twin")["n"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "all, once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broker_restart_loses_nothing_and_keeps_the_order() {
+    const COUNT: u64 = 600;
+    let mut w = world().await;
+    w.device("restart", "dev-restart", "R001", Value::Null);
+    // The platform's side keeps its session across the restart: what is published while
+    // it reconnects is kept for it.
+    let mut watcher = Watcher::durable(&w.broker, "platform", &["devices/telemetry"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "restart").await;
+    send_numbered(&mut device, 0..100).await;
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-restart")["n"].as_u64().unwrap());
+    }
+    // The broker goes away: uplinks keep coming, the worker holds their acks and retries.
+    w.broker.stop().await;
+    send_numbered(&mut device, 100..300).await;
+    wait_until("a batch to fail and be retried", || async {
+        worker.metric("worker_uplink_retries_total").await >= 1.0
+    })
+    .await;
+    w.broker.start().await;
+    send_numbered(&mut device, 300..COUNT as u32).await;
+    let seen = read_until_all(&mut watcher, "dev-restart", seen, COUNT).await;
+    assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
+    println!("broker restarted mid-stream: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_frozen_past_its_lease_does_not_act_on_resume() {
+    const COUNT: u64 = 3000;
+    let w = world().await;
+    w.device("frozen", "dev-frozen", "F001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let frozen = partition_owner(&w, &workers, "dev-frozen").await;
+    let survivor = &workers[1 - frozen];
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "frozen").await;
+    let sender = tokio::spawn(async move {
+        send_numbered(&mut device, 0..COUNT as u32).await;
+        device
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-frozen")["n"].as_u64().unwrap());
+    }
+    // Frozen mid-stream until the survivor owns every partition, then resumed: the
+    // frozen worker must neither acknowledge nor take anything of the survivor's.
+    workers[frozen].freeze();
+    wait_until("the survivor to own every partition", || async {
+        survivor.metric("worker_partitions").await == f64::from(tcpc_proto::names::DEFAULT_PARTITIONS)
+    })
+    .await;
+    workers[frozen].thaw();
+    let _device = sender.await.unwrap();
+    let seen = read_until_all(&mut watcher, "dev-frozen", seen, COUNT).await;
+    assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
+    println!("owner frozen past its lease: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_redis_does_not_cost_a_worker_its_partitions() {
+    let w = world().await;
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let rounds = || async {
+        let mut rounds = Vec::new();
+        for worker in &workers {
+            rounds.push(worker.metric("worker_lease_rounds_total").await);
+        }
+        rounds
+    };
+    let before = rounds().await;
+    // Redis busy most of the time: every command waits for the end of a 0.8 s sleep.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut busy = redis::Client::open(w.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    let slow = tokio::spawn(async move {
+        loop {
+            let slept: redis::RedisResult<()> =
+                redis::cmd("DEBUG").arg("SLEEP").arg("0.8").query_async(&mut busy).await;
+            slept.expect("DEBUG SLEEP (enabled by the fixture)");
+        }
+    });
+    wait_until("three lease rounds of each worker under the slow Redis", || async {
+        rounds().await.iter().zip(&before).all(|(now, then)| *now >= then + 3.0)
+    })
+    .await;
+    assert!(!slow.is_finished(), "Redis was kept busy throughout (DEBUG SLEEP answered)");
+    slow.abort();
+    for worker in &workers {
+        assert_eq!(worker.metric("worker_partitions_lost_total").await, 0.0, "{} lost none", worker.name);
+    }
 }

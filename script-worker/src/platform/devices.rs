@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
+use tcpc_proto::backoff::Backoff;
 use tcpc_proto::names;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -81,7 +82,7 @@ struct Memory {
 
 struct Outage {
     until: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 /// The platform as a device source.
@@ -101,7 +102,10 @@ impl PlatformDevices {
             redis,
             memory: Mutex::default(),
             flights: Mutex::default(),
-            outage: Mutex::new(Outage { until: None, backoff: Duration::ZERO }),
+            outage: Mutex::new(Outage {
+                until: None,
+                backoff: Backoff::new(Duration::from_secs(1), MAX_BACKOFF),
+            }),
         }
     }
 
@@ -212,12 +216,12 @@ impl PlatformDevices {
         let mut outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Err(PlatformError::Unreachable(error)) => {
-                outage.backoff = (outage.backoff * 2).clamp(Duration::from_secs(1), MAX_BACKOFF);
-                outage.until = Some(Instant::now() + outage.backoff);
-                warn!(%error, backoff = ?outage.backoff, "platform unreachable; known devices are served from cache");
+                let backoff = outage.backoff.next_delay();
+                outage.until = Some(Instant::now() + backoff);
+                warn!(%error, ?backoff, "platform unreachable; known devices are served from cache");
             }
             _ => {
-                outage.backoff = Duration::ZERO;
+                outage.backoff.reset();
                 outage.until = None;
             }
         }

@@ -8,16 +8,27 @@
 //! connection breaks, every unacknowledged publish fails (the caller does not ack its
 //! source, which redelivers) and a fresh client is built, so that no stale request of
 //! the old one can be confused with a new one.
+//!
+//! The event loop never awaits anyone downstream: a downlink goes to the dispatcher
+//! with `try_send`, and when the dispatcher's queue is full it is refused at once (the
+//! subscription's [`Refusal`] makes the "busy" answer, which the loop publishes
+//! itself). Awaiting the dispatcher there deadlocked: the dispatcher waits for room in
+//! this loop's request queue to publish its answers, while the loop waited for room in
+//! the dispatcher's. A loop that stops turning while work waits for it is reported by
+//! [`MqttSink::is_ready`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use tcpc_proto::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
@@ -25,6 +36,31 @@ use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
 /// Publishes handed to the client and not yet acknowledged, at most. Below rumqttc's
 /// request channel capacity, so that handing one over never waits.
 const IN_FLIGHT: usize = 512;
+/// The largest MQTT packet either way (the platform broker's default limit is larger).
+pub const MAX_PACKET: usize = 1 << 20;
+/// Fixed header, topic length and packet id of a PUBLISH, at most.
+const PUBLISH_OVERHEAD: usize = 5 + 2 + 2;
+
+/// Why the broker would refuse `message`, found before it is sent: a refused topic or
+/// an over-size packet closes the connection (mosquitto disconnects the client;
+/// rumqttc fails its event loop), which looked like an outage and was retried forever.
+///
+/// # Errors
+/// [`SinkError::Refused`] with the reason.
+pub fn check(message: &PlatformMessage) -> Result<(), SinkError> {
+    let topic = &message.topic;
+    if topic.is_empty() || topic.len() > usize::from(u16::MAX) {
+        return Err(SinkError::Refused("topic empty or over 65535 bytes"));
+    }
+    // Wildcards are for subscriptions; NUL is not allowed in MQTT strings.
+    if topic.contains(['+', '#', '\0']) {
+        return Err(SinkError::Refused("topic with a wildcard or NUL"));
+    }
+    if topic.len() + message.payload.len() + PUBLISH_OVERHEAD > MAX_PACKET {
+        return Err(SinkError::Refused("message over the MQTT packet limit"));
+    }
+    Ok(())
+}
 
 /// Where and as whom to connect.
 #[derive(Clone, Debug)]
@@ -72,16 +108,36 @@ impl MqttConfig {
             .set_clean_session(true)
             .set_inflight(IN_FLIGHT as u16)
             .set_request_channel_capacity(IN_FLIGHT * 2)
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
         options
     }
 }
 
+/// How long a shutdown waits for the DISCONNECT to be written.
+pub const DISCONNECT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long the event loop may go without a turn while requests wait for it before
+/// the sink stops counting as ready.
+const STALL: Duration = Duration::from_secs(5);
+
+/// One downlink from the broker, and when it arrived (its answer is due within a bound
+/// from then).
+#[derive(Debug)]
+pub struct Downlink {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub received: Instant,
+}
+
+/// The answer to a downlink the dispatcher has no room for, if its topic wants one.
+pub type Refusal = Arc<dyn Fn(&str) -> Option<PlatformMessage> + Send + Sync>;
+
 /// Where downlinks from the broker go: the topic filter subscribed at QoS 1 (again on
-/// every connection), and the channel of (topic, payload).
+/// every connection), the dispatcher's bounded queue, and what to answer when it is full.
 pub struct Subscription {
     pub filter: String,
-    pub deliveries: mpsc::Sender<(String, bytes::Bytes)>,
+    pub deliveries: mpsc::Sender<Downlink>,
+    pub refuse: Refusal,
 }
 
 struct Request {
@@ -93,26 +149,48 @@ struct Request {
 pub struct MqttSink {
     requests: mpsc::Sender<Request>,
     connected: Arc<AtomicBool>,
+    /// Milliseconds from `started` to the event loop's last turn.
+    last_turn: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl MqttSink {
-    /// Starts the connection task; it reconnects until `shutdown`. With a
-    /// subscription, downlinks flow to it; while its channel is full, the broker waits
-    /// (the connection stops reading).
+    /// Starts the connection task on `tasks`; it reconnects until `shutdown`, then
+    /// sends DISCONNECT (within [`DISCONNECT_DEADLINE`]) and ends. With a subscription,
+    /// downlinks flow to it; while its queue is full, they are refused.
     pub fn start(
         config: MqttConfig,
         subscription: Option<Subscription>,
         shutdown: CancellationToken,
+        tasks: &TaskTracker,
     ) -> Self {
         let (requests, queue) = mpsc::channel(IN_FLIGHT);
         let connected = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(config, queue, subscription, connected.clone(), shutdown));
-        MqttSink { requests, connected }
+        let (last_turn, started) = (Arc::new(AtomicU64::new(0)), Instant::now());
+        let progress = Progress { last_turn: last_turn.clone(), started };
+        tasks.spawn(run(config, queue, subscription, connected.clone(), progress, shutdown));
+        MqttSink { requests, connected, last_turn, started }
     }
 
-    /// Whether the broker connection is up (readiness).
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+    /// Readiness: the broker connection is up and the event loop makes progress (it
+    /// turned lately, or nothing waits for it).
+    pub fn is_ready(&self) -> bool {
+        let idle = self.requests.capacity() == self.requests.max_capacity();
+        let last_turn = Duration::from_millis(self.last_turn.load(Ordering::Relaxed));
+        let turning = self.started.elapsed().saturating_sub(last_turn) < STALL;
+        self.connected.load(Ordering::Relaxed) && (idle || turning)
+    }
+}
+
+/// Where the event loop records its turns.
+struct Progress {
+    last_turn: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Progress {
+    fn turn(&self) {
+        self.last_turn.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -152,6 +230,51 @@ impl Connection {
         self.unnamed.len() + self.in_flight.len()
     }
 
+    /// Publishes the refusal of a downlink, when its topic wants an answer and the
+    /// client has room (its request queue is twice [`IN_FLIGHT`], so a refusal never
+    /// takes the room of an uplink). Nobody waits for its PUBACK, but it takes its
+    /// place in `unnamed` so that packet ids still match.
+    fn refuse(&mut self, refuse: &Refusal, topic: &str) {
+        let Some(answer) = refuse(topic) else { return };
+        if self.pending() >= IN_FLIGHT * 2 - 1 {
+            warn!(%topic, "downlink refused with no room to answer it");
+            return;
+        }
+        match self.client.try_publish(answer.topic, QoS::AtLeastOnce, false, answer.payload) {
+            Ok(()) => self.unnamed.push_back(oneshot::channel().0),
+            Err(error) => warn!(%error, "refusal of a downlink not sent"),
+        }
+    }
+
+    /// Drives the event loop until the DISCONNECT queued after everything else was
+    /// written (rumqttc reports it after the flush) or the connection ended; PUBACKs
+    /// arriving meanwhile still complete their publishes.
+    async fn until_disconnected(&mut self) {
+        loop {
+            match self.events.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                Ok(event) => self.note(event),
+            }
+        }
+    }
+
+    /// Matches publishes to packet ids and PUBACKs to publishes.
+    fn note(&mut self, event: Event) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(done) = self.unnamed.pop_front() {
+                    self.in_flight.insert(pkid, done);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(done) = self.in_flight.remove(&ack.pkid) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn fail_all(&mut self) {
         for done in self.unnamed.drain(..).chain(self.in_flight.drain().map(|(_, done)| done)) {
             let _ = done.send(Err(SinkError::ConnectionLost));
@@ -164,38 +287,43 @@ async fn run(
     mut queue: mpsc::Receiver<Request>,
     subscription: Option<Subscription>,
     connected: Arc<AtomicBool>,
+    progress: Progress,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut connection = Connection::new(&config);
     loop {
+        progress.turn();
         let accepting = connection.pending() < IN_FLIGHT;
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = connection.client.try_disconnect();
+                // A clean end: the broker sees DISCONNECT, not a dropped socket (which
+                // it would report as a failure, and answer with a will if one were set).
+                if connected.swap(false, Ordering::Relaxed) && connection.client.try_disconnect().is_ok() {
+                    let sent = tokio::time::timeout(DISCONNECT_DEADLINE, connection.until_disconnected()).await;
+                    if sent.is_err() {
+                        warn!("DISCONNECT not written within {DISCONNECT_DEADLINE:?}");
+                    }
+                }
                 connection.fail_all();
                 return;
             }
             request = queue.recv(), if accepting => {
                 let Some(Request { message, done }) = request else { return };
+                if let Err(refused) = check(&message) {
+                    let _ = done.send(Err(refused));
+                    continue;
+                }
                 match connection.client.try_publish(message.topic, QoS::AtLeastOnce, false, message.payload) {
                     Ok(()) => connection.unnamed.push_back(done),
+                    // Not a full queue (`accepting` keeps room) nor a topic (checked):
+                    // the client's event loop is gone with its connection.
                     Err(_) => { let _ = done.send(Err(SinkError::ConnectionLost)); }
                 }
             }
             event = connection.events.poll() => match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(done) = connection.unnamed.pop_front() {
-                        connection.in_flight.insert(pkid, done);
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(done) = connection.in_flight.remove(&ack.pkid) {
-                        let _ = done.send(Ok(()));
-                    }
-                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     connected.store(true, Ordering::Relaxed);
                     info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
                     if let Some(subscription) = &subscription
@@ -206,19 +334,24 @@ async fn run(
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(subscription) = &subscription {
-                        let _ = subscription.deliveries.send((publish.topic, publish.payload)).await;
+                        let downlink =
+                            Downlink { topic: publish.topic, payload: publish.payload, received: Instant::now() };
+                        // Never `send().await` here (see the module doc): a full queue refuses.
+                        if let Err(error) = subscription.deliveries.try_send(downlink) {
+                            connection.refuse(&subscription.refuse, &error.into_inner().topic);
+                        }
                     }
                 }
-                Ok(_) => {}
+                Ok(event) => connection.note(event),
                 Err(error) => {
                     connected.store(false, Ordering::Relaxed);
-                    warn!(%error, retry_in = ?backoff, "platform broker connection failed");
+                    let retry_in = backoff.next_delay();
+                    warn!(%error, ?retry_in, "platform broker connection failed");
                     connection.fail_all();
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     connection = Connection::new(&config);
                 }
             },
@@ -237,5 +370,32 @@ mod tests {
         assert_eq!(MqttConfig::from_url("mqtt://broker", "id", "u", "p").unwrap().port, 1883);
         assert!(MqttConfig::from_url("mqtts://broker", "id", "u", "p").is_err());
         assert!(MqttConfig::from_url("mqtt://:1883", "id", "u", "p").is_err());
+    }
+
+    #[test]
+    fn topics_and_sizes_the_broker_would_refuse() {
+        let message = |topic: &str, size: usize| PlatformMessage {
+            topic: topic.to_owned(),
+            payload: bytes::Bytes::from(vec![b'x'; size]),
+        };
+        assert_eq!(check(&message("devices/command/response/m1", 10)), Ok(()));
+        for topic in ["devices/command/response/#", "devices/event/+", "devices/event/a\0b", ""] {
+            assert_eq!(
+                check(&message(topic, 10)).map_err(|e| e.is_permanent()),
+                Err(true),
+                "{topic:?} refused"
+            );
+        }
+        assert_eq!(
+            check(&message(&"a".repeat(70_000), 0)),
+            Err(SinkError::Refused("topic empty or over 65535 bytes"))
+        );
+        let topic = "devices/telemetry";
+        let fits = MAX_PACKET - topic.len() - PUBLISH_OVERHEAD;
+        assert_eq!(check(&message(topic, fits)), Ok(()));
+        assert_eq!(
+            check(&message(topic, fits + 1)),
+            Err(SinkError::Refused("message over the MQTT packet limit"))
+        );
     }
 }

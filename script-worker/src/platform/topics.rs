@@ -40,6 +40,20 @@ pub fn status(device_id: &str, online: bool) -> PlatformMessage {
     }
 }
 
+/// The longest message id a device may echo into a topic. The platform's are short
+/// (hex or UUIDs); a longer one is a device's garbage, not an answer.
+pub const MAX_MESSAGE_ID: usize = 128;
+
+/// Whether a device-supplied message id can be a topic level: not empty, at most
+/// [`MAX_MESSAGE_ID`] bytes, no `/` (THINGSPANEL.md), no wildcard, no control character
+/// (NUL is not allowed in MQTT strings at all).
+pub fn valid_message_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_MESSAGE_ID
+        && !id.contains(['/', '+', '#'])
+        && !id.contains(char::is_control)
+}
+
 /// A fresh message id for events and attributes (free string without `/`).
 pub fn message_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -66,6 +80,14 @@ mod tests {
             PlatformMessage { topic: "devices/status/d".into(), payload: Bytes::from_static(b"0") }
         );
         assert_eq!(event(true, "m1"), "gateway/event/m1");
-        assert!(!message_id().contains('/'));
+        assert!(valid_message_id(&message_id()));
+    }
+
+    #[test]
+    fn message_ids_that_cannot_be_a_topic_level() {
+        assert!(valid_message_id("4d5e6f70") && valid_message_id(&"a".repeat(MAX_MESSAGE_ID)));
+        for id in ["", "#", "+", "a/b", "a\0b", "a\nb", &"a".repeat(MAX_MESSAGE_ID + 1)] {
+            assert!(!valid_message_id(id), "{id:?}");
+        }
     }
 }

@@ -150,6 +150,20 @@ fn no_io_timers_or_modules() {
 }
 
 #[test]
+fn typed_arrays_and_script_chosen_lengths_are_charged_before_allocating() {
+    for (name, mut engine) in engines() {
+        // Within the heap, far over the output limit once each byte is a JSON value.
+        let typed = "function decode(b) { return { a: new Uint8Array(100000) }; }";
+        assert!(matches!(decode(engine.as_mut(), typed, b""), Err(ScriptError::Output(_))), "{name}");
+        // A sparse array of 2^31 - 1 holes: no capacity reserved from its length.
+        let sparse = "function decode(b) { var a = []; a.length = 2 ** 31 - 1; return { a: a }; }";
+        assert!(matches!(decode(engine.as_mut(), sparse, b""), Err(ScriptError::Output(_))), "{name}");
+        let fits = "function decode(b) { return { a: new Uint8Array(3) }; }";
+        assert_eq!(decode(engine.as_mut(), fits, b"").unwrap(), json!({"a": [0, 0, 0]}), "{name}");
+    }
+}
+
+#[test]
 fn output_is_bounded() {
     for (name, mut engine) in engines() {
         let big = "function decode(b) { return { s: 'x'.repeat(100000) }; }";

@@ -5,7 +5,8 @@
 //!   JSON, `encode(msg, ctx)` → bytes, and ThingsPanel 0.x's `encodeInp(msg, topic)`.
 //! - [`Scripts`]: what the pipelines call. It resolves `lib:<name>` references in the
 //!   script library, runs the engine on its own thread (engines are not `Send`), and
-//!   quarantines a script that keeps failing.
+//!   quarantines a script that keeps failing for a device (for that device only: a
+//!   shared `lib:` script that one device feeds garbage keeps serving the others).
 //!
 //! Sandbox, per call: CPU time, heap, output size; no file, network, timer or module
 //! access (the engines are built without them).
@@ -190,6 +191,14 @@ pub enum Call {
     Encode { message: Json, context: CallContext },
 }
 
+impl Call {
+    fn device_id(&self) -> &str {
+        match self {
+            Call::Decode { context, .. } | Call::Encode { context, .. } => &context.device_id,
+        }
+    }
+}
+
 /// What an invocation returned.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
@@ -207,6 +216,12 @@ struct Job {
 const QUARANTINE_AFTER: u32 = 5;
 /// How long a quarantined script is not run.
 const QUARANTINE_FOR: Duration = Duration::from_secs(60);
+/// Failing (script, device) pairs tracked, at most: past it, those not quarantined are
+/// forgotten (a fleet of failing devices must not grow the map without end).
+const HEALTH_ENTRIES: usize = 65_536;
+
+/// What quarantine is keyed by: a script as one device runs it.
+type HealthKey = (ScriptHash, String);
 
 #[derive(Default)]
 struct Health {
@@ -218,7 +233,7 @@ struct Health {
 pub struct Scripts {
     jobs: mpsc::Sender<Job>,
     library: Library,
-    health: Mutex<HashMap<ScriptHash, Health>>,
+    health: Mutex<HashMap<HealthKey, Health>>,
 }
 
 impl Scripts {
@@ -258,8 +273,8 @@ impl Scripts {
     /// The script is missing, quarantined, or failed.
     pub async fn run(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
         let script = self.library.resolve(reference)?;
-        let hash = script.hash.clone();
-        if self.quarantined(&hash) {
+        let key = (script.hash.clone(), call.device_id().to_owned());
+        if self.quarantined(&key) {
             return Err(ScriptError::Quarantined);
         }
         let (answer, result) = oneshot::channel();
@@ -268,7 +283,7 @@ impl Scripts {
             .await
             .map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
         let result = result.await.map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
-        self.record(&hash, result.is_ok());
+        self.record(key, result.is_ok());
         result
     }
 
@@ -280,26 +295,60 @@ impl Scripts {
         Ok(self.library.resolve(reference)?.hash)
     }
 
-    fn quarantined(&self, hash: &ScriptHash) -> bool {
+    fn quarantined(&self, key: &HealthKey) -> bool {
         let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        health.get(hash).and_then(|h| h.quarantined_until).is_some_and(|until| Instant::now() < until)
+        health.get(key).and_then(|h| h.quarantined_until).is_some_and(|until| Instant::now() < until)
     }
 
-    fn record(&self, hash: &ScriptHash, ok: bool) {
+    fn record(&self, key: HealthKey, ok: bool) {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         if ok {
-            health.remove(hash);
+            health.remove(&key);
             return;
         }
-        let entry = health.entry(hash.clone()).or_default();
+        if health.len() >= HEALTH_ENTRIES && !health.contains_key(&key) {
+            let now = Instant::now();
+            health.retain(|_, h| h.quarantined_until.is_some_and(|until| now < until));
+        }
+        let (script, device_id) = (key.0.clone(), key.1.clone());
+        let entry = health.entry(key).or_default();
         entry.failures += 1;
         if entry.failures >= QUARANTINE_AFTER {
             entry.failures = 0;
             entry.quarantined_until = Some(Instant::now() + QUARANTINE_FOR);
-            tracing::error!(script = %hash, "script quarantined for {QUARANTINE_FOR:?} after {QUARANTINE_AFTER} failures in a row");
+            tracing::error!(
+                %script,
+                %device_id,
+                "script quarantined for this device for {QUARANTINE_FOR:?} after {QUARANTINE_AFTER} failures in a row"
+            );
         }
     }
 }
 
 #[cfg(test)]
 mod engine_suite;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_for(device_id: &str) -> Call {
+        let context = CallContext { device_id: device_id.to_owned(), ..Default::default() };
+        Call::Decode { bytes: b"x".to_vec(), context }
+    }
+
+    #[tokio::test]
+    async fn quarantine_silences_the_failing_device_only() {
+        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None)).unwrap();
+        let shared = r#"function decode(b, ctx) { if (ctx.device_id === "bad") throw new Error("garbage"); return {ok: 1}; }"#;
+        for _ in 0..QUARANTINE_AFTER {
+            assert!(matches!(scripts.run(shared, decode_for("bad")).await, Err(ScriptError::Thrown { .. })));
+        }
+        assert_eq!(scripts.run(shared, decode_for("bad")).await, Err(ScriptError::Quarantined));
+        assert_eq!(
+            scripts.run(shared, decode_for("good")).await,
+            Ok(Output::Json(serde_json::json!({"ok": 1}))),
+            "another device on the same script is served"
+        );
+    }
+}

@@ -277,8 +277,13 @@ fn first_line_number(stack: &str) -> Option<u32> {
     })
 }
 
-/// Bytes of output left (a script may not return more than the output limit).
+/// Bytes of output left (a script may not return more than the output limit). Every
+/// value costs [`VALUE_COST`], strings and keys their length too; charged before the
+/// value is built, so that nothing the script controls sizes an allocation first.
 struct Budget(usize);
+
+/// What one JSON value is charged, whatever its kind.
+const VALUE_COST: usize = 8;
 
 impl Budget {
     fn spend(&mut self, bytes: usize) -> rquickjs::Result<()> {
@@ -286,6 +291,12 @@ impl Budget {
             Error::new_from_js_message("value", "JSON", "result exceeds the output size limit")
         })?;
         Ok(())
+    }
+
+    /// Room for `len` more values at most: the capacity to reserve for an array whose
+    /// length the script chose (`a.length = 2**31 - 1` must not reserve 64 GiB).
+    fn capacity(&self, len: usize) -> usize {
+        len.min(self.0 / VALUE_COST)
     }
 }
 
@@ -304,7 +315,7 @@ fn js_to_json(value: &Value<'_>, depth: usize, budget: &mut Budget) -> rquickjs:
     if depth > MAX_DEPTH {
         return Err(Error::new_from_js_message("value", "JSON", "result nested too deeply (a cycle?)"));
     }
-    budget.spend(8)?;
+    budget.spend(VALUE_COST)?;
     Ok(match value.type_of() {
         Type::Null | Type::Undefined | Type::Uninitialized => Json::Null,
         Type::Bool => Json::Bool(value.as_bool().unwrap_or(false)),
@@ -318,7 +329,7 @@ fn js_to_json(value: &Value<'_>, depth: usize, budget: &mut Budget) -> rquickjs:
         Type::BigInt => Json::from(value.as_big_int().cloned().map(|b| b.to_i64()).transpose()?.unwrap_or(0)),
         Type::Array => {
             let array = value.as_array().expect("type_of says array");
-            let mut out = Vec::with_capacity(array.len());
+            let mut out = Vec::with_capacity(budget.capacity(array.len()));
             for i in 0..array.len() {
                 let item: Value = array.get(i)?;
                 out.push(js_to_json(&item, depth + 1, budget)?);
@@ -328,6 +339,8 @@ fn js_to_json(value: &Value<'_>, depth: usize, budget: &mut Budget) -> rquickjs:
         Type::Object | Type::Exception => {
             let object = value.as_object().expect("type_of says object");
             if let Some(bytes) = object.as_typed_array::<u8>() {
+                // Each byte is a JSON value, charged like one, before any is made.
+                budget.spend(bytes.len().saturating_mul(VALUE_COST))?;
                 return Ok(Json::Array(typed_bytes(bytes)?.into_iter().map(Json::from).collect()));
             }
             // Read as a plain value: asking for a Function would build an error for

@@ -373,13 +373,21 @@ fn to_json<'s>(
     }
     if value.is_uint8_array() {
         let view = v8::Local::<v8::ArrayBufferView>::try_from(value).map_err(|e| e.to_string())?;
+        // Each byte is a JSON value, charged like one (8), before any is made.
+        *budget -= view.byte_length().saturating_mul(8).min(isize::MAX as usize) as isize;
+        if *budget < 0 {
+            return Err("result exceeds the output size limit".into());
+        }
         let mut bytes = vec![0u8; view.byte_length()];
         view.copy_contents(&mut bytes);
         return Ok(Json::Array(bytes.into_iter().map(Json::from).collect()));
     }
     if value.is_array() {
         let array = v8::Local::<v8::Array>::try_from(value).map_err(|e| e.to_string())?;
-        let mut out = Vec::with_capacity(array.length() as usize);
+        // The script chose the length (`a.length = 2**31 - 1`): reserve no more than the
+        // budget can hold.
+        let room = usize::try_from(*budget).unwrap_or(0) / 8;
+        let mut out = Vec::with_capacity((array.length() as usize).min(room));
         for i in 0..array.length() {
             let item = array.get_index(scope, i).ok_or("exception reading an array element")?;
             out.push(to_json(scope, item, depth + 1, budget)?);

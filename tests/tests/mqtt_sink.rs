@@ -1,0 +1,160 @@
+//! The worker's broker connection against a real mosquitto: the event loop keeps
+//! publishing and acknowledging whatever its downlink consumer does.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use script_worker::platform::mqtt::{Downlink, MqttConfig, MqttSink, Subscription};
+use script_worker::sink::{PlatformMessage, PlatformSink};
+use tcpc_tests::mqtt::{Mosquitto, Watcher};
+use tcpc_tests::{DEADLINE, wait_until};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A downlink consumer that stopped taking downlinks (it waits on an edge pod, say)
+/// must not stop the uplinks' PUBACKs: extra downlinks are refused and answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn().await;
+    let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
+    // Room for one downlink; the test reads it only to learn the subscription is live.
+    let (deliveries, mut queue) = mpsc::channel::<Downlink>(1);
+    let refuse = Arc::new(|topic: &str| {
+        let id = topic.rsplit('/').next().unwrap_or_default();
+        Some(PlatformMessage {
+            topic: format!("devices/command/response/{id}"),
+            payload: Bytes::from_static(br#"{"result":1}"#),
+        })
+    });
+    let subscription = Subscription { filter: "plugin/TCP/#".into(), deliveries, refuse };
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
+    let stop = CancellationToken::new();
+    let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
+    let mut probe = 0;
+    wait_until("the downlink subscription to be live", || {
+        probe += 1;
+        let (watcher, topic) = (&watcher, format!("plugin/TCP/devices/command/D001/probe{probe}"));
+        let received = queue.try_recv().is_ok();
+        async move {
+            if !received {
+                watcher.publish(&topic, "{}").await;
+            }
+            received
+        }
+    })
+    .await;
+
+    // The consumer is stuck from here on: one more fills its queue, the rest overflow.
+    for n in 0..5 {
+        watcher.publish(&format!("plugin/TCP/devices/command/D001/c{n}"), "{}").await;
+    }
+    let mut refused = Vec::new();
+    while !refused.ends_with(&[4]) {
+        let answer = watcher.next().await;
+        if let Some(n) = answer.topic.strip_prefix("devices/command/response/c") {
+            assert_eq!(&answer.payload[..], br#"{"result":1}"#);
+            refused.push(n.parse::<u32>().unwrap());
+        }
+    }
+    // A late probe may have taken the queue's one place, so c0 may be refused too.
+    let first = refused[0];
+    assert!(first <= 1, "c1 onwards refused: {refused:?}");
+    assert_eq!(refused, (first..5).collect::<Vec<_>>(), "each refused once, in order");
+
+    // Uplinks still go out and are acknowledged, in order.
+    let mut acks = Vec::new();
+    for n in 0..20 {
+        let message = PlatformMessage {
+            topic: "devices/telemetry".into(),
+            payload: Bytes::from(format!(r#"{{"n":{n}}}"#)),
+        };
+        acks.push(tokio::time::timeout(DEADLINE, sink.publish(message)).await.expect("queued").unwrap());
+    }
+    for (n, ack) in acks.into_iter().enumerate() {
+        tokio::time::timeout(DEADLINE, ack)
+            .await
+            .expect("a PUBACK within the deadline")
+            .unwrap_or_else(|error| panic!("publish {n} not acknowledged: {error}"));
+    }
+    for n in 0..20 {
+        let message = watcher.next().await;
+        assert_eq!(
+            (message.topic.as_str(), &message.payload[..]),
+            ("devices/telemetry", format!(r#"{{"n":{n}}}"#).as_bytes())
+        );
+    }
+    assert!(sink.is_ready());
+    stop.cancel();
+}
+
+/// A message the broker would refuse fails alone, as permanent; the connection and the
+/// messages around it are unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_the_broker_would_refuse_fails_alone() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn().await;
+    let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
+    let stop = CancellationToken::new();
+    let sink = MqttSink::start(config, None, stop.clone(), &TaskTracker::new());
+    let message = |topic: &str, payload: Bytes| PlatformMessage { topic: topic.to_owned(), payload };
+    let numbered = |n: u32| message("devices/telemetry", Bytes::from(format!(r#"{{"n":{n}}}"#)));
+    let oversize = Bytes::from(vec![b'x'; script_worker::platform::mqtt::MAX_PACKET]);
+    let sent = [
+        numbered(0),
+        message("devices/command/response/#", Bytes::from_static(b"{}")),
+        numbered(1),
+        message("devices/event/a\0b", Bytes::from_static(b"{}")),
+        numbered(2),
+        message("devices/telemetry", oversize),
+        numbered(3),
+    ];
+    let mut acks = Vec::new();
+    for message in sent {
+        acks.push(tokio::time::timeout(DEADLINE, sink.publish(message)).await.expect("queued").unwrap());
+    }
+    let mut outcomes = Vec::new();
+    for ack in acks {
+        let outcome = tokio::time::timeout(DEADLINE, ack).await.expect("an outcome within the deadline");
+        outcomes.push(outcome.map_err(|error| error.is_permanent()));
+    }
+    assert_eq!(outcomes, [Ok(()), Err(true), Ok(()), Err(true), Ok(()), Err(true), Ok(())]);
+    for n in 0..4 {
+        let message = watcher.next().await;
+        assert_eq!(
+            (message.topic.as_str(), &message.payload[..]),
+            ("devices/telemetry", format!(r#"{{"n":{n}}}"#).as_bytes())
+        );
+    }
+    stop.cancel();
+}
+
+/// On shutdown the broker sees DISCONNECT, not a dropped socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_disconnects_cleanly() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn().await;
+    let config = MqttConfig::from_url(&broker.url(), "worker-stopping", "plugin", "plugin").unwrap();
+    let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let sink = MqttSink::start(config, None, stop.clone(), &tasks);
+    wait_until("the connection", || async { sink.is_ready() }).await;
+    let message = PlatformMessage { topic: "devices/telemetry".into(), payload: Bytes::from_static(b"{}") };
+    let ack = sink.publish(message).await.unwrap();
+    tokio::time::timeout(DEADLINE, ack).await.expect("a PUBACK").unwrap();
+    stop.cancel();
+    tasks.close();
+    tokio::time::timeout(DEADLINE, tasks.wait()).await.expect("the connection task ends");
+    // Mosquitto logs "Client <id> disconnected." for a DISCONNECT, "closed its
+    // connection" for a dropped socket.
+    let ended = || -> Vec<String> {
+        broker.log().lines().filter(|l| l.contains("Client worker-stopping")).map(str::to_owned).collect()
+    };
+    wait_until("the broker to log how the client left", || async { !ended().is_empty() }).await;
+    let ended = ended();
+    assert!(
+        ended.len() == 1 && ended[0].ends_with("Client worker-stopping disconnected."),
+        "a clean DISCONNECT, not a dropped socket: {ended:?}"
+    );
+}
