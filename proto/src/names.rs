@@ -149,14 +149,42 @@ pub const DEVICE_FORGET_SUBJECT: &str = "tcpc.device.forget";
 /// Redis sorted set of live workers (score: expiry, Unix ms).
 pub const WORKERS_KEY: &str = "tcpc:workers";
 
-/// Redis: the lease of an uplink partition (value: the owning worker).
+/// Redis: the lease of an uplink partition (value: the owning worker). The partition in
+/// braces puts its lease, generation and resume point in one Redis Cluster slot, so
+/// that one script can touch them together.
 pub fn partition_lease_key(partition: u32) -> String {
-    format!("tcpc:lease:{partition}")
+    format!("tcpc:lease:{{{partition}}}")
 }
 
-/// JetStream durable consumer of a partition, owned by one worker at a time.
-pub fn partition_consumer(partition: u32) -> String {
-    format!("tcpc-p{partition}")
+/// Redis: a partition's lease generation, incremented each time a worker takes the
+/// lease (never on renewal); it names the taker's consumer.
+pub fn partition_generation_key(partition: u32) -> String {
+    format!("tcpc:lease-generation:{{{partition}}}")
+}
+
+/// Redis: the stream sequence of the last envelope of a partition whose batch was
+/// delivered to the platform, where a successor resumes if the partition's consumer is
+/// gone (rather than from the start of the stream's retention).
+pub fn partition_resume_key(partition: u32) -> String {
+    format!("tcpc:resume:{{{partition}}}")
+}
+
+/// JetStream durable consumer of a partition for one lease generation: each taker
+/// consumes through its own, so that a stale owner's acknowledgement (AckPolicy::All)
+/// lands on the old consumer and never on what the new owner has not yet published.
+pub fn partition_consumer(partition: u32, generation: u64) -> String {
+    format!("tcpc-p{partition}-g{generation}")
+}
+
+/// Whether `name` is a consumer of `partition`: any generation's, or the single durable
+/// consumer that releases before lease generations used (`tcpc-p<partition>`).
+pub fn is_partition_consumer(name: &str, partition: u32) -> bool {
+    let Some(rest) = name.strip_prefix("tcpc-p").and_then(|rest| rest.strip_prefix(&partition.to_string()))
+    else {
+        return false;
+    };
+    rest.is_empty()
+        || rest.strip_prefix("-g").is_some_and(|g| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// JetStream stream of dead letters: envelopes a worker could never deliver (a topic
@@ -188,5 +216,18 @@ mod tests {
         assert_eq!(uplink_message_id("c1", 7), "c1-7");
         assert_eq!(route_key("d"), "tcpc:route:d");
         assert_eq!(pod_liveness_key("edge-0"), "tcpc:pod:edge-0");
+        assert_eq!(partition_lease_key(3), "tcpc:lease:{3}");
+        assert_eq!(partition_consumer(3, 7), "tcpc-p3-g7");
+    }
+
+    #[test]
+    fn partition_consumers_are_told_apart() {
+        assert!(is_partition_consumer(&partition_consumer(1, 7), 1));
+        assert!(is_partition_consumer("tcpc-p1", 1), "the consumer before generations");
+        assert!(!is_partition_consumer(&partition_consumer(10, 7), 1), "partition 10 is not 1");
+        assert!(!is_partition_consumer("tcpc-p10", 1));
+        assert!(!is_partition_consumer("tcpc-p1-g", 1));
+        assert!(!is_partition_consumer("tcpc-p1-gx", 1));
+        assert!(!is_partition_consumer("other", 1));
     }
 }

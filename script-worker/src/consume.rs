@@ -12,11 +12,17 @@
 //!   handed to the platform sink in order (one MQTT connection keeps that order), and
 //!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
 //!   broker acknowledged every message. A failure retries the batch: at-least-once.
-//! - On taking a partition over, its consumer is recreated to start right after its
-//!   ack floor: whatever the previous owner had fetched but not acknowledged is
-//!   delivered again first, in stream order, so per-device order holds across a
-//!   failover; messages that had been published but not acknowledged are published
-//!   twice (duplicates, never gaps or reordering).
+//! - Each take of a lease increments the partition's generation; the taker consumes
+//!   through a consumer of its own, named by that generation, created to start right
+//!   after the previous consumer's ack floor and only then is the previous one deleted.
+//!   Whatever the previous owner had fetched but not acknowledged is delivered again
+//!   first, in stream order, so per-device order holds across a failover; messages that
+//!   had been published but not acknowledged are published twice (duplicates, never
+//!   gaps or reordering). A stale owner's late ack (AckPolicy::All) lands on its own
+//!   consumer, never on the successor's. If the previous consumer is gone, the
+//!   successor resumes after the last envelope delivered to the platform (kept in
+//!   Redis per partition); only a partition that never had one starts from the
+//!   beginning of the stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,10 +50,14 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(200);
 /// Envelopes fetched per batch.
 const BATCH: usize = 256;
 
-/// Takes the lease or renews ours; 1 if we hold it. `KEYS[1]`: the lease; `ARGV`: worker, ms.
+/// Takes the lease (a new generation) or renews ours; the generation we hold, 0 if
+/// none. `KEYS`: the lease, its generation; `ARGV`: worker, ms.
 const TAKE_LEASE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2])) or 0
+end
 return 0
 "#;
 /// Renews this worker's membership on Redis's clock (one clock decides who is alive,
@@ -125,6 +135,31 @@ struct Owned {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     lease: Lease,
+    /// The lease generation this consumer was started for.
+    generation: u64,
+}
+
+/// Why a partition's consumer could not be taken over; retried with back-off.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeOverError {
+    #[error("ensure the uplink stream: {0}")]
+    Stream(String),
+    #[error("list the partition's consumers: {0}")]
+    ListConsumers(#[source] jetstream::stream::ConsumersError),
+    #[error("read the partition's resume point: {0}")]
+    ResumePoint(#[source] redis::RedisError),
+    #[error("read the uplink stream's state: {0}")]
+    StreamInfo(#[source] jetstream::stream::InfoError),
+    #[error("open this generation's consumer: {0}")]
+    OpenConsumer(#[source] async_nats::Error),
+    #[error("create the partition's consumer: {0}")]
+    CreateConsumer(#[source] jetstream::stream::ConsumerError),
+    #[error("delete the previous consumer {name}: {source}")]
+    DeleteConsumer {
+        name: String,
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
 }
 
 impl Partitions {
@@ -168,34 +203,39 @@ impl Partitions {
                 Ok(Ok(held)) => held,
                 Ok(Err(error)) => {
                     warn!(%error, "leases not renewed");
-                    vec![false; desired.len()]
+                    vec![None; desired.len()]
                 }
                 Err(_) => {
                     warn!("leases not renewed in time");
-                    vec![false; desired.len()]
+                    vec![None; desired.len()]
                 }
             };
-            for (&partition, held) in desired.iter().zip(held) {
-                match (held, owned.contains_key(&partition)) {
-                    (true, false) => {
-                        let (stop, lease) = (shutdown.child_token(), Lease::new());
-                        lease.renewed(sent);
-                        let task = tokio::spawn(this.clone().consume(partition, stop.clone(), lease.clone()));
-                        owned.insert(partition, Owned { stop, task, lease });
-                        this.set_owned(partition, true);
-                        info!(partition, "partition taken");
+            for (&partition, generation) in desired.iter().zip(held) {
+                if let Some(current) = owned.get(&partition) {
+                    if Some(current.generation) == generation {
+                        current.lease.renewed(sent);
+                        continue;
                     }
-                    (true, true) => owned[&partition].lease.renewed(sent),
-                    (false, false) => next_round = HAND_OVER_POLL,
-                    (false, true) => {
-                        warn!(partition, "partition lease lost; stopping its consumer");
-                        this.pipeline.metrics.partitions_lost.inc();
-                        this.set_owned(partition, false);
-                        let lost = owned.remove(&partition).expect("held");
-                        lost.stop.cancel();
-                        lost.task.abort();
-                    }
+                    // Lost, or lapsed and taken again (another worker may have owned it
+                    // in between): either way this consumer's generation is over.
+                    warn!(partition, "partition lease lost; stopping its consumer");
+                    this.pipeline.metrics.partitions_lost.inc();
+                    this.set_owned(partition, false);
+                    let lost = owned.remove(&partition).expect("held");
+                    lost.stop.cancel();
+                    lost.task.abort();
                 }
+                let Some(generation) = generation else {
+                    next_round = HAND_OVER_POLL;
+                    continue;
+                };
+                let (stop, lease) = (shutdown.child_token(), Lease::new());
+                lease.renewed(sent);
+                let task =
+                    tokio::spawn(this.clone().consume(partition, generation, stop.clone(), lease.clone()));
+                owned.insert(partition, Owned { stop, task, lease, generation });
+                this.set_owned(partition, true);
+                info!(partition, generation, "partition taken");
             }
             // Partitions that now belong to another worker, let go of together.
             let leaving: Vec<u32> = owned.keys().copied().filter(|p| !desired.contains(p)).collect();
@@ -233,21 +273,22 @@ impl Partitions {
         Ok((0..self.partitions).filter(|p| p % count == index as u32).collect())
     }
 
-    /// Takes or renews the leases of `partitions` in one round trip (one single-key
-    /// script each, so that each runs in its key's slot on a Redis Cluster); whether
-    /// each is ours.
-    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<bool>, redis::RedisError> {
+    /// Takes or renews the leases of `partitions` in one round trip (one script per
+    /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster);
+    /// the generation of each that is ours.
+    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, redis::RedisError> {
         let mut pipe = redis::pipe();
         for &partition in partitions {
             pipe.cmd("EVAL")
                 .arg(TAKE_LEASE)
-                .arg(1)
+                .arg(2)
                 .arg(names::partition_lease_key(partition))
+                .arg(names::partition_generation_key(partition))
                 .arg(&self.worker)
                 .arg(LEASE.as_millis() as u64);
         }
-        let held: Vec<i64> = pipe.query_async(&mut self.redis.clone()).await?;
-        Ok(held.into_iter().map(|held| held == 1).collect())
+        let held: Vec<u64> = pipe.query_async(&mut self.redis.clone()).await?;
+        Ok(held.into_iter().map(|generation| (generation > 0).then_some(generation)).collect())
     }
 
     /// Keeps the shared set of owned partitions exact: a partition leaves it before its
@@ -280,35 +321,106 @@ impl Partitions {
         info!(partition, "partition released");
     }
 
-    /// The partition's consumer, recreated to start after its ack floor.
-    async fn take_over(&self, partition: u32) -> Result<consumer::PullConsumer, String> {
+    /// This generation's consumer of the partition, created to start after the previous
+    /// consumers' ack floor, and then the previous ones deleted. A retry after a failure
+    /// half-way finds its own consumer and goes on from there.
+    async fn take_over(
+        &self,
+        partition: u32,
+        generation: u64,
+    ) -> Result<consumer::PullConsumer, TakeOverError> {
         // Whichever starts first, edge or worker, creates the stream.
-        let stream = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await?;
-        let name = names::partition_consumer(partition);
-        let deliver_policy = match stream.consumer_info(&name).await {
-            Ok(info) => {
-                stream.delete_consumer(&name).await.map_err(|e| e.to_string())?;
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: info.ack_floor.stream_sequence + 1,
-                }
+        let mut stream =
+            tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await.map_err(TakeOverError::Stream)?;
+        let name = names::partition_consumer(partition, generation);
+        let mut previous = Vec::new();
+        let mut ours = false;
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(TakeOverError::ListConsumers)?;
+            if info.name == name {
+                ours = true;
+            } else if names::is_partition_consumer(&info.name, partition) {
+                previous.push(info);
             }
-            Err(_) => consumer::DeliverPolicy::All,
+        }
+        let consumer = if ours {
+            stream.get_consumer(&name).await.map_err(TakeOverError::OpenConsumer)?
+        } else {
+            // Every acknowledged envelope was delivered, whichever consumer it was
+            // acknowledged on: after the highest floor is where nothing is skipped.
+            let floor = previous.iter().map(|info| info.ack_floor.stream_sequence).max();
+            let deliver_policy = match floor {
+                Some(floor) => consumer::DeliverPolicy::ByStartSequence { start_sequence: floor + 1 },
+                None => self.resume_point(partition, &mut stream).await?,
+            };
+            stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(name),
+                    filter_subject: names::uplink_subject(partition),
+                    deliver_policy,
+                    ack_policy: consumer::AckPolicy::All,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(TakeOverError::CreateConsumer)?
         };
-        stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(name),
-                filter_subject: names::uplink_subject(partition),
-                deliver_policy,
-                ack_policy: consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 10_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())
+        for info in previous {
+            stream
+                .delete_consumer(&info.name)
+                .await
+                .map_err(|source| TakeOverError::DeleteConsumer { name: info.name.clone(), source })?;
+        }
+        Ok(consumer)
     }
 
-    async fn consume(self: Arc<Self>, partition: u32, stop: CancellationToken, lease: Lease) {
+    /// Where a partition without a consumer starts: after the last envelope delivered
+    /// to the platform, as recorded in Redis; from the beginning of the stream if none
+    /// was ever recorded (a partition never consumed) or if the record is past the
+    /// stream's end (the stream was recreated: nothing in it was delivered).
+    async fn resume_point(
+        &self,
+        partition: u32,
+        stream: &mut jetstream::stream::Stream,
+    ) -> Result<consumer::DeliverPolicy, TakeOverError> {
+        let delivered: Option<u64> =
+            redis::AsyncCommands::get(&mut self.redis.clone(), names::partition_resume_key(partition))
+                .await
+                .map_err(TakeOverError::ResumePoint)?;
+        let Some(delivered) = delivered else { return Ok(consumer::DeliverPolicy::All) };
+        let last = stream.info().await.map_err(TakeOverError::StreamInfo)?.state.last_sequence;
+        if delivered > last {
+            warn!(partition, delivered, last, "resume point past the stream's end; the stream was recreated");
+            return Ok(consumer::DeliverPolicy::All);
+        }
+        warn!(partition, delivered, "partition consumer gone; resuming after the last delivered envelope");
+        Ok(consumer::DeliverPolicy::ByStartSequence { start_sequence: delivered + 1 })
+    }
+
+    /// Records that the partition's envelopes up to `sequence` were delivered. Any value
+    /// recorded, even a stale owner's, is one that was delivered, so a successor starting
+    /// after it never skips; a lost write only costs duplicates.
+    async fn record_delivered(&self, partition: u32, sequence: u64) {
+        let recorded: redis::RedisResult<()> = redis::AsyncCommands::set(
+            &mut self.redis.clone(),
+            names::partition_resume_key(partition),
+            sequence,
+        )
+        .await;
+        if let Err(error) = recorded {
+            warn!(partition, %error, "resume point not recorded");
+        }
+    }
+
+    async fn consume(
+        self: Arc<Self>,
+        partition: u32,
+        generation: u64,
+        stop: CancellationToken,
+        lease: Lease,
+    ) {
         let expired = || {
             let expired = !lease.is_held();
             if expired {
@@ -320,7 +432,7 @@ impl Partitions {
         let consumer = loop {
             let taken = tokio::select! {
                 _ = stop.cancelled() => return,
-                taken = self.take_over(partition) => taken,
+                taken = self.take_over(partition, generation) => taken,
             };
             match taken {
                 Ok(consumer) => break consumer,
@@ -381,7 +493,16 @@ impl Partitions {
                     // Unacknowledged: whoever holds the lease now takes the batch again.
                     Ok(()) if expired() => return,
                     Ok(()) => {
-                        if let Err(error) = last.ack().await {
+                        // Recorded alongside the ack, not after it: the batch was
+                        // delivered, whatever becomes of the ack.
+                        let record = async {
+                            match last.info() {
+                                Ok(info) => self.record_delivered(partition, info.stream_sequence).await,
+                                Err(error) => warn!(partition, %error, "batch without a stream sequence"),
+                            }
+                        };
+                        let (acked, ()) = tokio::join!(last.ack(), record);
+                        if let Err(error) = acked {
                             warn!(partition, %error, "batch ack not sent; it will be redelivered");
                         }
                         break;

@@ -607,3 +607,79 @@ async fn a_slow_redis_does_not_cost_a_worker_its_partitions() {
         assert_eq!(worker.metric("worker_partitions_lost_total").await, 0.0, "{} lost none", worker.name);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_whose_consumer_is_gone_resumes_after_what_was_delivered() {
+    let w = world().await;
+    w.device("resume", "dev-resume", "G001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "resume").await;
+    send_numbered(&mut device, 0..100).await;
+    let seen = read_until_all(&mut watcher, "dev-resume", Vec::new(), 100).await;
+    first.stop().await;
+    // The consumers are lost (an operator's cleanup, a JetStream that lost its consumer
+    // state): the successor must not replay the stream's retention to the platform.
+    let jetstream = async_nats::jetstream::new(w.nats.client().await);
+    let stream = jetstream.get_stream(tcpc_proto::names::UPLINK_STREAM).await.unwrap();
+    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names()).await.unwrap();
+    assert!(!names.is_empty(), "the first worker had consumers");
+    for name in &names {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    let second = w.worker("worker-b", &[]).await;
+    wait_for_partitions(&[&second]).await;
+    send_numbered(&mut device, 100..200).await;
+    let seen = read_until_all(&mut watcher, "dev-resume", seen, 200).await;
+    assert_eq!(seen, (0..200).collect::<Vec<_>>(), "all, once, in order: nothing replayed");
+    // One consumer per partition now, the successor's generation.
+    let partition = tcpc_proto::names::partition_of("dev-resume", tcpc_proto::names::DEFAULT_PARTITIONS);
+    let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names()).await.unwrap();
+    let of_partition: Vec<&String> =
+        names.iter().filter(|name| tcpc_proto::names::is_partition_consumer(name, partition)).collect();
+    assert_eq!(of_partition.len(), 1, "one consumer of the partition: {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hand_over_moves_the_partition_to_a_new_consumer_and_deletes_the_old() {
+    const COUNT: u64 = 2000;
+    let w = world().await;
+    w.device("moving", "dev-moving", "G002", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let mut first = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&first]).await;
+    let partition = tcpc_proto::names::partition_of("dev-moving", tcpc_proto::names::DEFAULT_PARTITIONS);
+    let jetstream = async_nats::jetstream::new(w.nats.client().await);
+    let stream = jetstream.get_stream(tcpc_proto::names::UPLINK_STREAM).await.unwrap();
+    let consumers_of_partition = || async {
+        let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names()).await.unwrap();
+        names
+            .into_iter()
+            .filter(|name| tcpc_proto::names::is_partition_consumer(name, partition))
+            .collect::<Vec<_>>()
+    };
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "moving").await;
+    let sender = tokio::spawn(async move {
+        send_numbered(&mut device, 0..COUNT as u32).await;
+        device
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 100 {
+        seen.push(watcher.next().await.values("dev-moving")["n"].as_u64().unwrap());
+    }
+    // The first worker's consumer, which delivered those.
+    let before = consumers_of_partition().await;
+    assert_eq!(before.len(), 1, "one consumer of the partition: {before:?}");
+    first.kill();
+    let _second = w.worker("worker-b", &[]).await;
+    let _device = sender.await.unwrap();
+    let seen = read_until_all(&mut watcher, "dev-moving", seen, COUNT).await;
+    assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
+    let after = consumers_of_partition().await;
+    assert_eq!(after.len(), 1, "one consumer of the partition: {after:?}");
+    assert!(!before.contains(&after[0]), "the successor's consumer is a new one: {before:?} then {after:?}");
+    println!("owner killed mid-stream: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
+}
