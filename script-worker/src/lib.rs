@@ -154,8 +154,9 @@ pub fn downlink_subscription(
     metrics: Arc<Metrics>,
 ) -> (platform::mqtt::Subscription, tokio::sync::mpsc::Receiver<Downlink>) {
     let (deliveries, queue) = tokio::sync::mpsc::channel(DOWNLINK_QUEUE);
+    let refusals = metrics.subscription_refusals.clone();
     let refuse = downlink::busy_refusal(prefix, metrics);
-    (platform::mqtt::Subscription { filter, deliveries, refuse }, queue)
+    (platform::mqtt::Subscription { filter, deliveries, refuse, refusals }, queue)
 }
 
 /// The worker's pre-bound listeners.

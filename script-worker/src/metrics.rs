@@ -35,6 +35,8 @@ pub struct Metrics {
     pub partitions_lost: Counter,
     /// Rounds of the lease loop (membership and every lease renewed).
     pub lease_rounds: Counter,
+    /// Downlink subscriptions the broker refused (each asked again with back-off).
+    pub subscription_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -72,6 +74,12 @@ impl Default for Metrics {
         );
         let lease_rounds = Counter::default();
         registry.register("worker_lease_rounds", "Rounds of the partition lease loop", lease_rounds.clone());
+        let subscription_refusals = Counter::default();
+        registry.register(
+            "worker_downlink_subscription_refusals",
+            "Downlink subscriptions the broker refused",
+            subscription_refusals.clone(),
+        );
         Metrics {
             registry,
             envelopes,
@@ -84,6 +92,7 @@ impl Default for Metrics {
             retries,
             partitions_lost,
             lease_rounds,
+            subscription_refusals,
         }
     }
 }

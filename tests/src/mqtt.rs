@@ -21,8 +21,73 @@ pub struct Mosquitto {
     process: Process,
 }
 
+/// The password of the platform user `plugin` on [`Mosquitto::spawn_refusing_subscriptions`].
+pub const PLUGIN_PASSWORD: &str = "plugin-pw";
+/// The dynamic-security administrator of [`Mosquitto::spawn_refusing_subscriptions`],
+/// with the plugin user's password: `mosquitto_ctrl` hashes passwords only when it talks
+/// to a running broker, so the plugin user is given a copy of the admin's hash.
+const ADMIN: (&str, &str) = ("admin", PLUGIN_PASSWORD);
+
 impl Mosquitto {
     pub async fn spawn() -> Self {
+        Self::spawn_with(|_| String::new()).await
+    }
+
+    /// A broker whose dynamic-security plugin lets the platform user `plugin` (password
+    /// [`PLUGIN_PASSWORD`]) publish anywhere but subscribe nowhere, so that its SUBACKs
+    /// refuse (0x80), until [`Mosquitto::allow_subscriptions`]; anonymous clients (the
+    /// watchers) publish anywhere and subscribe to `devices/#`.
+    pub async fn spawn_refusing_subscriptions() -> Self {
+        Self::spawn_with(|store| {
+            let file = store.join("dynamic-security.json");
+            let made = std::process::Command::new("mosquitto_ctrl")
+                .args(["dynsec", "init", &file.display().to_string(), ADMIN.0, ADMIN.1])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("run mosquitto_ctrl");
+            assert!(made.success(), "dynamic security initialised");
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&file).expect("read the dynamic security file"))
+                    .unwrap();
+            let mut plugin = config["clients"][0].clone();
+            plugin["username"] = "plugin".into();
+            plugin["roles"] = serde_json::json!([{"rolename": "worker"}]);
+            config["clients"].as_array_mut().unwrap().push(plugin);
+            let roles = config["roles"].as_array_mut().unwrap();
+            roles.push(serde_json::json!({"rolename": "worker", "acls": [
+                {"acltype": "publishClientSend", "topic": "#", "allow": true}]}));
+            roles.push(serde_json::json!({"rolename": "anyone", "acls": [
+                {"acltype": "publishClientSend", "topic": "#", "allow": true},
+                {"acltype": "subscribePattern", "topic": "devices/#", "allow": true}]}));
+            config["groups"] =
+                serde_json::json!([{"groupname": "anonymous", "roles": [{"rolename": "anyone"}]}]);
+            config["anonymousGroup"] = "anonymous".into();
+            std::fs::write(&file, config.to_string()).expect("write the dynamic security file");
+            // mosquitto, running as its own user, saves changes to it.
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+            format!(
+                "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\nplugin_opt_config_file {}\n",
+                file.display()
+            )
+        })
+        .await
+    }
+
+    /// Lets the platform user subscribe to `plugin/#` from now on (a live change).
+    pub fn allow_subscriptions(&self) {
+        let port = self.port.to_string();
+        let changed = std::process::Command::new("mosquitto_ctrl")
+            .args(["-h", "127.0.0.1", "-p", &port, "-u", ADMIN.0, "-P", ADMIN.1])
+            .args(["dynsec", "addRoleACL", "worker", "subscribePattern", "plugin/#", "allow"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run mosquitto_ctrl");
+        assert!(changed.success(), "subscriptions allowed");
+    }
+
+    /// A broker with `extra` configuration (given its store directory).
+    async fn spawn_with(extra: impl FnOnce(&std::path::Path) -> String) -> Self {
         let port = free_port();
         let base = std::env::temp_dir().join(format!("tcpc-mosquitto-{}-{port}", std::process::id()));
         let (config, log, store) =
@@ -31,11 +96,12 @@ impl Mosquitto {
         // Started as root, mosquitto drops to its own user, which must be able to write here.
         let writable = std::os::unix::fs::PermissionsExt::from_mode(0o777);
         std::fs::set_permissions(&store, writable).expect("mosquitto store writable");
+        let extra = extra(&store);
         std::fs::write(
             &config,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nmax_queued_messages 0\n\
-                 persistence true\npersistence_location {}/\nlog_dest file {}\n",
+                 persistence true\npersistence_location {}/\nlog_dest file {}\n{extra}",
                 store.display(),
                 log.display()
             ),

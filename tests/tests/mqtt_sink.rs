@@ -4,13 +4,30 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use script_worker::platform::mqtt::{Downlink, MqttConfig, MqttSink, Subscription};
+use script_worker::platform::mqtt::{Downlink, MqttConfig, MqttSink, Refusals, Subscription};
 use script_worker::sink::{PlatformMessage, PlatformSink};
-use tcpc_tests::mqtt::{Mosquitto, Watcher};
+use tcpc_tests::mqtt::{Mosquitto, PLUGIN_PASSWORD, Watcher};
 use tcpc_tests::{DEADLINE, wait_until};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Publishes probe downlinks until one reaches `queue`: the subscription is live.
+async fn until_downlinks_flow(watcher: &Watcher, queue: &mut mpsc::Receiver<Downlink>) {
+    let mut probe = 0;
+    wait_until("the downlink subscription to be live", || {
+        probe += 1;
+        let topic = format!("plugin/TCP/devices/command/D001/probe{probe}");
+        let received = queue.try_recv().is_ok();
+        async move {
+            if !received {
+                watcher.publish(&topic, "{}").await;
+            }
+            received
+        }
+    })
+    .await;
+}
 
 /// A downlink consumer that stopped taking downlinks (it waits on an edge pod, say)
 /// must not stop the uplinks' PUBACKs: extra downlinks are refused and answered.
@@ -28,23 +45,12 @@ async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
             payload: Bytes::from_static(br#"{"result":1}"#),
         })
     });
-    let subscription = Subscription { filter: "plugin/TCP/#".into(), deliveries, refuse };
+    let subscription =
+        Subscription { filter: "plugin/TCP/#".into(), deliveries, refuse, refusals: Refusals::default() };
     let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
     let stop = CancellationToken::new();
     let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
-    let mut probe = 0;
-    wait_until("the downlink subscription to be live", || {
-        probe += 1;
-        let (watcher, topic) = (&watcher, format!("plugin/TCP/devices/command/D001/probe{probe}"));
-        let received = queue.try_recv().is_ok();
-        async move {
-            if !received {
-                watcher.publish(&topic, "{}").await;
-            }
-            received
-        }
-    })
-    .await;
+    until_downlinks_flow(&watcher, &mut queue).await;
 
     // The consumer is stuck from here on: one more fills its queue, the rest overflow.
     for n in 0..5 {
@@ -157,4 +163,32 @@ async fn a_shutdown_disconnects_cleanly() {
         ended.len() == 1 && ended[0].ends_with("Client worker-stopping disconnected."),
         "a clean DISCONNECT, not a dropped socket: {ended:?}"
     );
+}
+
+/// A subscription the broker refuses leaves the worker deaf to downlinks: not ready,
+/// counted, and asked again until granted; then downlinks flow.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_downlink_subscription_is_not_ready_and_asked_again() {
+    tcpc_tests::init_logging();
+    let broker = Mosquitto::spawn_refusing_subscriptions().await;
+    let watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
+    let (deliveries, mut queue) = mpsc::channel::<Downlink>(16);
+    let refusals = Refusals::default();
+    let subscription = Subscription {
+        filter: "plugin/TCP/#".into(),
+        deliveries,
+        refuse: Arc::new(|_: &str| None),
+        refusals: refusals.clone(),
+    };
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", PLUGIN_PASSWORD).unwrap();
+    let stop = CancellationToken::new();
+    let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
+    wait_until("the broker to refuse the subscription", || std::future::ready(refusals.get() >= 1)).await;
+    assert!(!sink.is_ready(), "a worker deaf to downlinks is not ready");
+
+    broker.allow_subscriptions();
+    wait_until("the subscription to be asked again and granted", || std::future::ready(sink.is_ready()))
+        .await;
+    until_downlinks_flow(&watcher, &mut queue).await;
+    stop.cancel();
 }

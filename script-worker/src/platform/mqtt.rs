@@ -16,6 +16,10 @@
 //! this loop's request queue to publish its answers, while the loop waited for room in
 //! the dispatcher's. A loop that stops turning while work waits for it is reported by
 //! [`MqttSink::is_ready`].
+//!
+//! The downlink subscription counts only once the broker granted it: a SUBACK that
+//! refuses it (an ACL, a broker policy) leaves the worker deaf to downlinks, so it is
+//! counted, logged, makes the sink not ready and is asked again with back-off.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -133,12 +137,21 @@ pub struct Downlink {
 pub type Refusal = Arc<dyn Fn(&str) -> Option<PlatformMessage> + Send + Sync>;
 
 /// Where downlinks from the broker go: the topic filter subscribed at QoS 1 (again on
-/// every connection), the dispatcher's bounded queue, and what to answer when it is full.
+/// every connection), the dispatcher's bounded queue, what to answer when it is full,
+/// and where the broker's refusals of the subscription are counted.
 pub struct Subscription {
     pub filter: String,
     pub deliveries: mpsc::Sender<Downlink>,
     pub refuse: Refusal,
+    pub refusals: Refusals,
 }
+
+/// Where refusals of the subscription are counted (a metric of the worker's).
+pub type Refusals = prometheus_client::metrics::counter::Counter;
+
+/// How soon a refused (or unsent) subscription is asked again, first and at most.
+const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(500);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(10);
 
 struct Request {
     message: PlatformMessage,
@@ -149,6 +162,8 @@ struct Request {
 pub struct MqttSink {
     requests: mpsc::Sender<Request>,
     connected: Arc<AtomicBool>,
+    /// With a subscription: whether the broker granted it on this connection.
+    subscribed: Option<Arc<AtomicBool>>,
     /// Milliseconds from `started` to the event loop's last turn.
     last_turn: Arc<AtomicU64>,
     started: Instant,
@@ -168,17 +183,36 @@ impl MqttSink {
         let connected = Arc::new(AtomicBool::new(false));
         let (last_turn, started) = (Arc::new(AtomicU64::new(0)), Instant::now());
         let progress = Progress { last_turn: last_turn.clone(), started };
-        tasks.spawn(run(config, queue, subscription, connected.clone(), progress, shutdown));
-        MqttSink { requests, connected, last_turn, started }
+        let subscribed = subscription.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
+        let state = State { connected: connected.clone(), subscribed: subscribed.clone(), progress };
+        tasks.spawn(run(config, queue, subscription, state, shutdown));
+        MqttSink { requests, connected, subscribed, last_turn, started }
     }
 
-    /// Readiness: the broker connection is up and the event loop makes progress (it
-    /// turned lately, or nothing waits for it).
+    /// Readiness: the broker connection is up, the downlink subscription (if any)
+    /// granted, and the event loop makes progress (it turned lately, or nothing waits
+    /// for it).
     pub fn is_ready(&self) -> bool {
         let idle = self.requests.capacity() == self.requests.max_capacity();
         let last_turn = Duration::from_millis(self.last_turn.load(Ordering::Relaxed));
         let turning = self.started.elapsed().saturating_sub(last_turn) < STALL;
-        self.connected.load(Ordering::Relaxed) && (idle || turning)
+        let subscribed = self.subscribed.as_ref().is_none_or(|subscribed| subscribed.load(Ordering::Relaxed));
+        self.connected.load(Ordering::Relaxed) && subscribed && (idle || turning)
+    }
+}
+
+/// What the connection task shares with [`MqttSink`].
+struct State {
+    connected: Arc<AtomicBool>,
+    subscribed: Option<Arc<AtomicBool>>,
+    progress: Progress,
+}
+
+impl State {
+    fn set_subscribed(&self, granted: bool) {
+        if let Some(subscribed) = &self.subscribed {
+            subscribed.store(granted, Ordering::Relaxed);
+        }
     }
 }
 
@@ -282,15 +316,26 @@ impl Connection {
     }
 }
 
+/// Asks for the downlink subscription; when it could not even be sent, when to ask again.
+fn subscribe(client: &AsyncClient, subscription: &Subscription, backoff: &mut Backoff) -> Option<Instant> {
+    let error = client.try_subscribe(&subscription.filter, QoS::AtLeastOnce).err()?;
+    let retry_in = backoff.next_delay();
+    warn!(%error, filter = %subscription.filter, ?retry_in, "downlink subscription not sent");
+    Some(Instant::now() + retry_in)
+}
+
 async fn run(
     config: MqttConfig,
     mut queue: mpsc::Receiver<Request>,
     subscription: Option<Subscription>,
-    connected: Arc<AtomicBool>,
-    progress: Progress,
+    state: State,
     shutdown: CancellationToken,
 ) {
+    let State { connected, progress, .. } = &state;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut resubscribe_backoff = Backoff::new(RESUBSCRIBE_FIRST, RESUBSCRIBE_MAX);
+    // When to ask again for a subscription the broker refused (or that was not sent).
+    let mut resubscribe: Option<Instant> = None;
     let mut connection = Connection::new(&config);
     loop {
         progress.turn();
@@ -321,15 +366,34 @@ async fn run(
                     Err(_) => { let _ = done.send(Err(SinkError::ConnectionLost)); }
                 }
             }
+            _ = tokio::time::sleep_until(resubscribe.unwrap_or_else(Instant::now)), if resubscribe.is_some() => {
+                resubscribe = subscription
+                    .as_ref()
+                    .and_then(|subscription| subscribe(&connection.client, subscription, &mut resubscribe_backoff));
+            }
             event = connection.events.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
                     connected.store(true, Ordering::Relaxed);
+                    state.set_subscribed(false);
                     info!(broker = %format!("{}:{}", config.host, config.port), "connected to the platform broker");
-                    if let Some(subscription) = &subscription
-                        && let Err(error) = connection.client.try_subscribe(&subscription.filter, QoS::AtLeastOnce)
-                    {
-                        warn!(%error, filter = %subscription.filter, "downlink subscription not sent");
+                    resubscribe = subscription
+                        .as_ref()
+                        .and_then(|subscription| subscribe(&connection.client, subscription, &mut resubscribe_backoff));
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let Some(subscription) = &subscription else { continue };
+                    if ack.return_codes.iter().all(|code| matches!(code, rumqttc::SubscribeReasonCode::Success(_))) {
+                        resubscribe_backoff.reset();
+                        state.set_subscribed(true);
+                        info!(filter = %subscription.filter, "downlink subscription granted");
+                    } else {
+                        subscription.refusals.inc();
+                        state.set_subscribed(false);
+                        let retry_in = resubscribe_backoff.next_delay();
+                        tracing::error!(filter = %subscription.filter, ?retry_in,
+                            "downlink subscription refused by the broker; no downlinks until it is granted");
+                        resubscribe = Some(Instant::now() + retry_in);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -345,6 +409,9 @@ async fn run(
                 Ok(event) => connection.note(event),
                 Err(error) => {
                     connected.store(false, Ordering::Relaxed);
+                    state.set_subscribed(false);
+                    // Asked again on the next connection's CONNACK.
+                    resubscribe = None;
                     let retry_in = backoff.next_delay();
                     warn!(%error, ?retry_in, "platform broker connection failed");
                     connection.fail_all();
