@@ -9,7 +9,9 @@
 //!   the edge pod that holds the connection. A device that is not connected, a dead pod
 //!   or a failed write gets `{"result":1,"message":"…"}` on the response topic at once.
 //! - Optionally, downlinks for a device that is away are queued (bounded in count and
-//!   age) and delivered in order when it comes back.
+//!   age) and delivered in order when it comes back. While a device has a queue, every
+//!   new downlink for it joins the queue's end (and a flush starts if none runs), so
+//!   that a flush and new downlinks keep one order.
 //!
 //! One worker handles a device's downlinks one at a time, in the order the broker
 //! delivered them: per-device order end to end.
@@ -177,7 +179,17 @@ pub struct QueuePolicy {
 struct Queued {
     topic: String,
     payload: Bytes,
+    /// When it arrived: a kind that does not queue (it waits only for its turn) is
+    /// still answered within [`ANSWER_WITHIN`] of it.
+    received: Instant,
     expires: Instant,
+}
+
+/// A device's queue, and whether a flush is delivering it.
+#[derive(Default)]
+struct DeviceQueue {
+    items: VecDeque<Queued>,
+    flushing: bool,
 }
 
 /// Why a downlink did not reach its device.
@@ -212,7 +224,8 @@ pub struct Downlinks {
     /// when every worker sees every downlink; always, with a shared subscription).
     pub handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     pub queue_policy: Option<QueuePolicy>,
-    queue: Mutex<HashMap<String, VecDeque<Queued>>>,
+    /// By carrier id.
+    queue: Mutex<HashMap<String, DeviceQueue>>,
 }
 
 impl Downlinks {
@@ -244,48 +257,67 @@ impl Downlinks {
 
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
-    pub async fn handle(&self, downlink: Downlink) {
+    pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
         let Downlink { topic, payload, received } = downlink;
-        let topic = topic.as_str();
-        let Some(parsed) = parse_topic(&self.prefix, topic) else {
+        let Some(parsed) = parse_topic(&self.prefix, &topic) else {
             debug!(%topic, "not a downlink topic");
             return;
         };
         let due = received + ANSWER_WITHIN;
-        let resolved = tokio::time::timeout_at(due, self.devices.resolve(&parsed.device)).await;
-        let target = match resolved {
-            Err(_) if (self.handles)(&parsed.device) => {
-                return self.answer(&parsed, &parsed.device, Undelivered::Late).await;
-            }
-            Err(_) => return,
-            Ok(Ok(Some(target))) => target,
-            // Every worker may see the downlink; only one answers for a device no one
-            // can resolve: the one that would own the reference as a device id.
-            Ok(Ok(None)) if (self.handles)(&parsed.device) => {
-                return self.answer(&parsed, &parsed.device, Undelivered::UnknownDevice).await;
-            }
-            Ok(Err(error)) if (self.handles)(&parsed.device) => {
-                return self
-                    .answer(&parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string()))
-                    .await;
-            }
-            Ok(Ok(None) | Err(_)) => return,
-        };
+        let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
+            return;
+        }
+        if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
         }
         match self.deliver(&parsed, &target, &payload, due).await {
             Ok(()) => self.count("delivered"),
             Err((Undelivered::Offline, _)) if self.queues(parsed.kind) => {
-                self.enqueue(&target, topic, payload)
+                self.enqueue(&target, &topic, payload)
             }
-            Err((error, unreachable)) => {
-                self.answer(&parsed, &target.device_id, error).await;
-                // After the answer, which must not wait for the liveness check.
-                if let Some(route) = unreachable {
-                    self.purge_if_dead(&route).await;
-                }
+            Err((error, unreachable)) => self.undelivered(&parsed, &target, error, unreachable).await,
+        }
+    }
+
+    /// The device a downlink is for; None when there is nothing more to do with it
+    /// (answered, if this worker is the one to answer).
+    async fn resolve(&self, parsed: &DownlinkTopic, due: Instant) -> Option<Target> {
+        let resolved = tokio::time::timeout_at(due, self.devices.resolve(&parsed.device)).await;
+        match resolved {
+            Err(_) if (self.handles)(&parsed.device) => {
+                self.answer(parsed, &parsed.device, Undelivered::Late).await;
+                None
             }
+            Err(_) => None,
+            Ok(Ok(Some(target))) => Some(target),
+            // Every worker may see the downlink; only one answers for a device no one
+            // can resolve: the one that would own the reference as a device id.
+            Ok(Ok(None)) if (self.handles)(&parsed.device) => {
+                self.answer(parsed, &parsed.device, Undelivered::UnknownDevice).await;
+                None
+            }
+            Ok(Err(error)) if (self.handles)(&parsed.device) => {
+                self.answer(parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string())).await;
+                None
+            }
+            Ok(Ok(None) | Err(_)) => None,
+        }
+    }
+
+    /// Answers a downlink that did not reach its device; then, if its edge pod could
+    /// not be reached, purges the route of a dead pod (after the answer, which must not
+    /// wait for the liveness check).
+    async fn undelivered(
+        &self,
+        parsed: &DownlinkTopic,
+        target: &Target,
+        why: Undelivered,
+        unreachable: Option<Route>,
+    ) {
+        self.answer(parsed, &target.device_id, why).await;
+        if let Some(route) = unreachable {
+            self.purge_if_dead(&route).await;
         }
     }
 
@@ -412,43 +444,91 @@ impl Downlinks {
     }
 
     fn enqueue(&self, target: &Target, topic: &str, payload: Bytes) {
-        let Some(policy) = &self.queue_policy else { return };
         let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let queue = queues.entry(target.carrier.id.clone()).or_default();
-        let before = queue.len();
-        queue.retain(|queued| queued.expires > Instant::now());
-        for _ in queue.len()..before {
+        self.push(queue, topic, payload, Instant::now());
+    }
+
+    /// Adds to a device's queue, within the policy's bounds.
+    fn push(&self, queue: &mut DeviceQueue, topic: &str, payload: Bytes, received: Instant) {
+        let Some(policy) = &self.queue_policy else { return };
+        let before = queue.items.len();
+        queue.items.retain(|queued| queued.expires > Instant::now());
+        for _ in queue.items.len()..before {
             self.count("queue_expired");
         }
-        if queue.len() >= policy.max {
+        if queue.items.len() >= policy.max {
             // Bounded: the oldest goes, as the newest matters most for state.
-            queue.pop_front();
+            queue.items.pop_front();
             self.count("queue_dropped");
         }
-        queue.push_back(Queued { topic: topic.to_owned(), payload, expires: Instant::now() + policy.ttl });
+        let expires = Instant::now() + policy.ttl;
+        queue.items.push_back(Queued { topic: topic.to_owned(), payload, received, expires });
         self.count("queued");
     }
 
-    /// Delivers what was queued for a device that came back, in order; expired ones
-    /// are dropped.
-    pub async fn device_online(&self, device_id: &str) {
-        let queued = {
-            let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-            queues.remove(device_id).unwrap_or_default()
-        };
-        for item in queued {
-            if item.expires <= Instant::now() {
-                self.count("queue_expired");
-                continue;
-            }
-            let downlink = Downlink { topic: item.topic, payload: item.payload, received: Instant::now() };
-            self.handle(downlink).await;
+    /// Whether the downlink joined its device's queue: it does whenever the device has
+    /// one, so that it never overtakes what waits there (a flush is started if none
+    /// runs; while the device is away it stops at the first downlink it cannot deliver).
+    fn join_queue(self: &Arc<Self>, carrier: &str, topic: &str, payload: &Bytes, received: Instant) -> bool {
+        let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(queue) = queues.get_mut(carrier) else { return false };
+        self.push(queue, topic, payload.clone(), received);
+        if !std::mem::replace(&mut queue.flushing, true) {
+            tokio::spawn(self.clone().flush(carrier.to_owned()));
+        }
+        true
+    }
+
+    /// A device came back: what was queued for it is delivered, in order.
+    pub fn device_online(self: &Arc<Self>, device_id: &str) {
+        let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = queues.get_mut(device_id)
+            && !std::mem::replace(&mut queue.flushing, true)
+        {
+            tokio::spawn(self.clone().flush(device_id.to_owned()));
         }
     }
 
-    /// Whether a device has queued downlinks (so that the caller can skip a spawn).
-    pub fn has_queued(&self, device_id: &str) -> bool {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).contains_key(device_id)
+    /// Delivers a device's queue front to back until it is empty (then the queue goes,
+    /// and new downlinks are delivered directly again) or the device is away again (the
+    /// rest waits for its return); expired ones are dropped. Only one flush per device
+    /// runs at a time.
+    async fn flush(self: Arc<Self>, carrier: String) {
+        loop {
+            let item = {
+                let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = queues.get_mut(&carrier) else { return };
+                match queue.items.pop_front() {
+                    Some(item) => item,
+                    None => {
+                        queues.remove(&carrier);
+                        return;
+                    }
+                }
+            };
+            let Some(parsed) = parse_topic(&self.prefix, &item.topic) else { continue };
+            let queues_kind = self.queues(parsed.kind);
+            if queues_kind && item.expires <= Instant::now() {
+                self.count("queue_expired");
+                continue;
+            }
+            // A queued kind has waited as long as its policy allows and gets a fresh
+            // bound; another only waited for its turn and keeps its own.
+            let due = if queues_kind { Instant::now() } else { item.received } + ANSWER_WITHIN;
+            let Some(target) = self.resolve(&parsed, due).await else { continue };
+            match self.deliver(&parsed, &target, &item.payload, due).await {
+                Ok(()) => self.count("delivered"),
+                Err((Undelivered::Offline, _)) if queues_kind => {
+                    let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    let queue = queues.entry(carrier).or_default();
+                    queue.items.push_front(item);
+                    queue.flushing = false;
+                    return;
+                }
+                Err((error, unreachable)) => self.undelivered(&parsed, &target, error, unreachable).await,
+            }
+        }
     }
 }
 

@@ -108,9 +108,8 @@ impl Mapper {
 
     async fn session(&self, event: &SessionEvent) -> Result<Vec<PlatformMessage>, MapError> {
         let online = event.state() == SessionState::Online;
-        if online && self.downlinks.has_queued(&event.device_id) {
-            let (downlinks, device_id) = (self.downlinks.clone(), event.device_id.clone());
-            tokio::spawn(async move { downlinks.device_online(&device_id).await });
+        if online {
+            self.downlinks.device_online(&event.device_id);
         }
         if online || event.owned_route {
             return Ok(vec![topics::status(&event.device_id, online)]);

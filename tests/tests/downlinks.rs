@@ -303,3 +303,34 @@ async fn a_downlink_to_an_edge_that_never_answers_is_answered() {
         + worker.metric("worker_downlinks_total{reason=\"busy\"}").await;
     assert_eq!(answered, f64::from(COMMANDS));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn downlinks_sent_while_the_offline_queue_is_flushed_wait_behind_it() {
+    const QUEUED: u64 = 20;
+    const TOTAL: u64 = 40;
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    // Room for all of them: the queue's bound counts the ones waiting behind it too.
+    let worker =
+        w.worker("worker-a", &["--offline-queue", "telemetry-control", "--offline-queue-max", "64"]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge_process("edge-a").await;
+    for n in 0..QUEUED {
+        watcher.publish("plugin/TCP/devices/telemetry/control/D001", format!(r#"{{"n":{n}}}"#)).await;
+    }
+    tcpc_tests::wait_until("the downlinks to be queued", || async {
+        worker.metric("worker_downlinks_total{reason=\"queued\"}").await >= QUEUED as f64
+    })
+    .await;
+    // The device is back: the flush starts, and new downlinks come meanwhile.
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    for n in QUEUED..TOTAL {
+        watcher.publish("plugin/TCP/devices/telemetry/control/D001", format!(r#"{{"n":{n}}}"#)).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < TOTAL as usize {
+        seen.push(frame_json(&device.next().await.unwrap())["n"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (0..TOTAL).collect::<Vec<_>>(), "queued first, then the new ones, each once");
+}
