@@ -5,7 +5,7 @@
 //!   device's route (a device that moved to another pod is never reported offline by
 //!   the old one; when the edge could not tell, the route is checked here).
 //! - Official (TP) frames map by CMD: 0x1 → telemetry (or attributes, per device
-//!   config), 0x2 → event with a generated message_id, 0x3 → telemetry, 0x4 / 0x5 →
+//!   config), 0x2 → event named after its envelope, 0x3 → telemetry, 0x4 / 0x5 →
 //!   command / attribute-set responses echoing the frame's message_id.
 //! - Custom messages go through the device's uplink script (`decode`), or to the
 //!   platform as they are when it has none.
@@ -135,7 +135,7 @@ impl Mapper {
         if uplink.kind() == UplinkKind::Raw {
             return self.custom(&device, uplink).await;
         }
-        official(&device, uplink.kind(), &uplink.payload).map(|message| vec![message])
+        official(&device, uplink.kind(), &uplink.payload, &message_id(uplink)).map(|message| vec![message])
     }
 
     async fn custom(&self, device: &Device, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
@@ -157,8 +157,16 @@ impl Mapper {
             // The script chose to drop this message.
             return Ok(Vec::new());
         }
-        script_result(device, value).map(|message| vec![message])
+        script_result(device, value, &message_id(uplink)).map(|message| vec![message])
     }
+}
+
+/// The message id of the event or attributes an uplink becomes: the envelope's
+/// JetStream message id, so that a publish retried (a redelivered envelope, a batch
+/// retried after a reconnect) carries the same id and the platform can tell it is one
+/// message, not two.
+fn message_id(uplink: &Uplink) -> String {
+    tcpc_proto::names::uplink_message_id(&uplink.connection_id, uplink.sequence)
 }
 
 /// What a custom device's uplink script returned, on the platform. A result with one
@@ -166,7 +174,8 @@ impl Mapper {
 /// `{"command_response": {"message_id": …, "result": 0, …}}`,
 /// `{"attribute_set_response": {"message_id": …, …}}`, `{"event": {"method", "params"}}`,
 /// `{"attributes": {…}}`; anything else is telemetry.
-pub fn script_result(device: &Device, value: Json) -> Result<PlatformMessage, MapError> {
+/// `message_id` names an event or attributes (see [`message_id`]).
+pub fn script_result(device: &Device, value: Json, message_id: &str) -> Result<PlatformMessage, MapError> {
     let gateway = device.kind == DeviceKind::Gateway;
     let marked = value.as_object().filter(|object| object.len() == 1).and_then(|object| object.iter().next());
     match marked {
@@ -177,20 +186,24 @@ pub fn script_result(device: &Device, value: Json) -> Result<PlatformMessage, Ma
             response(device, inner.clone(), topics::attribute_set_response)
         }
         Some((key, inner)) if key == "event" => {
-            Ok(topics::envelope(topics::event(gateway, &topics::message_id()), &device.id, &bytes(inner)))
+            Ok(topics::envelope(topics::event(gateway, message_id), &device.id, &bytes(inner)))
         }
-        Some((key, inner)) if key == "attributes" => Ok(topics::envelope(
-            topics::attributes(gateway, &topics::message_id()),
-            &device.id,
-            &bytes(inner),
-        )),
+        Some((key, inner)) if key == "attributes" => {
+            Ok(topics::envelope(topics::attributes(gateway, message_id), &device.id, &bytes(inner)))
+        }
         _ => Ok(telemetry(device, value)),
     }
 }
 
 /// An official frame's message. The device's JSON goes to the platform byte for byte
 /// (only checked to be JSON), wrapped only where the platform needs another shape.
-fn official(device: &Device, kind: UplinkKind, payload: &[u8]) -> Result<PlatformMessage, MapError> {
+/// `message_id` names an event or attributes (see [`message_id`]).
+fn official(
+    device: &Device,
+    kind: UplinkKind,
+    payload: &[u8],
+    message_id: &str,
+) -> Result<PlatformMessage, MapError> {
     let value: Json = serde_json::from_slice(payload).map_err(|e| MapError::NotJson(e.to_string()))?;
     let gateway = device.kind == DeviceKind::Gateway;
     let values = || if gateway { gateway_bytes(&value, payload) } else { payload.to_vec() };
@@ -200,11 +213,9 @@ fn official(device: &Device, kind: UplinkKind, payload: &[u8]) -> Result<Platfor
             topics::envelope(topics::telemetry(gateway), &device.id, &values())
         }
         UplinkKind::Attributes => {
-            topics::envelope(topics::attributes(gateway, &topics::message_id()), &device.id, &values())
+            topics::envelope(topics::attributes(gateway, message_id), &device.id, &values())
         }
-        UplinkKind::Events => {
-            topics::envelope(topics::event(gateway, &topics::message_id()), &device.id, &values())
-        }
+        UplinkKind::Events => topics::envelope(topics::event(gateway, message_id), &device.id, &values()),
         UplinkKind::CommandResponse => response(device, value, topics::command_response)?,
         UplinkKind::AttributeSetResponse => response(device, value, topics::attribute_set_response)?,
         UplinkKind::Raw | UplinkKind::Unspecified => return Err(MapError::Unknown),
@@ -288,20 +299,21 @@ mod tests {
     fn scripts_mark_responses_events_and_attributes() {
         let direct = device(DeviceKind::Direct);
         let answer =
-            script_result(&direct, json!({"command_response": {"message_id": "m1", "result": 0}})).unwrap();
+            script_result(&direct, json!({"command_response": {"message_id": "m1", "result": 0}}), "m")
+                .unwrap();
         assert_eq!(
             (answer.topic.as_str(), values(&answer)),
             ("devices/command/response/m1", json!({"result": 0}))
         );
         let set =
-            script_result(&direct, json!({"attribute_set_response": {"message_id": "m2", "result": 1}}))
+            script_result(&direct, json!({"attribute_set_response": {"message_id": "m2", "result": 1}}), "m")
                 .unwrap();
         assert_eq!(set.topic, "devices/attributes/set/response/m2");
-        let event = script_result(&direct, json!({"event": {"method": "alarm", "params": {}}})).unwrap();
+        let event = script_result(&direct, json!({"event": {"method": "alarm", "params": {}}}), "m").unwrap();
         assert!(event.topic.starts_with("devices/event/"));
-        let attributes = script_result(&direct, json!({"attributes": {"fw": "1.2"}})).unwrap();
+        let attributes = script_result(&direct, json!({"attributes": {"fw": "1.2"}}), "m").unwrap();
         assert!(attributes.topic.starts_with("devices/attributes/"));
-        let plain = script_result(&direct, json!({"temperature": 1, "event": 2})).unwrap();
+        let plain = script_result(&direct, json!({"temperature": 1, "event": 2}), "m").unwrap();
         assert_eq!(
             (plain.topic.as_str(), values(&plain)),
             ("devices/telemetry", json!({"temperature": 1, "event": 2}))
@@ -310,9 +322,13 @@ mod tests {
 
     #[test]
     fn official_json_goes_byte_for_byte() {
-        let message =
-            official(&device(DeviceKind::Direct), UplinkKind::Telemetry, br#"{"temperature":36.50,"a":1}"#)
-                .unwrap();
+        let message = official(
+            &device(DeviceKind::Direct),
+            UplinkKind::Telemetry,
+            br#"{"temperature":36.50,"a":1}"#,
+            "m",
+        )
+        .unwrap();
         let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
         let raw =
             base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
@@ -322,33 +338,35 @@ mod tests {
     #[test]
     fn cmd1_is_telemetry_by_default_and_attributes_when_configured() {
         let direct = device(DeviceKind::Direct);
-        let message = official(&direct, UplinkKind::Attributes, br#"{"t": 1}"#).unwrap();
+        let message = official(&direct, UplinkKind::Attributes, br#"{"t": 1}"#, "m").unwrap();
         assert_eq!((message.topic.as_str(), values(&message)), ("devices/telemetry", json!({"t": 1})));
         let mut attributes = direct.clone();
         attributes.settings.cmd1 = Cmd1Mapping::Attributes;
-        let message = official(&attributes, UplinkKind::Attributes, br#"{"ip":"10.0.0.7"}"#).unwrap();
+        let message = official(&attributes, UplinkKind::Attributes, br#"{"ip":"10.0.0.7"}"#, "m").unwrap();
         assert!(message.topic.starts_with("devices/attributes/"), "{}", message.topic);
     }
 
     #[test]
     fn events_get_a_message_id_and_responses_echo_theirs() {
         let direct = device(DeviceKind::Direct);
-        let event =
-            official(&direct, UplinkKind::Events, br#"{"method":"alarm","params":{"level":2}}"#).unwrap();
+        let event = official(&direct, UplinkKind::Events, br#"{"method":"alarm","params":{"level":2}}"#, "m")
+            .unwrap();
         assert!(event.topic.starts_with("devices/event/") && event.topic.len() > "devices/event/".len());
         let response = official(
             &direct,
             UplinkKind::CommandResponse,
             br#"{"message_id":"1a2b3c4d","result":0,"message":"success","method":"reboot"}"#,
+            "m",
         )
         .unwrap();
         assert_eq!(response.topic, "devices/command/response/1a2b3c4d");
         assert_eq!(values(&response), json!({"result": 0, "message": "success", "method": "reboot"}));
-        let set = official(&direct, UplinkKind::AttributeSetResponse, br#"{"message_id":"5e6f","result":1}"#)
-            .unwrap();
+        let set =
+            official(&direct, UplinkKind::AttributeSetResponse, br#"{"message_id":"5e6f","result":1}"#, "m")
+                .unwrap();
         assert_eq!(set.topic, "devices/attributes/set/response/5e6f");
         assert!(matches!(
-            official(&direct, UplinkKind::CommandResponse, br#"{"result":0}"#),
+            official(&direct, UplinkKind::CommandResponse, br#"{"result":0}"#, "m"),
             Err(MapError::NoMessageId)
         ));
         for poison in [r##""#""##, r#""+""#, r#""a\u0000b""#, r#""a/b""#, &format!("\"{}\"", "9".repeat(129))]
@@ -356,7 +374,7 @@ mod tests {
             let frame = format!(r#"{{"message_id":{poison},"result":0}}"#);
             assert!(
                 matches!(
-                    official(&direct, UplinkKind::CommandResponse, frame.as_bytes()),
+                    official(&direct, UplinkKind::CommandResponse, frame.as_bytes(), "m"),
                     Err(MapError::BadMessageId)
                 ),
                 "{frame}"
@@ -371,6 +389,7 @@ mod tests {
             &gateway,
             UplinkKind::Attributes,
             br#"{"3c20c6206":{"temperature":36.5,"humidity":52}}"#,
+            "m",
         )
         .unwrap();
         assert_eq!(old.topic, "gateway/telemetry");
@@ -379,8 +398,11 @@ mod tests {
             json!({"sub_device_data": {"3c20c6206": {"temperature": 36.5, "humidity": 52}}})
         );
         let v1 = br#"{"gateway_data":{"v":1},"sub_device_data":{"3c20c6207":{"t":2}}}"#;
-        let message = official(&gateway, UplinkKind::Telemetry, v1).unwrap();
+        let message = official(&gateway, UplinkKind::Telemetry, v1, "m").unwrap();
         assert_eq!(values(&message), serde_json::from_slice::<Json>(v1).unwrap());
-        assert!(matches!(official(&gateway, UplinkKind::Telemetry, b"not json"), Err(MapError::NotJson(_))));
+        assert!(matches!(
+            official(&gateway, UplinkKind::Telemetry, b"not json", "m"),
+            Err(MapError::NotJson(_))
+        ));
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use edge_gateway::codec::{Frame, cmd};
 use serde_json::{Value, json};
+use tcpc_proto::v1::{UplinkEnvelope, uplink_envelope};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::wait_until;
@@ -682,4 +683,25 @@ async fn a_hand_over_moves_the_partition_to_a_new_consumer_and_deletes_the_old()
     assert_eq!(after.len(), 1, "one consumer of the partition: {after:?}");
     assert!(!before.contains(&after[0]), "the successor's consumer is a new one: {before:?} then {after:?}");
     println!("owner killed mid-stream: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_named_after_their_envelope() {
+    let w = world().await;
+    w.device("named", "dev-named", "M001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/event/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "named").await;
+    device.send(Frame::data(cmd::EVENTS, Bytes::from_static(br#"{"method":"alarm","params":{}}"#))).await;
+    // What the edge stored: the envelope's JetStream message id, which a redelivered
+    // envelope keeps, so that a publish retried carries the same message id.
+    let mut reader = tcpc_tests::stream::UplinkReader::open(w.nats.client().await).await;
+    let id = loop {
+        if let (UplinkEnvelope { body: Some(uplink_envelope::Body::Uplink(_)) }, id) = reader.next().await {
+            break id;
+        }
+    };
+    assert_eq!(watcher.next().await.topic, format!("devices/event/{id}"));
 }

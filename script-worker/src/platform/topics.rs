@@ -54,11 +54,6 @@ pub fn valid_message_id(id: &str) -> bool {
         && !id.contains(char::is_control)
 }
 
-/// A fresh message id for events and attributes (free string without `/`).
-pub fn message_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,7 +75,11 @@ mod tests {
             PlatformMessage { topic: "devices/status/d".into(), payload: Bytes::from_static(b"0") }
         );
         assert_eq!(event(true, "m1"), "gateway/event/m1");
-        assert!(valid_message_id(&message_id()));
+        // Events and attributes are named after their envelope's JetStream message id.
+        assert!(valid_message_id(&tcpc_proto::names::uplink_message_id(
+            "d72dbd02a17409270000000000000000",
+            1
+        )));
     }
 
     #[test]
