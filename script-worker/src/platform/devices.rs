@@ -1,7 +1,9 @@
 //! Devices from the platform, cached so that the platform is asked rarely.
 //!
 //! - Configs are cached in memory and in Redis (shared by every worker), positive ones
-//!   for an hour, unknown tokens for 30 s; `device/disconnect` drops a device's entry.
+//!   for an hour, unknown tokens for 30 s, each up to a tenth less by its digest (so
+//!   that the configs fetched in a mass reconnect do not all expire together, and every
+//!   worker agrees on when one does); `device/disconnect` drops a device's entry.
 //! - The platform allows one call per voucher per 3 s: calls are single-flight per
 //!   voucher in a worker, and across workers a Redis key taken with `SET NX PX 3000`
 //!   admits one caller per voucher per 3 s.
@@ -57,10 +59,18 @@ struct Cached {
     fetched: Instant,
 }
 
+/// How long the entry of `digest` is used without asking again: its kind's TTL less up
+/// to a tenth, spread by the digest (a hash, so spread evenly).
+fn fresh_for(known: bool, digest: &str) -> Duration {
+    let ttl = if known { POSITIVE_TTL } else { NEGATIVE_TTL };
+    let spread = (ttl / 10).as_millis() as u64;
+    let hash = u64::from_str_radix(digest.get(..12).unwrap_or(digest), 16).unwrap_or_default();
+    ttl - Duration::from_millis(hash % spread)
+}
+
 impl Cached {
-    fn is_fresh(&self) -> bool {
-        let ttl = if self.device.is_some() { POSITIVE_TTL } else { NEGATIVE_TTL };
-        self.fetched.elapsed() < ttl
+    fn is_fresh(&self, digest: &str) -> bool {
+        self.fetched.elapsed() < fresh_for(self.device.is_some(), digest)
     }
 
     fn lookup(&self) -> Lookup {
@@ -230,16 +240,16 @@ impl PlatformDevices {
     /// Cache, then shared cache, then (rate-gated) the platform; a stale entry when the
     /// platform cannot answer.
     async fn fetch(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
-        if let Some(cached) = self.cached(digest).filter(Cached::is_fresh) {
+        if let Some(cached) = self.cached(digest).filter(|cached| cached.is_fresh(digest)) {
             return Ok(cached);
         }
         let flight = self.flight(digest);
         let _one_at_a_time = flight.lock().await;
-        if let Some(cached) = self.cached(digest).filter(Cached::is_fresh) {
+        if let Some(cached) = self.cached(digest).filter(|cached| cached.is_fresh(digest)) {
             return Ok(cached);
         }
         let shared = self.shared_get(digest).await;
-        if let Some(cached) = shared.clone().filter(Cached::is_fresh) {
+        if let Some(cached) = shared.clone().filter(|cached| cached.is_fresh(digest)) {
             self.remember(digest, cached.device.clone(), cached.fetched);
             return Ok(cached);
         }
@@ -250,7 +260,9 @@ impl PlatformDevices {
                 let deadline = Instant::now() + PER_VOUCHER;
                 while Instant::now() < deadline {
                     tokio::time::sleep(SHARED_POLL).await;
-                    if let Some(cached) = self.shared_get(digest).await.filter(Cached::is_fresh) {
+                    if let Some(cached) =
+                        self.shared_get(digest).await.filter(|cached| cached.is_fresh(digest))
+                    {
                         self.remember(digest, cached.device.clone(), cached.fetched);
                         return Ok(cached);
                     }
@@ -340,5 +352,31 @@ impl DeviceSource for PlatformDevices {
             keys.extend(digest.map(|d| names::device_config_key(&d)));
             let _ = tokio::time::timeout(REDIS_DEADLINE, redis.del::<_, ()>(keys)).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Configs fetched together (a mass reconnect) expire over the last tenth of the
+    /// TTL, not in one instant: the platform is not asked for all of them at once.
+    #[tokio::test(start_paused = true)]
+    async fn configs_fetched_together_do_not_expire_together() {
+        let digests: Vec<String> = (0..1000).map(|n| voucher::digest(&format!("token-{n}"))).collect();
+        let fetched = Instant::now();
+        let fresh =
+            || digests.iter().filter(|digest| Cached { device: None, fetched }.is_fresh(digest)).count();
+        tokio::time::advance(NEGATIVE_TTL - NEGATIVE_TTL / 10 - Duration::from_millis(1)).await;
+        assert_eq!(fresh(), 1000, "none expires before the last tenth");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let mut expiring = Vec::new();
+        for _ in 0..10 {
+            let before = fresh();
+            tokio::time::advance(NEGATIVE_TTL / 100).await;
+            expiring.push(before - fresh());
+        }
+        assert_eq!(fresh(), 0, "all expired by the TTL");
+        assert!(expiring.iter().all(|&n| n < 200), "spread over the last tenth: {expiring:?}");
     }
 }
