@@ -66,7 +66,8 @@ impl Mosquitto {
             // mosquitto, running as its own user, saves changes to it.
             std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
             format!(
-                "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\nplugin_opt_config_file {}\n",
+                "plugin {}\nplugin_opt_config_file {}\n",
+                dynamic_security_plugin().display(),
                 file.display()
             )
         })
@@ -136,6 +137,19 @@ impl Mosquitto {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Where the mosquitto package put its dynamic-security plugin: under the library
+/// directory, in a multiarch subdirectory on Debian and Ubuntu.
+fn dynamic_security_plugin() -> std::path::PathBuf {
+    const PLUGIN: &str = "mosquitto_dynamic_security.so";
+    let lib = std::path::Path::new("/usr/lib");
+    let multiarch =
+        std::fs::read_dir(lib).into_iter().flatten().flatten().map(|entry| entry.path().join(PLUGIN));
+    std::iter::once(lib.join(PLUGIN))
+        .chain(multiarch)
+        .find(|path| path.exists())
+        .expect("mosquitto's dynamic-security plugin installed (package mosquitto)")
 }
 
 impl Drop for Mosquitto {
