@@ -51,12 +51,14 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(200);
 const BATCH: usize = 256;
 
 /// Takes the lease (a new generation) or renews ours; the generation we hold, 0 if
-/// none. `KEYS`: the lease, its generation; `ARGV`: worker, ms.
+/// none. A generation gone while its lease is held (evicted, deleted) is replaced by a
+/// new one, which the holder takes as a new take: renewing with none would keep a
+/// lease nobody consumes under. `KEYS`: the lease, its generation; `ARGV`: worker, ms.
 const TAKE_LEASE: &str = r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2])) or 0
+  return tonumber(redis.call('GET', KEYS[2])) or redis.call('INCR', KEYS[2])
 end
 return 0
 "#;

@@ -705,3 +705,30 @@ async fn events_are_named_after_their_envelope() {
     };
     assert_eq!(watcher.next().await.topic, format!("devices/event/{id}"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_generation_lost_while_held_is_replaced() {
+    let w = world().await;
+    w.device("generation", "dev-generation", "L001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge().await;
+    let mut device = TpDevice::online(edge.official, "generation").await;
+    send_numbered(&mut device, 0..100).await;
+    let seen = read_until_all(&mut watcher, "dev-generation", Vec::new(), 100).await;
+    // The generations go (evicted under memory pressure, deleted by hand) while the
+    // leases stay held: the worker must go on consuming, under new generations.
+    let partitions = tcpc_proto::names::DEFAULT_PARTITIONS;
+    let rounds = worker.metric("worker_lease_rounds_total").await;
+    let keys: Vec<String> = (0..partitions).map(tcpc_proto::names::partition_generation_key).collect();
+    let deleted: u32 = redis::AsyncCommands::del(&mut w.redis.connection().await, keys).await.unwrap();
+    assert_eq!(deleted, partitions, "every partition had a generation");
+    wait_until("two lease rounds without the generations", || async {
+        worker.metric("worker_lease_rounds_total").await >= rounds + 2.0
+    })
+    .await;
+    send_numbered(&mut device, 100..200).await;
+    let seen = read_until_all(&mut watcher, "dev-generation", seen, 200).await;
+    assert_eq!(first_seen(&seen), (0..200).collect::<Vec<_>>(), "nothing missing, first seen in order");
+}
