@@ -189,7 +189,14 @@ pub async fn run(
         _ => (local_routes.clone(), local_routes),
     };
     let metrics = Arc::new(script_worker::metrics::Metrics::default());
-    // One worker: it handles every downlink, whatever the subscription mode.
+    // Every replica subscribes every downlink; on the shared bus (NATS and Redis: one
+    // replica among several) a device's downlinks are its uplink partition owner's, as
+    // in the worker, so that each is delivered once; alone, this replica handles all.
+    let owned: script_worker::consume::OwnedPartitions = Arc::default();
+    let handles: script_worker::Handles = match (&config.nats_url, &redis) {
+        (Some(_), Some(_)) => script_worker::owner_handles(owned.clone(), settings.uplink_partitions),
+        _ => Arc::new(|_| true),
+    };
     let (subscription, downlink_queue) = script_worker::downlink_subscription(
         format!("{}#", settings.topic_prefix()),
         settings.topic_prefix(),
@@ -238,7 +245,7 @@ pub async fn run(
         lookup.clone(),
         sink,
         dead_letters,
-        Arc::new(|_| true),
+        handles,
     )?;
     tasks.spawn(script_worker::Core::dispatch_downlinks(
         core.downlinks.clone(),
@@ -265,7 +272,7 @@ pub async fn run(
                 redis,
                 pod.clone(),
                 settings.uplink_partitions,
-                Arc::default(),
+                owned,
                 &stop,
             );
             bus

@@ -266,6 +266,9 @@ impl Downlinks {
         let due = received + ANSWER_WITHIN;
         let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
+            // Another worker's (it owns the device's partition); counted so that an
+            // operator sees every worker takes every downlink.
+            self.count("not_owner");
             return;
         }
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {

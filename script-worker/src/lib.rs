@@ -141,6 +141,18 @@ impl Core {
     }
 }
 
+/// Whether this process handles a device's downlinks.
+pub type Handles = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Downlinks handled by the owner of the device's uplink partition (`owned` is kept by
+/// [`consume::Partitions`]), when every worker sees every downlink.
+pub fn owner_handles(owned: consume::OwnedPartitions, partitions: u32) -> Handles {
+    Arc::new(move |device_id| {
+        let partition = names::partition_of(device_id, partitions);
+        owned.read().unwrap_or_else(|e| e.into_inner()).contains(&partition)
+    })
+}
+
 /// Downlinks waiting for the dispatcher, at most; more are refused "busy" at once. A
 /// downlink waits at most [`downlink::ANSWER_WITHIN`] anyway: a longer queue would only
 /// hold answers that are already late.
@@ -242,16 +254,10 @@ pub async fn run(
         Arc::new(platform::mqtt::MqttSink::start(mqtt, Some(subscription), mqtt_stop.clone(), &mqtt_tasks));
     let mqtt_sink = sink.clone();
     // With every worker subscribed, a device's downlinks are the partition owner's.
-    let owned = Arc::new(std::sync::RwLock::new(std::collections::HashSet::new()));
-    let handles: Arc<dyn Fn(&str) -> bool + Send + Sync> = match settings.downlink_subscription {
+    let owned: consume::OwnedPartitions = Arc::default();
+    let handles: Handles = match settings.downlink_subscription {
         config::DownlinkSubscription::Shared => Arc::new(|_| true),
-        config::DownlinkSubscription::Owner => {
-            let (owned, partitions) = (owned.clone(), settings.uplink_partitions);
-            Arc::new(move |device_id| {
-                let partition = names::partition_of(device_id, partitions);
-                owned.read().unwrap_or_else(|e| e.into_inner()).contains(&partition)
-            })
-        }
+        config::DownlinkSubscription::Owner => owner_handles(owned.clone(), settings.uplink_partitions),
     };
     let dead_letters = Arc::new(dead_letter::JetStreamDeadLetters::new(nats.clone()));
     let core = Core::new(settings, metrics, devices.clone(), routes.clone(), sink, dead_letters, handles)?;
