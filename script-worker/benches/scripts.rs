@@ -91,7 +91,7 @@ fn through_the_service(context: CallContext) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     runtime.block_on(async {
         let scripts =
-            scripts::Scripts::start(EngineKind::Quickjs, Limits::default(), scripts::Library::default())
+            scripts::Scripts::start(EngineKind::Quickjs, Limits::default(), scripts::Library::default(), 1)
                 .unwrap();
         let call = || Call::Decode { bytes: vec![0x01, 0x6D, 52, 97], context: context.clone() };
         scripts.run(METER, call()).await.expect("script runs");
