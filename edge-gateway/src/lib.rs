@@ -67,8 +67,9 @@ pub(crate) struct Shared {
     /// Authentications waiting on the workers (pod-wide bound).
     pub auth_slots: Semaphore,
     pub sources: SourceLimits,
-    /// SIGTERM came: sessions that finish authenticating now close at once.
-    pub draining: AtomicBool,
+    /// SIGTERM came: `/readyz` says 503, and sessions that finish authenticating now
+    /// close at once.
+    pub draining: Arc<AtomicBool>,
     /// When the whole shutdown must be over (set when the drain starts).
     pub shutdown_deadline: OnceLock<Instant>,
 }
@@ -214,7 +215,7 @@ pub async fn run_with(
         connection_limit: Arc::new(Semaphore::new(limits.max_connections)),
         auth_slots: Semaphore::new(limits.max_auth_in_flight),
         sources,
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
         shutdown_deadline: OnceLock::new(),
         config,
     });
@@ -223,7 +224,6 @@ pub async fn run_with(
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let servers = TaskTracker::new();
-    let draining = Arc::new(AtomicBool::new(false));
     for (listener, protocol) in
         [(listeners.official, Protocol::Official), (listeners.custom, Protocol::Custom)]
     {
@@ -268,7 +268,7 @@ pub async fn run_with(
                 let bus = bus.clone();
                 move || bus.is_ready()
             }),
-            draining: draining.clone(),
+            draining: shared.draining.clone(),
         };
         let stopped = stopped.clone();
         async move {
@@ -302,7 +302,6 @@ pub async fn run_with(
     // flushes what it read and publishes its offline event; then the bus is flushed.
     let deadline = Instant::now() + shared.config.limits.shutdown_timeout;
     let _ = shared.shutdown_deadline.set(deadline);
-    draining.store(true, Ordering::Release);
     shared.draining.store(true, Ordering::SeqCst);
     accepting.cancel();
     info!(sessions = shared.registry.len(), window = ?shared.config.limits.drain_window, "draining");

@@ -98,6 +98,10 @@ pub struct Settings {
     /// Largest script result, in KiB.
     #[arg(long, env = "SCRIPT_OUTPUT_KIB", default_value_t = 64)]
     pub script_output_kib: usize,
+    /// Script engine threads; each script runs on one of them, chosen by its content
+    /// hash (default: the number of cores).
+    #[arg(long, env = "SCRIPT_THREADS")]
+    pub script_threads: Option<usize>,
     /// Device partitions of the uplink stream (must match the edges').
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
@@ -153,6 +157,13 @@ impl Settings {
         let prefix =
             self.topic_prefix.clone().unwrap_or_else(|| format!("plugin/{}/", self.service_identifier));
         if prefix.ends_with('/') { prefix } else { format!("{prefix}/") }
+    }
+
+    /// Script engine threads: the flag, else one per core.
+    pub fn script_threads(&self) -> usize {
+        self.script_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+            .max(1)
     }
 
     pub fn script_limits(&self) -> Limits {

@@ -95,8 +95,13 @@ impl Core {
     ) -> Result<Self, WorkerError> {
         let library = Library::new(settings.scripts_dir.clone());
         let scripts = Arc::new(
-            Scripts::start(settings.script_engine, settings.script_limits(), library)
-                .map_err(WorkerError::Scripts)?,
+            Scripts::start(
+                settings.script_engine,
+                settings.script_limits(),
+                library,
+                settings.script_threads(),
+            )
+            .map_err(WorkerError::Scripts)?,
         );
         let downlinks = Arc::new(downlink::Downlinks::new(
             settings.topic_prefix(),

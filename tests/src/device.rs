@@ -80,6 +80,14 @@ impl TpDevice {
     }
 }
 
+/// A TCP connection from a chosen loopback source address (all of 127.0.0.0/8 works):
+/// several "clients" on one machine.
+pub async fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind(SocketAddr::new(source.into(), 0)).expect("bind the source address");
+    socket.connect(to).await.expect("connect")
+}
+
 /// A device speaking its own bytes.
 pub struct RawDevice {
     pub stream: TcpStream,

@@ -7,8 +7,26 @@ use edge_gateway::{Config, Listeners};
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
 use tokio::sync::oneshot;
 
+use crate::auth::AuthDouble;
 use crate::servers::{NatsServer, RedisServer};
 use crate::wait_until;
+
+/// What an edge test runs on: real nats-server and redis-server, and the workers' auth
+/// responder as a test double.
+pub struct EdgeWorld {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub auth: AuthDouble,
+}
+
+impl EdgeWorld {
+    pub async fn start() -> Self {
+        crate::init_logging();
+        let (nats, redis) = tokio::join!(NatsServer::spawn(), RedisServer::spawn());
+        let auth = AuthDouble::spawn(nats.client().await).await;
+        EdgeWorld { nats, redis, auth }
+    }
+}
 
 pub struct TestEdge {
     pub pod: String,
@@ -97,6 +115,13 @@ impl TestEdge {
     pub async fn http_status(&self, path: &str) -> Option<u16> {
         let body = self.http_get(path).await?;
         body.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// A series' value in the edge's `/metrics` (0 when absent), e.g.
+    /// `edge_connections{listener="official"}`.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self.http_get("/metrics").await.unwrap_or_default();
+        text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
     }
 
     /// The raw HTTP/1.0 response of a GET on the metrics port.

@@ -11,24 +11,15 @@ use tcpc_proto::v1::{
     DeliverRequest, DeliverStatus, DisconnectRequest, Framing, IdleGap, LengthField, Protocol, SessionState,
     UplinkKind, framing,
 };
-use tcpc_tests::auth::{AuthDouble, custom_device, device};
+use tcpc_tests::auth::{custom_device, device};
 use tcpc_tests::device::{RawDevice, TpDevice};
-use tcpc_tests::edge::TestEdge;
-use tcpc_tests::servers::{NatsServer, RedisServer};
+use tcpc_tests::edge::{EdgeWorld, TestEdge};
+use tcpc_tests::servers::RedisServer;
 use tcpc_tests::stream::UplinkReader;
-use tcpc_tests::{init_logging, wait_until};
+use tcpc_tests::wait_until;
 
-struct World {
-    nats: NatsServer,
-    redis: RedisServer,
-    auth: AuthDouble,
-}
-
-async fn world() -> World {
-    init_logging();
-    let (nats, redis) = tokio::join!(NatsServer::spawn(), RedisServer::spawn());
-    let auth = AuthDouble::spawn(nats.client().await).await;
-    World { nats, redis, auth }
+async fn world() -> EdgeWorld {
+    EdgeWorld::start().await
 }
 
 async fn route(redis: &RedisServer, device_id: &str) -> std::collections::HashMap<String, String> {

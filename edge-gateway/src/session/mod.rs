@@ -366,10 +366,6 @@ impl Session {
             }
             let ends_message = closing.is_some_and(|c| c.close.ends_message())
                 || self.pending_gap().is_some_and(|gap| self.last_input + gap <= Instant::now());
-            let kept = closing.is_none() || closing.is_some_and(|c| c.close.keeps_buffer());
-            if !kept {
-                return Ok(Decoded::Drained);
-            }
             match &mut self.inbound {
                 Inbound::Tp(codec) => match codec.decode(&mut self.buf) {
                     Ok(Some(frame)) => self.on_frame(frame, closing.is_some()).await?,

@@ -4,7 +4,9 @@
 //!   (deno_core, cargo feature `v8`). Entry points `decode(bytes, ctx)` → platform
 //!   JSON, `encode(msg, ctx)` → bytes, and ThingsPanel 0.x's `encodeInp(msg, topic)`.
 //! - [`Scripts`]: what the pipelines call. It resolves `lib:<name>` references in the
-//!   script library, runs the engine on its own thread (engines are not `Send`), and
+//!   script library, runs the engines on their own threads (engines are not `Send`;
+//!   a script always runs on the same one, chosen by its content hash, so it is
+//!   compiled once per worker and one slow script holds up only its shard), and
 //!   quarantines a script that keeps failing for a device (for that device only: a
 //!   shared `lib:` script that one device feeds garbage keeps serving the others).
 //!
@@ -229,27 +231,44 @@ struct Health {
     quarantined_until: Option<Instant>,
 }
 
-/// The scripts service: library resolution, an engine thread, quarantine.
+/// The scripts service: library resolution, engine threads, quarantine.
 pub struct Scripts {
-    jobs: mpsc::Sender<Job>,
+    /// One queue per engine thread.
+    shards: Vec<mpsc::Sender<Job>>,
     library: Library,
     health: Mutex<HashMap<HealthKey, Health>>,
 }
 
 impl Scripts {
-    /// Starts the engine thread.
+    /// Starts `threads` engine threads.
     ///
     /// # Errors
-    /// The thread cannot be started.
-    pub fn start(kind: EngineKind, limits: Limits, library: Library) -> std::io::Result<Self> {
+    /// A thread cannot be started.
+    pub fn start(
+        kind: EngineKind,
+        limits: Limits,
+        library: Library,
+        threads: usize,
+    ) -> std::io::Result<Self> {
+        let shards = (0..threads.max(1))
+            .map(|shard| Self::start_engine(kind, limits, shard))
+            .collect::<std::io::Result<_>>()?;
+        Ok(Scripts { shards, library, health: Mutex::default() })
+    }
+
+    fn start_engine(kind: EngineKind, limits: Limits, shard: usize) -> std::io::Result<mpsc::Sender<Job>> {
         // Bounded: a flood of messages waits for the engine instead of queueing without end.
         let (jobs, mut queue) = mpsc::channel::<Job>(1024);
         // V8 (deno_core) needs a tokio runtime to be current where it is created.
         let runtime = tokio::runtime::Handle::try_current().ok();
-        std::thread::Builder::new().name("scripts".to_owned()).spawn(move || {
+        std::thread::Builder::new().name(format!("scripts-{shard}")).spawn(move || {
             let _runtime = runtime.as_ref().map(|r| r.enter());
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
+                if job.answer.is_closed() {
+                    // Its caller is gone (shutdown, a cancelled batch): no CPU for it.
+                    continue;
+                }
                 let script = &job.script;
                 let run = std::panic::AssertUnwindSafe(|| {
                     run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call)
@@ -264,7 +283,14 @@ impl Scripts {
                 let _ = job.answer.send(result);
             }
         })?;
-        Ok(Scripts { jobs, library, health: Mutex::default() })
+        Ok(jobs)
+    }
+
+    /// The engine thread of a script: by its content hash, so that each script is
+    /// compiled and cached on one thread only.
+    fn shard_of(&self, hash: &ScriptHash) -> &mpsc::Sender<Job> {
+        let key = hash.get(..16).and_then(|prefix| u64::from_str_radix(prefix, 16).ok()).unwrap_or(0);
+        &self.shards[(key % self.shards.len() as u64) as usize]
     }
 
     /// Runs a call of the script `reference` (inline source or `lib:<name>`).
@@ -278,7 +304,7 @@ impl Scripts {
             return Err(ScriptError::Quarantined);
         }
         let (answer, result) = oneshot::channel();
-        self.jobs
+        self.shard_of(&script.hash)
             .send(Job { script, call, answer })
             .await
             .map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
@@ -339,7 +365,7 @@ mod tests {
 
     #[tokio::test]
     async fn quarantine_silences_the_failing_device_only() {
-        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None)).unwrap();
+        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None), 1).unwrap();
         let shared = r#"function decode(b, ctx) { if (ctx.device_id === "bad") throw new Error("garbage"); return {ok: 1}; }"#;
         for _ in 0..QUARANTINE_AFTER {
             assert!(matches!(scripts.run(shared, decode_for("bad")).await, Err(ScriptError::Thrown { .. })));
@@ -350,5 +376,36 @@ mod tests {
             Ok(Output::Json(serde_json::json!({"ok": 1}))),
             "another device on the same script is served"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_script_holds_up_only_its_own_engine_thread() {
+        let limits = Limits { cpu_time: Duration::from_secs(2), ..Limits::default() };
+        let scripts = Scripts::start(EngineKind::Quickjs, limits, Library::new(None), 2).unwrap();
+        let slow = "function decode(b) { while (true) {} }";
+        // A quick script that lands on the other thread (variants differ only in a comment).
+        let quick = (0..1000)
+            .map(|n| format!("function decode(b) {{ return {{ok: 1}}; }} // {n}"))
+            .find(|source| !std::ptr::eq(scripts.shard_of(&hash(source)), scripts.shard_of(&hash(slow))))
+            .expect("a variant of the quick script on the other thread");
+        let (slow_done, mut finished) = mpsc::unbounded_channel();
+        let slow_call = {
+            let (scripts, done) = (&scripts, slow_done.clone());
+            async move {
+                let result = scripts.run(slow, decode_for("a")).await;
+                let _ = done.send("slow");
+                result
+            }
+        };
+        let quick_call = async {
+            let result = scripts.run(&quick, decode_for("b")).await;
+            let _ = slow_done.send("quick");
+            result
+        };
+        let (slow_result, quick_result) = tokio::join!(slow_call, quick_call);
+        assert_eq!(slow_result, Err(ScriptError::Timeout));
+        assert_eq!(quick_result, Ok(Output::Json(serde_json::json!({"ok": 1}))));
+        // The quick call did not wait out the slow one's 2 s of CPU.
+        assert_eq!(finished.recv().await, Some("quick"));
     }
 }
