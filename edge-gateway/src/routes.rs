@@ -126,6 +126,7 @@ pub trait RouteStore: Send + Sync + 'static {
 pub struct RedisRoutes {
     connection: ConnectionManager,
     register: redis::Script,
+    reassert: redis::Script,
     remove: redis::Script,
     timeout: Duration,
 }
@@ -150,6 +151,7 @@ impl RedisRoutes {
         Ok(RedisRoutes {
             connection,
             register: redis::Script::new(names::ROUTE_REGISTER_SCRIPT),
+            reassert: redis::Script::new(names::ROUTE_REASSERT_SCRIPT),
             remove: redis::Script::new(names::ROUTE_REMOVE_SCRIPT),
             timeout,
         })
@@ -193,23 +195,21 @@ impl RouteStore for RedisRoutes {
     fn reassert<'a>(&'a self, claims: &'a [Claim]) -> BoxFuture<'a, Result<Vec<Reasserted>, RouteError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            // Loaded once per round: after a Redis restart EVALSHA would find no script.
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(names::ROUTE_REASSERT_SCRIPT);
-            let sha: String = self.bounded(load.query_async(&mut connection), RouteError::Reassert).await?;
             let mut outcomes = Vec::with_capacity(claims.len());
             for batch in claims.chunks(BATCH) {
                 let mut pipe = redis::pipe();
+                // Loaded with every batch: after a Redis restart, what the re-assert is for,
+                // the script is gone and EVALSHA alone would fail.
+                pipe.load_script(&self.reassert).ignore();
                 for Claim { route, epoch } in batch {
-                    pipe.cmd("EVALSHA")
-                        .arg(&sha)
-                        .arg(1)
-                        .arg(names::route_key(&route.device_id))
+                    let mut invocation = self.reassert.key(names::route_key(&route.device_id));
+                    invocation
                         .arg(&route.connection_id)
                         .arg(&route.pod)
                         .arg(&route.grpc_addr)
                         .arg(tcpc_proto::now_ms())
                         .arg(epoch);
+                    pipe.invoke_script(&invocation);
                     pipe.cmd("SADD").arg(names::pod_routes_key(&route.pod)).arg(&route.device_id).ignore();
                 }
                 let codes: Vec<i64> =
@@ -345,14 +345,13 @@ impl RouteStore for RedisRoutes {
     ) -> BoxFuture<'a, Result<(), RouteError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(names::ROUTE_REMOVE_SCRIPT);
-            let sha: String = self.bounded(load.query_async(&mut connection), RouteError::Reap).await?;
             for batch in routes.chunks(BATCH) {
                 let mut pipe = redis::pipe();
+                pipe.load_script(&self.remove).ignore();
                 for route in batch {
-                    let key = names::route_key(&route.device_id);
-                    pipe.cmd("EVALSHA").arg(&sha).arg(1).arg(key).arg(&route.connection_id).ignore();
+                    let mut invocation = self.remove.key(names::route_key(&route.device_id));
+                    invocation.arg(&route.connection_id);
+                    pipe.invoke_script(&invocation).ignore();
                     pipe.cmd("SREM").arg(names::pod_routes_key(pod)).arg(&route.device_id).ignore();
                 }
                 self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Reap).await?;

@@ -120,7 +120,11 @@ impl SourceLimits {
 
     /// A connection admitted by [`SourceLimits::admit`] ended.
     pub fn release(&self, ip: IpAddr) {
-        self.with(ip, |source, _| source.connections = source.connections.saturating_sub(1));
+        // The entry exists: a connection keeps it from the sweep.
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(source) = sources.get_mut(&ip) {
+            source.connections = source.connections.saturating_sub(1);
+        }
     }
 
     /// Takes one authentication attempt of `ip`'s budget.

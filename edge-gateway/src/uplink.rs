@@ -118,18 +118,20 @@ impl NatsBus {
             tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let probe = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream);
-            let delay = match tokio::time::timeout(self.probe_timeout, probe).await {
-                Ok(Ok(_)) => {
+            let answer = match tokio::time::timeout(self.probe_timeout, probe).await {
+                Ok(answer) => answer.map(drop),
+                Err(_) => Err("timed out".to_owned()),
+            };
+            let delay = match answer {
+                Ok(()) => {
                     if !self.stream_ready.swap(true, Ordering::AcqRel) {
                         tracing::info!("uplink stream available");
                     }
                     backoff.reset();
                     tcpc_proto::backoff::jitter(STREAM_PROBE)
                 }
-                failed => {
+                Err(error) => {
                     if self.stream_ready.swap(false, Ordering::AcqRel) || backoff.is_reset() {
-                        let error =
-                            failed.map_or_else(|_| "timed out".to_owned(), |r| r.err().unwrap_or_default());
                         tracing::warn!(%error, "uplink stream not available; refusing new connections");
                     }
                     backoff.next_delay()

@@ -13,29 +13,30 @@ use std::time::Duration;
 pub struct Backoff {
     initial: Duration,
     max: Duration,
-    step: Duration,
+    /// Failures since the last reset.
+    attempt: u32,
 }
 
 impl Backoff {
     pub const fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { initial, max, step: initial }
+        Backoff { initial, max, attempt: 0 }
     }
 
     /// The delay before the next attempt; each call doubles the step up to `max`.
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        jitter(step)
+        let delay = delay(self.initial, self.max, self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
     }
 
     /// After a success: the next failure waits `initial` again.
     pub fn reset(&mut self) {
-        self.step = self.initial;
+        self.attempt = 0;
     }
 
     /// Whether no failure happened since the last reset.
     pub fn is_reset(&self) -> bool {
-        self.step == self.initial
+        self.attempt == 0
     }
 }
 

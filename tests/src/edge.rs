@@ -120,8 +120,8 @@ impl TestEdge {
     /// A series' value in the edge's `/metrics` (0 when absent), e.g.
     /// `edge_connections{listener="official"}`.
     pub async fn metric(&self, series: &str) -> u64 {
-        let text = self.http_get("/metrics").await.unwrap_or_default();
-        text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+        // Counters and gauges of the edge are whole numbers.
+        crate::metric_in(&self.http_get("/metrics").await.unwrap_or_default(), series) as u64
     }
 
     /// The raw HTTP/1.0 response of a GET on the metrics port.

@@ -34,6 +34,12 @@ where
     }
 }
 
+/// A series' value in a Prometheus exposition (0 when absent), e.g.
+/// `edge_connections{listener="official"}`.
+pub fn metric_in(exposition: &str, series: &str) -> f64 {
+    exposition.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
 /// A binary of this package (the services' own mains): it sits in the profile folder,
 /// beside the `deps/` folder of test executables (cargo builds it before running
 /// integration tests), or beside the running binary (load tools).

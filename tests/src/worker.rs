@@ -65,10 +65,7 @@ impl WorkerProcess {
 
     /// A counter or gauge's value from /metrics (0 when absent).
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self.get("/metrics").await.unwrap_or_default();
-        text.lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-            .unwrap_or(0.0)
+        crate::metric_in(&self.get("/metrics").await.unwrap_or_default(), series)
     }
 
     /// SIGKILL: a crash, not a shutdown.

@@ -193,6 +193,7 @@ impl Session {
             // Redis loses both routes; the store raises it above any epoch it holds.
             epoch: tcpc_proto::now_us(),
         };
+        // Kept even if the write fails: the re-assert then writes the route under it.
         handle.set_route_epoch(claim.epoch);
         match self.shared.routes.register(&claim).await {
             Ok(registered) => {
