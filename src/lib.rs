@@ -194,7 +194,7 @@ pub async fn run(
                 url,
                 &format!("tcpc-{pod}"),
                 &settings.mqtt_username,
-                &settings.mqtt_password,
+                settings.mqtt_password.clone(),
             )
         })
         .transpose()

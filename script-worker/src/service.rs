@@ -338,7 +338,7 @@ pub async fn run(
         // Two processes with one POD_NAME must not take each other's broker session.
         &consume::boot_identity(&format!("tcpc-worker-{worker}")),
         &settings.mqtt_username,
-        &settings.mqtt_password,
+        settings.mqtt_password.clone(),
     )
     .map_err(WorkerError::Config)?;
     let platform = PlatformClient::new(&config.platform_url, Duration::from_secs(5));
