@@ -320,18 +320,21 @@ impl RouteStore for RedisRoutes {
                 }
                 let hashes: Vec<std::collections::HashMap<String, String>> =
                     self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
-                let mut moved = redis::pipe();
+                let mut moved = Vec::new();
                 for (device, fields) in batch.iter().zip(hashes) {
                     match Route::from_fields(device, &fields) {
                         Some(route) if route.pod == pod => leftovers.routes.push(route),
                         // Routed by another pod now: not this pod's any more.
-                        Some(_) => {
-                            moved.cmd("SREM").arg(names::pod_routes_key(pod)).arg(device).ignore();
-                        }
+                        Some(_) => moved.push(device),
                         None => leftovers.orphans.push(device.clone()),
                     }
                 }
-                self.bounded(moved.query_async::<()>(&mut connection), RouteError::Reap).await?;
+                // An empty SREM is an error, not a no-op.
+                if !moved.is_empty() {
+                    let mut forget = redis::cmd("SREM");
+                    forget.arg(names::pod_routes_key(pod)).arg(moved);
+                    self.bounded(forget.query_async::<()>(&mut connection), RouteError::Reap).await?;
+                }
             }
             Ok(leftovers)
         })
