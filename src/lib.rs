@@ -125,6 +125,9 @@ impl Config {
             nats_url: self.nats_url.clone().unwrap_or_default(),
             redis_url: self.redis_url.clone().unwrap_or_default(),
             metrics_listen: self.metrics_listen,
+            // One process: there is no emptier replica to prefer.
+            pod_deletion_cost: edge_gateway::config::KubeSwitch::Off,
+            pod_namespace: None,
             uplink_partitions: self.worker.uplink_partitions,
             limits: self.limits.clone(),
             log_format: self.log_format,
@@ -208,7 +211,7 @@ pub async fn run(
                 .connect(url)
                 .await
                 .map_err(script_worker::WorkerError::Nats)?;
-            Some(script_worker::Bus { nats, redis, worker: pod.clone() })
+            Some(script_worker::Bus { nats, redis, worker: pod.clone(), edge_pods: None })
         }
         _ => None,
     };

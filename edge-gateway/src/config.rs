@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-pub use tcpc_observe::LogFormat;
+pub use tcpc_observe::{KubeSwitch, LogFormat};
 
 /// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
 /// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
@@ -35,6 +35,13 @@ pub struct Config {
     /// Prometheus metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
     pub metrics_listen: SocketAddr,
+    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation near its
+    /// connection count (auto: when running in Kubernetes). Needs `patch` on pods.
+    #[arg(long, env = "EDGE_POD_DELETION_COST", value_enum, default_value = "auto")]
+    pub pod_deletion_cost: KubeSwitch,
+    /// This pod's namespace (default: the client's, e.g. the service account's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 
     /// Device partitions of the uplink stream (must match the workers'). The old name
     /// EDGE_UPLINK_PARTITIONS is still read, with a warning.

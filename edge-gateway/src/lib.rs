@@ -19,6 +19,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod deletion_cost;
 pub mod drain;
 pub mod framing;
 mod grpc;
@@ -292,6 +293,9 @@ pub async fn run_with(
         let (shared, stopped) = (shared.clone(), stopped.clone());
         async move { sources::sweep_periodically(&shared.sources, SOURCE_SWEEP, stopped).await }
     });
+    if shared.config.pod_deletion_cost.enabled() {
+        servers.spawn(keep_deletion_cost(shared.clone(), stopped.clone()));
+    }
     servers.close();
 
     shutdown.await;
@@ -318,6 +322,23 @@ pub async fn run_with(
     servers.wait().await;
     info!("edge-gateway stopped");
     Ok(())
+}
+
+/// Keeps the pod's deletion cost near its connection count until `stop`; without a
+/// Kubernetes client (no in-cluster account, no kubeconfig) it says so once and stops.
+async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%error, "no Kubernetes API client; the pod deletion cost is not kept");
+            return;
+        }
+    };
+    let namespace =
+        shared.config.pod_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let annotation = deletion_cost::PodAnnotation::new(client, &namespace, &shared.pod);
+    info!(pod = %shared.pod, %namespace, "keeping the pod deletion cost");
+    deletion_cost::keep_deletion_cost(&annotation, || shared.registry.len(), stop).await;
 }
 
 /// How often the per-source table drops what no longer counts.

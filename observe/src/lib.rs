@@ -1,5 +1,6 @@
-//! What every tcp-connectivity binary shares to be observed: log set-up, and the
-//! `/metrics`, `/healthz`, `/readyz` endpoints.
+//! What every tcp-connectivity binary shares about how it is run and observed: log
+//! set-up, the `/metrics`, `/healthz`, `/readyz` endpoints, and the switch of the
+//! features that need Kubernetes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +22,27 @@ pub enum LogFormat {
     Json,
     /// Human-readable lines (for terminals).
     Pretty,
+}
+
+/// A feature that needs the Kubernetes API: on when running in a cluster (`auto`), or
+/// always, or never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubeSwitch {
+    Auto,
+    On,
+    Off,
+}
+
+impl KubeSwitch {
+    /// Whether the feature runs: `auto` means in a pod, where the kubelet sets
+    /// `KUBERNETES_SERVICE_HOST` (the in-cluster inference's own test).
+    pub fn enabled(self) -> bool {
+        match self {
+            KubeSwitch::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            KubeSwitch::On => true,
+            KubeSwitch::Off => false,
+        }
+    }
 }
 
 /// Installs the global subscriber: level from `RUST_LOG` (default info), to stderr so

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
-use tcpc_observe::LogFormat;
+use tcpc_observe::{KubeSwitch, LogFormat};
 
 use crate::scripts::{EngineKind, Limits};
 
@@ -64,6 +64,17 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+    /// Watch the edge pods in Kubernetes and purge the routes of those gone, sooner
+    /// than their liveness keys expire (auto: when running in Kubernetes). Needs
+    /// `list` and `watch` on pods.
+    #[arg(long, env = "EDGE_POD_WATCH", value_enum, default_value = "auto")]
+    pub edge_pod_watch: KubeSwitch,
+    /// The label selector of the edge pods.
+    #[arg(long, env = "EDGE_POD_SELECTOR", default_value = "app.kubernetes.io/component=edge-gateway")]
+    pub edge_pod_selector: String,
+    /// The edge pods' namespace (default: the client's, e.g. the service account's).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     #[command(flatten)]
     pub settings: Settings,
 }

@@ -25,6 +25,7 @@ pub mod consume;
 pub mod dead_letter;
 pub mod devices;
 pub mod downlink;
+pub mod edge_pods;
 pub mod metrics;
 pub mod pipeline;
 pub mod platform;
@@ -35,4 +36,4 @@ pub mod sink;
 pub mod source;
 pub mod uplink;
 
-pub use service::{Bus, Listeners, Seams, Worker, WorkerError, redis, run, run_with};
+pub use service::{Bus, EdgePodWatch, Listeners, Seams, Worker, WorkerError, redis, run, run_with};

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub lease_rounds: Counter,
     /// Downlink subscriptions the broker refused (each asked again with back-off).
     pub subscription_refusals: Counter,
+    /// Edge pods found gone in Kubernetes, their routes handed to the reaper.
+    pub edge_pods_purged: Counter,
 }
 
 impl Metrics {
@@ -79,6 +81,12 @@ impl Metrics {
             "Downlink subscriptions the broker refused",
             subscription_refusals.clone(),
         );
+        let edge_pods_purged = Counter::default();
+        registry.register(
+            "worker_edge_pods_purged",
+            "Edge pods gone from Kubernetes whose routes were purged",
+            edge_pods_purged.clone(),
+        );
         Metrics {
             envelopes,
             published,
@@ -91,6 +99,7 @@ impl Metrics {
             partitions_lost,
             lease_rounds,
             subscription_refusals,
+            edge_pods_purged,
         }
     }
 }

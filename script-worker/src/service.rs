@@ -70,6 +70,15 @@ pub struct Bus {
     pub redis: ConnectionManager,
     /// This worker's name among the others (leases, the broker's client id).
     pub worker: String,
+    /// Kubernetes runs the edges: watch them, purge the routes of those gone.
+    pub edge_pods: Option<EdgePodWatch>,
+}
+
+/// Which edge pods to watch.
+pub struct EdgePodWatch {
+    /// Default: the Kubernetes client's namespace.
+    pub namespace: Option<String>,
+    pub selector: String,
 }
 
 /// A started worker: every task it runs, tracked; [`Worker::stop`] ends them in order.
@@ -163,7 +172,8 @@ impl Worker {
             downlinks: downlinks.clone(),
         };
         let pipeline = Arc::new(Pipeline { mapper, sink, dead_letters, metrics: metrics.clone() });
-        let authenticator = Arc::new(Authenticator { devices: devices.clone(), scripts, metrics });
+        let authenticator =
+            Arc::new(Authenticator { devices: devices.clone(), scripts, metrics: metrics.clone() });
         tasks.spawn(dispatch_downlinks(downlinks.clone(), downlink_queue, stop.clone()));
 
         if let Some(bus) = &bus {
@@ -178,6 +188,15 @@ impl Worker {
                 owned,
             };
             tasks.spawn(partitions.run(stop.clone()));
+            if let Some(watch) = &bus.edge_pods {
+                tasks.spawn(watch_edge_pods(
+                    watch.namespace.clone(),
+                    watch.selector.clone(),
+                    bus.redis.clone(),
+                    metrics.clone(),
+                    stop.clone(),
+                ));
+            }
         }
         if let Some(platform) = platform {
             let (identifier, every) = (settings.service_identifier.clone(), settings.heartbeat_interval);
@@ -343,6 +362,10 @@ pub async fn run(
     .map_err(WorkerError::Config)?;
     let platform = PlatformClient::new(&config.platform_url, Duration::from_secs(5));
     let devices = Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
+    let edge_pods = config.edge_pod_watch.enabled().then(|| EdgePodWatch {
+        namespace: config.pod_namespace.clone(),
+        selector: config.edge_pod_selector.clone(),
+    });
     let mut registry = MetricsRegistry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     info!(%worker, "script-worker starting");
@@ -350,7 +373,7 @@ pub async fn run(
         devices,
         routes: Arc::new(RedisRoutes::new(redis.clone())),
         broker: Some(broker),
-        bus: Some(Bus { nats, redis, worker }),
+        bus: Some(Bus { nats, redis, worker, edge_pods }),
         platform: Some(platform),
         metrics,
         registry: Arc::new(registry),
@@ -399,6 +422,26 @@ pub fn redis(url: &str) -> Result<ConnectionManager, WorkerError> {
         .set_response_timeout(Some(Duration::from_secs(2)))
         .set_max_delay(Duration::from_secs(2));
     ConnectionManager::new_lazy_with_config(client, config).map_err(WorkerError::Redis)
+}
+
+/// Purges the routes of edge pods gone from Kubernetes until `stop`; without a
+/// Kubernetes client (no in-cluster account, no kubeconfig) it says so once and stops.
+async fn watch_edge_pods(
+    namespace: Option<String>,
+    selector: String,
+    redis: ConnectionManager,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%error, "no Kubernetes API client; gone edge pods are left to their liveness keys");
+            return;
+        }
+    };
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_owned());
+    crate::edge_pods::purge_gone_edge_pods(client, &namespace, &selector, redis, metrics, stop).await;
 }
 
 /// Drops a device's cached config when another worker was told it changed.

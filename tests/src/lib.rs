@@ -1,7 +1,7 @@
 //! Fixtures of the end-to-end tests: real `redis-server`, `nats-server -js` and
 //! `mosquitto` on free loopback ports (killed on drop, restartable), edges run
 //! in-process on pre-bound listeners, workers as processes (their real main), a fake
-//! ThingsPanel backend, an auth responder double, a JetStream reader of uplink
+//! ThingsPanel backend, a fake Kubernetes API server, an auth responder double, a JetStream reader of uplink
 //! envelopes, an MQTT watcher, and device clients.
 //!
 //! Every fixture returns only when ready; every wait has a deadline.
@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod device;
 pub mod edge;
+pub mod kube;
 pub mod mqtt;
 pub mod platform;
 pub mod servers;

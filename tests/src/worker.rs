@@ -42,9 +42,23 @@ impl WorkerProcess {
         name: &str,
         extra: &[&str],
     ) -> Self {
+        Self::spawn_with_env(nats, redis, broker, platform, name, extra, &[]).await
+    }
+
+    /// [`WorkerProcess::spawn`] with environment variables set for the process.
+    pub async fn spawn_with_env(
+        nats: &NatsServer,
+        redis: &RedisServer,
+        broker: &Mosquitto,
+        platform: &FakePlatform,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         let (metrics, http) = (loopback(), loopback());
         let mut command = service("worker-under-test");
         command
+            .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
             .args(["--nats-url", &nats.url(), "--redis-url", &redis.url(), "--mqtt-url", &broker.url()])
             .args(["--platform-url", &platform.url(), "--pod-name", name])
             .args(["--metrics-listen", &metrics.to_string(), "--http-listen", &http.to_string()])
@@ -102,9 +116,21 @@ pub struct EdgeProcess {
 impl EdgeProcess {
     /// Starts an edge named `pod`; `extra` flags are appended. Returns once ready.
     pub async fn spawn(nats: &NatsServer, redis: &RedisServer, pod: &str, extra: &[&str]) -> Self {
+        Self::spawn_with_env(nats, redis, pod, extra, &[]).await
+    }
+
+    /// [`EdgeProcess::spawn`] with environment variables set for the process.
+    pub async fn spawn_with_env(
+        nats: &NatsServer,
+        redis: &RedisServer,
+        pod: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Self {
         let (official, custom, grpc, metrics) = (loopback(), loopback(), loopback(), loopback());
         let mut command = service("edge-under-test");
         command
+            .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
             .args(["--nats-url", &nats.url(), "--redis-url", &redis.url(), "--pod-name", pod])
             .args(["--official-listen", &official.to_string(), "--custom-listen", &custom.to_string()])
             .args(["--grpc-listen", &grpc.to_string(), "--metrics-listen", &metrics.to_string()])
