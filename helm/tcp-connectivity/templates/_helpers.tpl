@@ -32,18 +32,18 @@ Labels. Call with (dict "ctx" $ "component" "edge-gateway"); component may be ""
 objects shared by both services.
 */}}
 {{- define "tcpc.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "tcpc.name" .ctx }}
-app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/name: {{ include "tcpc.name" .ctx | quote }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name | quote }}
 {{- with .component }}
-app.kubernetes.io/component: {{ . }}
+app.kubernetes.io/component: {{ . | quote }}
 {{- end }}
 {{- end }}
 
 {{- define "tcpc.labels" -}}
-helm.sh/chart: {{ include "tcpc.chart" .ctx }}
+helm.sh/chart: {{ include "tcpc.chart" .ctx | quote }}
 {{ include "tcpc.selectorLabels" . }}
 app.kubernetes.io/version: {{ include "tcpc.imageTag" .ctx | trunc 63 | quote }}
-app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service | quote }}
 app.kubernetes.io/part-of: thingspanel
 {{- end }}
 
