@@ -34,6 +34,8 @@ RUN cargo build --release --locked --bins -p edge-gateway -p script-worker -p tc
 
 FROM debian:${DEBIAN_RELEASE}-slim
 # ca-certificates: TLS to NATS, Redis, MQTT or the platform when their URLs ask for it.
+# Not pinned (DL3008): the release's current package, security fixes included.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
