@@ -33,7 +33,7 @@ RUN cargo build --release --locked --bins -p edge-gateway -p script-worker -p tc
  && cp target/release/edge-gateway target/release/script-worker target/release/tcp-connectivity /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim
-# ca-certificates: TLS to NATS, Redis, MQTT or the platform when their URLs ask for it.
+# ca-certificates: the system CA store, which the NATS client trusts for tls:// URLs.
 # Not pinned (DL3008): the release's current package, security fixes included.
 # hadolint ignore=DL3008
 RUN apt-get update \
