@@ -20,12 +20,11 @@ use std::time::Duration;
 use clap::Parser;
 use edge_gateway::routes::RouteStore;
 use edge_gateway::uplink::UplinkBus;
-use script_worker::dead_letter::{DeadLetters, JetStreamDeadLetters, LoggedDeadLetters};
 use script_worker::platform::client::PlatformClient;
+use script_worker::platform::mqtt::MqttConfig;
 use script_worker::routes::RouteLookup;
-use script_worker::sink::{JsonLines, PlatformSink};
 use script_worker::source::{DeviceSource, FileDevices};
-use tcpc_observe::LogFormat;
+use tcpc_observe::{LogFormat, MetricsRegistry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -150,7 +149,8 @@ impl Config {
     }
 }
 
-/// Runs the all-in-one until `shutdown`, then drains.
+/// Runs the all-in-one until `shutdown`, then drains: the edge first (its sessions
+/// flush what they read into the worker's pipeline), then the worker.
 ///
 /// # Errors
 /// Invalid configuration, an unreadable devices file, bad URLs.
@@ -162,8 +162,6 @@ pub async fn run(
     config.validate()?;
     let pod = config.pod_name.clone().unwrap_or_else(script_worker::config::host_name);
     let settings = &config.worker;
-    let stop = CancellationToken::new();
-    let tasks = TaskTracker::new();
 
     let redis = config.redis_url.as_deref().map(script_worker::redis).transpose()?;
     let platform = config.platform_url.as_deref().map(|url| PlatformClient::new(url, Duration::from_secs(5)));
@@ -188,147 +186,79 @@ pub async fn run(
         ),
         _ => (local_routes.clone(), local_routes),
     };
-    let metrics = Arc::new(script_worker::metrics::Metrics::default());
-    // Every replica subscribes every downlink; on the shared bus (NATS and Redis: one
-    // replica among several) a device's downlinks are its uplink partition owner's, as
-    // in the worker, so that each is delivered once; alone, this replica handles all.
-    let owned: script_worker::consume::OwnedPartitions = Arc::default();
-    let handles: script_worker::Handles = match (&config.nats_url, &redis) {
-        (Some(_), Some(_)) => script_worker::owner_handles(owned.clone(), settings.uplink_partitions),
-        _ => Arc::new(|_| true),
-    };
-    let (subscription, downlink_queue) = script_worker::downlink_subscription(
-        format!("{}#", settings.topic_prefix()),
-        settings.topic_prefix(),
-        metrics.clone(),
-    );
-    // The broker connection outlives the worker's tasks: their last batches need it.
-    let (mqtt_stop, mqtt_tasks) = (CancellationToken::new(), TaskTracker::new());
-    let sink: Arc<dyn PlatformSink> = match &config.mqtt_url {
-        Some(url) => {
-            let mqtt = script_worker::platform::mqtt::MqttConfig::from_url(
+    let broker = config
+        .mqtt_url
+        .as_deref()
+        .map(|url| {
+            MqttConfig::from_url(
                 url,
                 &format!("tcpc-{pod}"),
                 &settings.mqtt_username,
-                &settings.mqtt_password,
+                settings.mqtt_password.clone(),
             )
-            .map_err(AllInOneError::Config)?;
-            Arc::new(script_worker::platform::mqtt::MqttSink::start(
-                mqtt,
-                Some(subscription),
-                mqtt_stop.clone(),
-                &mqtt_tasks,
-            ))
-        }
-        None => Arc::new(JsonLines),
-    };
-    // The worker's side of NATS, when the bus is JetStream; connected before the core,
-    // which keeps dead letters there.
-    let nats = match (&config.nats_url, &redis) {
-        (Some(url), Some(_)) => Some(
-            async_nats::ConnectOptions::new()
+        })
+        .transpose()
+        .map_err(AllInOneError::Config)?;
+    // On NATS (then with Redis: validated) the worker's side is the service's: it owns
+    // uplink partitions among the other replicas and answers auth requests.
+    let bus = match (&config.nats_url, redis) {
+        (Some(url), Some(redis)) => {
+            let nats = async_nats::ConnectOptions::new()
                 .retry_on_initial_connect()
                 .connect(url)
                 .await
-                .map_err(|e| script_worker::WorkerError::Connect("nats", e.to_string()))?,
-        ),
+                .map_err(script_worker::WorkerError::Nats)?;
+            Some(script_worker::Bus { nats, redis, worker: pod.clone() })
+        }
         _ => None,
     };
-    let dead_letters: Arc<dyn DeadLetters> = match &nats {
-        Some(nats) => Arc::new(JetStreamDeadLetters::new(nats.clone())),
-        None => Arc::new(LoggedDeadLetters),
+    let shared_bus = config.nats_url.as_deref().filter(|_| bus.is_some());
+    // One registry for the process, served on the edge's metrics port.
+    let mut registry = MetricsRegistry::default();
+    let edge_metrics = Arc::new(edge_gateway::metrics::Metrics::new(&mut registry));
+    let worker_metrics = Arc::new(script_worker::metrics::Metrics::new(&mut registry));
+    let registry = Arc::new(registry);
+    let seams = script_worker::Seams {
+        devices,
+        routes: lookup,
+        broker,
+        bus,
+        platform,
+        metrics: worker_metrics,
+        registry: registry.clone(),
     };
-    let core = script_worker::Core::new(
-        settings,
-        metrics,
-        devices.clone(),
-        lookup.clone(),
-        sink,
-        dead_letters,
-        handles,
-    )?;
-    tasks.spawn(script_worker::Core::dispatch_downlinks(
-        core.downlinks.clone(),
-        downlink_queue,
-        stop.clone(),
-    ));
+    let worker = script_worker::Worker::start(settings, listeners.http, seams)?;
+    info!(%pod, "tcp-connectivity all-in-one starting");
 
-    let bus: Arc<dyn UplinkBus> = match (&config.nats_url, redis, &nats) {
-        (Some(url), Some(redis), Some(nats)) => {
+    let (ensure_stream, stream_keeper) = (CancellationToken::new(), TaskTracker::new());
+    let edge_bus: Arc<dyn UplinkBus> = match shared_bus {
+        Some(url) => {
             let bus = Arc::new(
                 edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout)
                     .await
                     .map_err(edge_gateway::EdgeError::from)?,
             );
-            tasks.spawn({
-                let (bus, stop) = (bus.clone(), stop.clone());
+            stream_keeper.spawn({
+                let (bus, stop) = (bus.clone(), ensure_stream.clone());
                 async move { bus.keep_stream(&stop).await }
             });
-            script_worker::spawn_bus_tasks(
-                &tasks,
-                &core,
-                &devices,
-                nats,
-                redis,
-                pod.clone(),
-                settings.uplink_partitions,
-                owned,
-                &stop,
-            );
             bus
         }
-        _ => Arc::new(local::LocalBus {
-            pipeline: core.pipeline.clone(),
-            authenticator: core.authenticator.clone(),
-        }),
-    };
-
-    let api = script_worker::api::ApiState {
-        devices,
-        routes: lookup,
-        edges: core.downlinks.edges.clone(),
-        broadcast_forget: Arc::new({
-            let nats = nats.clone();
-            move |device_id: String| {
-                let nats = nats.clone();
-                Box::pin(async move {
-                    if let Some(nats) = nats {
-                        let _ =
-                            nats.publish(tcpc_proto::names::DEVICE_FORGET_SUBJECT, device_id.into()).await;
-                    }
-                })
-            }
-        }),
-    };
-    tasks.spawn({
-        let (router, stop) = (script_worker::api::router(Arc::new(api)), stop.clone());
-        async move {
-            if let Err(error) =
-                axum::serve(listeners.http, router).with_graceful_shutdown(stop.cancelled_owned()).await
-            {
-                tracing::error!(%error, "plugin API failed");
-            }
+        None => {
+            Arc::new(local::LocalBus { pipeline: worker.pipeline(), authenticator: worker.authenticator() })
         }
-    });
-    if let Some(client) = platform {
-        tasks.spawn(script_worker::heartbeat(
-            client,
-            settings.service_identifier.clone(),
-            settings.heartbeat_interval,
-            stop.clone(),
-        ));
-    }
-    tasks.close();
-    info!(%pod, "tcp-connectivity all-in-one starting");
-
-    let worker_metrics = core.metrics.clone();
+    };
     let seams = edge_gateway::Seams {
-        bus,
+        bus: edge_bus,
         routes: edge_routes,
-        extra_metrics: Some(Arc::new(move || worker_metrics.render())),
+        metrics: edge_metrics,
+        registry,
+        also_ready: Some(worker.readiness()),
     };
     let edge = edge_gateway::run_with(config.edge(&pod), listeners.edge, seams, shutdown).await;
-    stop.cancel();
-    script_worker::drain(&tasks, nats.as_ref(), &mqtt_stop, &mqtt_tasks).await;
+    ensure_stream.cancel();
+    stream_keeper.close();
+    stream_keeper.wait().await;
+    worker.stop().await;
     edge.map_err(AllInOneError::from)
 }

@@ -157,7 +157,10 @@ pub async fn run(
         let (bus, ensure) = (bus.clone(), ensure.clone());
         async move { bus.keep_stream(&ensure).await }
     });
-    let result = run_with(config, listeners, Seams { bus, routes, extra_metrics: None }, shutdown).await;
+    let mut registry = tcpc_observe::MetricsRegistry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let seams = Seams { bus, routes, metrics, registry: Arc::new(registry), also_ready: None };
+    let result = run_with(config, listeners, seams, shutdown).await;
     ensure.cancel();
     let _ = stream_task.await;
     result
@@ -167,8 +170,12 @@ pub async fn run(
 pub struct Seams {
     pub bus: Arc<dyn UplinkBus>,
     pub routes: Arc<dyn RouteStore>,
-    /// More metrics for the same `/metrics` (the all-in-one's worker).
-    pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// The edge's metrics, registered in `registry`: the process's one registry, which
+    /// the edge serves on its metrics port.
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<tcpc_observe::MetricsRegistry>,
+    /// Readiness of the rest of the process (the all-in-one's worker), beside the bus's.
+    pub also_ready: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 /// Runs the edge on `seams` until `shutdown` resolves, then drains.
@@ -181,10 +188,9 @@ pub async fn run_with(
     seams: Seams,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EdgeError> {
-    let Seams { bus, routes, extra_metrics } = seams;
+    let Seams { bus, routes, metrics, registry: metrics_registry, also_ready } = seams;
     config.validate()?;
     let grpc_addr = config.advertised(listeners.grpc.local_addr().map_err(EdgeError::LocalAddr)?);
-    let metrics = Arc::new(Metrics::default());
     let limits = &config.limits;
     let sources = SourceLimits::new(
         SourcePolicy {
@@ -255,18 +261,10 @@ pub async fn run_with(
     });
     servers.spawn({
         let health = tcpc_observe::Health {
-            metrics: Arc::new(move || {
-                let mut text = metrics.render();
-                if let Some(extra) = &extra_metrics {
-                    // One exposition: a single `# EOF`, at the end.
-                    text.truncate(text.rfind("# EOF").unwrap_or(text.len()));
-                    text.push_str(&extra());
-                }
-                text
-            }),
+            registry: metrics_registry,
             ready: Arc::new({
                 let bus = bus.clone();
-                move || bus.is_ready()
+                move || bus.is_ready() && also_ready.as_ref().is_none_or(|ready| ready())
             }),
             draining: shared.draining.clone(),
         };

@@ -20,7 +20,6 @@ pub struct ReasonLabel {
 
 /// The edge's metrics.
 pub struct Metrics {
-    registry: Registry,
     /// Open connections, authenticated or not.
     pub connections: Family<ListenerLabel, Gauge>,
     /// Authentication outcomes.
@@ -43,9 +42,9 @@ pub struct Metrics {
     pub routes_reaped: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
+impl Metrics {
+    /// Registers every metric of the edge in the process's one `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
         let connections = Family::<ListenerLabel, Gauge>::default();
         registry.register("edge_connections", "Open device connections", connections.clone());
         let auth = Family::<ReasonLabel, Counter>::default();
@@ -75,7 +74,6 @@ impl Default for Metrics {
         let routes_reaped = Counter::default();
         registry.register("edge_routes_reaped", "Routes of dead pods removed", routes_reaped.clone());
         Metrics {
-            registry,
             connections,
             auth,
             uplinks,
@@ -90,21 +88,15 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
-        tcpc_observe::render(&self.registry)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn exposes_the_connection_gauge_by_listener() {
-        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
         metrics.connections.get_or_create(&ListenerLabel { listener: "official" }).set(3);
-        assert!(metrics.render().contains("edge_connections{listener=\"official\"} 3"));
+        assert!(tcpc_observe::render(&registry).contains("edge_connections{listener=\"official\"} 3"));
     }
 }

@@ -10,6 +10,7 @@ use tcpc_proto::secret::Redacted;
 use tcpc_proto::v1::{self, AuthReply, AuthRequest, Protocol};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::devices::{DeviceKind, ProtocolChoice};
@@ -96,17 +97,21 @@ fn given_up(request: &AuthRequest, now_ms: i64) -> bool {
     request.deadline_ms != 0 && request.deadline_ms <= now_ms
 }
 
-/// Answers auth requests on NATS until `shutdown`.
-///
-/// # Errors
-/// The subscription cannot be made.
+/// Answers auth requests on NATS until `shutdown`, each on a task of `tasks`.
 pub async fn serve(
     client: async_nats::Client,
     authenticator: Arc<Authenticator>,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut requests =
-        client.queue_subscribe(names::AUTH_SUBJECT, names::AUTH_QUEUE_GROUP.to_owned()).await?;
+) {
+    let subscribed = client.queue_subscribe(names::AUTH_SUBJECT, names::AUTH_QUEUE_GROUP.to_owned()).await;
+    let mut requests = match subscribed {
+        Ok(requests) => requests,
+        Err(error) => {
+            tracing::error!(%error, "auth responder could not subscribe");
+            return;
+        }
+    };
     info!("answering auth requests");
     let limit = Arc::new(Semaphore::new(CONCURRENCY));
     loop {
@@ -130,7 +135,7 @@ pub async fn serve(
             continue;
         }
         let (client, authenticator) = (client.clone(), authenticator.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let reply = authenticator.answer(&request).await;
             if let Err(error) = client.publish(reply_to, reply.encode_to_vec().into()).await {
                 warn!(%error, "auth reply not sent");
@@ -139,5 +144,4 @@ pub async fn serve(
         });
     }
     let _ = requests.unsubscribe().await;
-    Ok(())
 }

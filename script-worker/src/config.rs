@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
 use tcpc_observe::LogFormat;
 
 use crate::scripts::{EngineKind, Limits};
@@ -82,8 +83,9 @@ pub struct Settings {
     /// MQTT user and password on the platform broker.
     #[arg(long, env = "MQTT_USERNAME", default_value = "plugin")]
     pub mqtt_username: String,
-    #[arg(long, env = "MQTT_PASSWORD", default_value = "plugin")]
-    pub mqtt_password: String,
+    #[arg(long, env = "MQTT_PASSWORD", default_value = "plugin", hide_env_values = true,
+          value_parser = |s: &str| Ok::<_, std::convert::Infallible>(SecretString::from(s)))]
+    pub mqtt_password: SecretString,
     /// The script library: `lib:<name>` in a device config names `<dir>/<name>.js`.
     #[arg(long, env = "SCRIPTS_DIR")]
     pub scripts_dir: Option<PathBuf>,

@@ -32,6 +32,7 @@ use serde_json::{Map, Value as Json};
 use tcpc_proto::route::Route;
 use tcpc_proto::v1::DeliverStatus;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::devices::ProtocolChoice;
@@ -226,6 +227,9 @@ pub struct Downlinks {
     pub queue_policy: Option<QueuePolicy>,
     /// By carrier id.
     queue: Mutex<HashMap<String, DeviceQueue>>,
+    /// Queue flushes and answers awaiting the broker's acknowledgement, awaited on
+    /// shutdown with the worker's other tasks.
+    tasks: TaskTracker,
 }
 
 impl Downlinks {
@@ -234,24 +238,25 @@ impl Downlinks {
         prefix: String,
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
-        edges: Arc<EdgeClients>,
         scripts: Arc<Scripts>,
         sink: Arc<dyn PlatformSink>,
         metrics: Arc<Metrics>,
         handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
         queue_policy: Option<QueuePolicy>,
+        tasks: TaskTracker,
     ) -> Self {
         Downlinks {
             prefix,
             devices,
             routes,
-            edges,
+            edges: Arc::default(),
             scripts,
             sink,
             metrics,
             handles,
             queue_policy,
             queue: Mutex::default(),
+            tasks,
         }
     }
 
@@ -438,7 +443,7 @@ impl Downlinks {
         // Not awaited: the acknowledgement needs the broker connection, which may be
         // waiting for this very dispatcher to take the next downlink.
         if let Ok(delivered) = self.sink.publish(message).await {
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 if let Err(error) = delivered.await {
                     warn!(%error, "failure answer not acknowledged by the broker");
                 }
@@ -478,7 +483,7 @@ impl Downlinks {
         let Some(queue) = queues.get_mut(carrier) else { return false };
         self.push(queue, topic, payload.clone(), received);
         if !std::mem::replace(&mut queue.flushing, true) {
-            tokio::spawn(self.clone().flush(carrier.to_owned()));
+            self.tasks.spawn(self.clone().flush(carrier.to_owned()));
         }
         true
     }
@@ -489,7 +494,7 @@ impl Downlinks {
         if let Some(queue) = queues.get_mut(device_id)
             && !std::mem::replace(&mut queue.flushing, true)
         {
-            tokio::spawn(self.clone().flush(device_id.to_owned()));
+            self.tasks.spawn(self.clone().flush(device_id.to_owned()));
         }
     }
 

@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
     tcpc_observe::init_logging(config.log_format);
     let result = match bind(&config).await {
         Ok(listeners) => script_worker::run(config, listeners, tcpc_observe::shutdown_signal()).await,
-        Err(error) => Err(WorkerError::Serve(error)),
+        Err(error) => Err(WorkerError::Bind(error)),
     };
     exit_status("script-worker", result, |error| matches!(error, WorkerError::Config(_)))
 }

@@ -14,7 +14,6 @@ pub struct ReasonLabel {
 
 /// The worker's metrics.
 pub struct Metrics {
-    registry: Registry,
     /// Envelopes taken from the bus and done with (published or skipped).
     pub envelopes: Counter,
     /// Platform messages acknowledged by the broker.
@@ -39,9 +38,9 @@ pub struct Metrics {
     pub subscription_refusals: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
+impl Metrics {
+    /// Registers every metric of the worker in the process's one `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
         let envelopes = Counter::default();
         registry.register("worker_envelopes", "Envelopes handled", envelopes.clone());
         let published = Counter::default();
@@ -81,7 +80,6 @@ impl Default for Metrics {
             subscription_refusals.clone(),
         );
         Metrics {
-            registry,
             envelopes,
             published,
             uplink_errors,
@@ -94,11 +92,5 @@ impl Default for Metrics {
             lease_rounds,
             subscription_refusals,
         }
-    }
-}
-
-impl Metrics {
-    pub fn render(&self) -> String {
-        tcpc_observe::render(&self.registry)
     }
 }

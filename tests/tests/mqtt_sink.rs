@@ -47,7 +47,7 @@ async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
     });
     let subscription =
         Subscription { filter: "plugin/TCP/#".into(), deliveries, refuse, refusals: Refusals::default() };
-    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin".into()).unwrap();
     let stop = CancellationToken::new();
     let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
     until_downlinks_flow(&watcher, &mut queue).await;
@@ -102,7 +102,7 @@ async fn a_message_the_broker_would_refuse_fails_alone() {
     tcpc_tests::init_logging();
     let broker = Mosquitto::spawn().await;
     let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
-    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin").unwrap();
+    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", "plugin".into()).unwrap();
     let stop = CancellationToken::new();
     let sink = MqttSink::start(config, None, stop.clone(), &TaskTracker::new());
     let message = |topic: &str, payload: Bytes| PlatformMessage { topic: topic.to_owned(), payload };
@@ -142,7 +142,7 @@ async fn a_message_the_broker_would_refuse_fails_alone() {
 async fn a_shutdown_disconnects_cleanly() {
     tcpc_tests::init_logging();
     let broker = Mosquitto::spawn().await;
-    let config = MqttConfig::from_url(&broker.url(), "worker-stopping", "plugin", "plugin").unwrap();
+    let config = MqttConfig::from_url(&broker.url(), "worker-stopping", "plugin", "plugin".into()).unwrap();
     let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
     let sink = MqttSink::start(config, None, stop.clone(), &tasks);
     wait_until("the connection", || async { sink.is_ready() }).await;
@@ -180,7 +180,8 @@ async fn a_refused_downlink_subscription_is_not_ready_and_asked_again() {
         refuse: Arc::new(|_: &str| None),
         refusals: refusals.clone(),
     };
-    let config = MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", PLUGIN_PASSWORD).unwrap();
+    let config =
+        MqttConfig::from_url(&broker.url(), "worker-under-test", "plugin", PLUGIN_PASSWORD.into()).unwrap();
     let stop = CancellationToken::new();
     let sink = MqttSink::start(config, Some(subscription), stop.clone(), &TaskTracker::new());
     wait_until("the broker to refuse the subscription", || std::future::ready(refusals.get() >= 1)).await;

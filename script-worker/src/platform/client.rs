@@ -1,4 +1,4 @@
-//! Calls to ThingsPanel's plugin HTTP API (device config, heartbeat, device list).
+//! Calls to ThingsPanel's plugin HTTP API (device config, the heartbeat loop, device list).
 //!
 //! Every reply is HTTP 200 with `{"code","message","data"}`: success is `code == 200`,
 //! so the code is checked, not only the HTTP status.
@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use crate::devices::{Device, DeviceKind, DeviceSettings, SubDevice};
 
@@ -113,6 +115,22 @@ impl PlatformClient {
         match reply.code {
             OK => Ok(()),
             code => Err(PlatformError::Refused { code, message: reply.message }),
+        }
+    }
+
+    /// Sends the plugin heartbeat every `every` until `stop` (the platform shows a plugin
+    /// inactive after 60 s without one); a refused one is logged and the next one tried.
+    pub async fn keep_heartbeat(self, service_identifier: String, every: Duration, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {
+                    if let Err(error) = self.heartbeat(&service_identifier).await {
+                        warn!(%error, "plugin heartbeat not accepted");
+                    }
+                }
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use secrecy::{ExposeSecret, SecretString};
 use tcpc_proto::backoff::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -73,41 +74,43 @@ pub struct MqttConfig {
     pub port: u16,
     pub client_id: String,
     pub username: String,
-    pub password: String,
+    /// Shown as `[REDACTED]` by Debug.
+    pub password: SecretString,
 }
 
 impl MqttConfig {
-    /// Reads `mqtt://host:port` (the port defaults to 1883).
+    /// Reads `mqtt://host:port` (the port defaults to 1883; `tcp://` is accepted too).
     ///
     /// # Errors
-    /// Another scheme, or no host.
-    pub fn from_url(url: &str, client_id: &str, username: &str, password: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).ok_or_else(|| {
-            format!(
+    /// Not a URL, another scheme, or no host.
+    pub fn from_url(
+        url: &str,
+        client_id: &str,
+        username: &str,
+        password: SecretString,
+    ) -> Result<Self, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("MQTT URL {url:?}: {e}"))?;
+        if !matches!(parsed.scheme(), "mqtt" | "tcp") {
+            return Err(format!(
                 "MQTT URL {url:?}: use mqtt://host:port (TLS is not supported; the platform broker is local)"
-            )
-        })?;
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse().map_err(|_| format!("MQTT URL {url:?}: bad port"))?),
-            None => (rest, 1883),
-        };
-        if host.is_empty() {
-            return Err(format!("MQTT URL {url:?}: no host"));
+            ));
         }
+        let host = parsed.host_str().filter(|host| !host.is_empty());
+        let host = host.ok_or_else(|| format!("MQTT URL {url:?}: no host"))?;
         Ok(MqttConfig {
-            host: host.to_owned(),
-            port,
+            // `[::1]` as a URL host, `::1` as a socket address.
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port: parsed.port().unwrap_or(1883),
             client_id: client_id.to_owned(),
             username: username.to_owned(),
-            password: password.to_owned(),
+            password,
         })
     }
 
     fn options(&self) -> MqttOptions {
         let mut options = MqttOptions::new(&self.client_id, &self.host, self.port);
         options
-            .set_credentials(&self.username, &self.password)
+            .set_credentials(&self.username, self.password.expose_secret())
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_inflight(IN_FLIGHT as u16)
@@ -432,11 +435,16 @@ mod tests {
 
     #[test]
     fn urls() {
-        let config = MqttConfig::from_url("mqtt://broker:1884", "id", "plugin", "pw").unwrap();
+        let config = MqttConfig::from_url("mqtt://broker:1884", "id", "plugin", "pw".into()).unwrap();
         assert_eq!((config.host.as_str(), config.port), ("broker", 1884));
-        assert_eq!(MqttConfig::from_url("mqtt://broker", "id", "u", "p").unwrap().port, 1883);
-        assert!(MqttConfig::from_url("mqtts://broker", "id", "u", "p").is_err());
-        assert!(MqttConfig::from_url("mqtt://:1883", "id", "u", "p").is_err());
+        assert_eq!(MqttConfig::from_url("mqtt://broker", "id", "u", "p".into()).unwrap().port, 1883);
+        assert!(MqttConfig::from_url("mqtts://broker", "id", "u", "p".into()).is_err());
+        assert!(MqttConfig::from_url("mqtt://:1883", "id", "u", "p".into()).is_err());
+        assert!(MqttConfig::from_url("broker:1883", "id", "u", "p".into()).is_err());
+        let v6 = MqttConfig::from_url("tcp://[::1]:1885/", "id", "u", "p".into()).unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 1885));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pw") && shown.contains("REDACTED"), "{shown}");
     }
 
     #[test]
