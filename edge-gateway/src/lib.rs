@@ -210,7 +210,7 @@ pub async fn run_with(
         },
         metrics.refused.clone(),
     );
-    warn_if_few_files(limits.max_connections);
+    raise_open_files(limits.max_connections);
     let shared = Arc::new(Shared {
         pod: config.pod(),
         grpc_addr,
@@ -343,24 +343,24 @@ async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
 
 /// How often the per-source table drops what no longer counts.
 const SOURCE_SWEEP: Duration = Duration::from_secs(10);
+/// Files the edge holds beside its device connections (listeners, NATS, Redis, gRPC).
+const FILES_BESIDE_CONNECTIONS: u64 = 256;
 /// Kept at the end of the shutdown budget for flushing the bus.
 const FLUSH_MARGIN: Duration = Duration::from_secs(1);
 
-/// Warns when the process may not open as many files as it should hold connections.
-fn warn_if_few_files(max_connections: usize) {
-    let Some(limit) = open_files_limit() else { return };
-    if limit < max_connections as u64 {
-        warn!(
+/// Raises the soft limit of open files to hold `max_connections`, and warns when the
+/// hard limit does not allow it.
+fn raise_open_files(max_connections: usize) {
+    // Containers often start with a soft limit of 1024 under a far higher hard limit:
+    // raised as far as allowed, as Go's runtime does for every program.
+    let wanted = max_connections as u64 + FILES_BESIDE_CONNECTIONS;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => warn!(
             open_files = limit,
             max_connections,
-            "RLIMIT_NOFILE is below --max-connections: accepts will fail first; raise the limit"
-        );
+            "the open files limit (hard RLIMIT_NOFILE) is below --max-connections: accepts will fail first"
+        ),
+        Ok(_) => {}
+        Err(error) => warn!(%error, "the open files limit could not be read or raised"),
     }
-}
-
-/// The soft limit of open files, from /proc (no unsafe `getrlimit`).
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|line| line.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
 }
