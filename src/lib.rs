@@ -38,10 +38,8 @@ pub const EXAMPLE_DEVICES: &str = include_str!("../examples/devices.toml");
 #[derive(Debug, Parser)]
 #[command(name = "tcp-connectivity", version, about, long_about = None)]
 pub struct Config {
-    #[arg(long, env = "EDGE_OFFICIAL_LISTEN", default_value = "0.0.0.0:7653")]
-    pub official_listen: SocketAddr,
-    #[arg(long, env = "EDGE_CUSTOM_LISTEN", default_value = "0.0.0.0:7654")]
-    pub custom_listen: SocketAddr,
+    #[command(flatten)]
+    pub ports: edge_gateway::config::DevicePorts,
     #[arg(long, env = "EDGE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
     #[arg(long, env = "EDGE_ADVERTISE_ADDR")]
@@ -82,8 +80,6 @@ pub enum AllInOneError {
     Edge(#[from] edge_gateway::EdgeError),
     #[error(transparent)]
     Worker(#[from] script_worker::WorkerError),
-    #[error("bind {0}: {1}")]
-    Bind(SocketAddr, #[source] std::io::Error),
 }
 
 /// The all-in-one's pre-bound listeners.
@@ -98,17 +94,13 @@ impl Listeners {
     /// # Errors
     /// An address is in use or not allowed.
     pub async fn bind(config: &Config) -> Result<Self, AllInOneError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|e| AllInOneError::Bind(addr, e))
-        };
         Ok(Listeners {
             edge: edge_gateway::Listeners {
-                official: bind(config.official_listen).await?,
-                custom: bind(config.custom_listen).await?,
-                grpc: bind(config.grpc_listen).await?,
-                metrics: bind(config.metrics_listen).await?,
+                devices: edge_gateway::DeviceListeners::bind(&config.ports).await?,
+                grpc: edge_gateway::bind(config.grpc_listen).await?,
+                metrics: edge_gateway::bind(config.metrics_listen).await?,
             },
-            http: bind(config.worker.http_listen).await?,
+            http: edge_gateway::bind(config.worker.http_listen).await?,
         })
     }
 }
@@ -117,8 +109,7 @@ impl Config {
     /// The edge's configuration within the all-in-one.
     fn edge(&self, pod: &str) -> edge_gateway::Config {
         edge_gateway::Config {
-            official_listen: self.official_listen,
-            custom_listen: self.custom_listen,
+            ports: self.ports.clone(),
             grpc_listen: self.grpc_listen,
             advertise_addr: self.advertise_addr.clone(),
             pod_name: Some(pod.to_owned()),

@@ -31,6 +31,7 @@ pub mod registry;
 pub mod routes;
 mod session;
 mod sources;
+pub mod tls;
 pub mod uplink;
 
 use std::net::SocketAddr;
@@ -97,10 +98,46 @@ impl Shared {
 
 /// The pod's pre-bound listeners (tests bind port 0 and know the ports up front).
 pub struct Listeners {
-    pub official: TcpListener,
-    pub custom: TcpListener,
+    pub devices: DeviceListeners,
     pub grpc: TcpListener,
     pub metrics: TcpListener,
+}
+
+/// The device listeners; a port turned off has none.
+pub struct DeviceListeners {
+    pub official: Option<TcpListener>,
+    pub custom: Option<TcpListener>,
+    pub official_tls: Option<TcpListener>,
+    pub custom_tls: Option<TcpListener>,
+}
+
+/// Binds a listener.
+///
+/// # Errors
+/// The address is in use or not allowed.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, EdgeError> {
+    TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
+}
+
+impl DeviceListeners {
+    /// Binds the device ports that are on.
+    ///
+    /// # Errors
+    /// An address is in use or not allowed.
+    pub async fn bind(ports: &config::DevicePorts) -> Result<Self, EdgeError> {
+        let bind_on = |listen: config::Listen| async move {
+            match listen.0 {
+                Some(addr) => bind(addr).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        Ok(DeviceListeners {
+            official: bind_on(ports.official_listen).await?,
+            custom: bind_on(ports.custom_listen).await?,
+            official_tls: bind_on(ports.official_tls_listen).await?,
+            custom_tls: bind_on(ports.custom_tls_listen).await?,
+        })
+    }
 }
 
 impl Listeners {
@@ -109,12 +146,8 @@ impl Listeners {
     /// # Errors
     /// An address is in use or not allowed.
     pub async fn bind(config: &Config) -> Result<Self, EdgeError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
-        };
         Ok(Listeners {
-            official: bind(config.official_listen).await?,
-            custom: bind(config.custom_listen).await?,
+            devices: DeviceListeners::bind(&config.ports).await?,
             grpc: bind(config.grpc_listen).await?,
             metrics: bind(config.metrics_listen).await?,
         })
@@ -138,6 +171,8 @@ pub enum EdgeError {
     Routes(#[from] routes::RouteError),
     #[error("local address: {0}")]
     LocalAddr(#[source] std::io::Error),
+    #[error("device TLS")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs the edge with NATS and Redis until `shutdown` resolves, then drains.
@@ -231,12 +266,31 @@ pub async fn run_with(
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let servers = TaskTracker::new();
-    for (listener, protocol) in
-        [(listeners.official, Protocol::Official), (listeners.custom, Protocol::Custom)]
-    {
+    let tls = match shared.config.ports.tls_files() {
+        Some(files) => {
+            let tls = Arc::new(tls::DeviceTls::load(files)?);
+            servers.spawn({
+                let (tls, reloads, stopped) =
+                    (tls.clone(), shared.metrics.tls_reloads.clone(), accepting.clone());
+                async move { tls.keep_reloading(reloads, stopped).await }
+            });
+            Some(tls)
+        }
+        None => None,
+    };
+    let DeviceListeners { official, custom, official_tls, custom_tls } = listeners.devices;
+    let ports = [
+        (official, Protocol::Official, None),
+        (custom, Protocol::Custom, None),
+        (official_tls, Protocol::Official, tls.clone()),
+        (custom_tls, Protocol::Custom, tls),
+    ];
+    for (listener, protocol, tls) in ports {
+        let Some(listener) = listener else { continue };
         servers.spawn(listener::accept_loop(
             listener,
             protocol,
+            tls,
             shared.clone(),
             sessions.clone(),
             accepting.clone(),
