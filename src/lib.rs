@@ -110,6 +110,8 @@ impl Config {
     fn edge(&self, pod: &str) -> edge_gateway::Config {
         edge_gateway::Config {
             ports: self.ports.clone(),
+            // The all-in-one's worker calls its own edge on loopback.
+            grpc_security: edge_gateway::config::GrpcSecurity::default(),
             grpc_listen: self.grpc_listen,
             advertise_addr: self.advertise_addr.clone(),
             pod_name: Some(pod.to_owned()),
@@ -215,6 +217,7 @@ pub async fn run(
     let seams = script_worker::Seams {
         devices,
         routes: lookup,
+        edges: Arc::default(),
         broker,
         bus,
         platform,

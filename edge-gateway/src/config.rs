@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-pub use tcpc_observe::{KubeSwitch, LogFormat};
+pub use tcpc_observe::{GrpcSecurity, KubeSwitch, LogFormat};
 
 /// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
 /// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
@@ -18,6 +18,8 @@ pub struct Config {
     /// gRPC listener of the EdgeGateway service (workers deliver downlinks here).
     #[arg(long, env = "EDGE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
     pub grpc_listen: SocketAddr,
+    #[command(flatten)]
+    pub grpc_security: GrpcSecurity,
     /// host:port at which workers reach this pod's gRPC (default: the gRPC listener,
     /// with 127.0.0.1 for an unspecified address).
     #[arg(long, env = "EDGE_ADVERTISE_ADDR")]
@@ -214,6 +216,12 @@ pub struct Limits {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
 impl Config {
     /// Cross-field checks; a message for the operator when the configuration cannot work.
     ///
@@ -221,6 +229,7 @@ impl Config {
     /// The first inconsistency found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.ports.validate()?;
+        self.grpc_security.tls().map_err(ConfigError)?;
         let fail = |message: &str| Err(ConfigError(message.to_owned()));
         if self.limits.max_connections == 0 {
             return fail("--max-connections must be at least 1");

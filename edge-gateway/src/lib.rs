@@ -266,18 +266,12 @@ pub async fn run_with(
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let servers = TaskTracker::new();
-    let tls = match shared.config.ports.tls_files() {
-        Some(files) => {
-            let tls = Arc::new(tls::DeviceTls::load(files)?);
-            servers.spawn({
-                let (tls, reloads, stopped) =
-                    (tls.clone(), shared.metrics.tls_reloads.clone(), accepting.clone());
-                async move { tls.keep_reloading(reloads, stopped).await }
-            });
-            Some(tls)
-        }
-        None => None,
-    };
+    let tls = shared
+        .config
+        .ports
+        .tls_files()
+        .map(|files| serve_tls(files, &[], &shared, &servers, accepting.clone()))
+        .transpose()?;
     let DeviceListeners { official, custom, official_tls, custom_tls } = listeners.devices;
     let ports = [
         (official, Protocol::Official, None),
@@ -298,17 +292,41 @@ pub async fn run_with(
     }
     // Stops the servers once the sessions are gone (or the drain gave up on them).
     let stopped = CancellationToken::new();
+    let grpc_tls = shared
+        .config
+        .grpc_security
+        .tls()
+        .map_err(config::ConfigError::from)?
+        .map(|files| {
+            let files = tls::TlsFiles { cert: files.cert, key: files.key, client_ca: Some(files.ca) };
+            serve_tls(files, &[b"h2"], &shared, &servers, stopped.clone())
+        })
+        .transpose()?;
     servers.spawn({
-        let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() });
-        // No Nagle: a Deliver answer is one small frame, and delayed ACKs would hold it.
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // A downlink is at most a frame; a larger request is refused before it is decoded.
+        let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() })
+            .max_decoding_message_size(shared.config.limits.max_frame + GRPC_ENVELOPE);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            grpc::token_check(shared.config.grpc_security.grpc_token.clone()),
+        );
         let stopped = stopped.clone();
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(service);
         async move {
-            let served = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stopped.cancelled())
-                .await;
+            let served = match grpc_tls {
+                Some(tls) => {
+                    let incoming = grpc::tls_incoming(listeners.grpc, tls, stopped.clone());
+                    server.serve_with_incoming_shutdown(incoming, stopped.cancelled()).await
+                }
+                None => {
+                    // No Nagle: a Deliver answer is one small frame, and delayed ACKs would hold it.
+                    let incoming =
+                        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+                    server.serve_with_incoming_shutdown(incoming, stopped.cancelled()).await
+                }
+            };
             if let Err(error) = served {
                 tracing::error!(%error, "gRPC server failed");
             }
@@ -378,6 +396,20 @@ pub async fn run_with(
     Ok(())
 }
 
+/// A TLS server on `files`, kept following them on `servers` until `stop`.
+fn serve_tls(
+    files: tls::TlsFiles,
+    alpn: &[&[u8]],
+    shared: &Shared,
+    servers: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<Arc<tls::ServerTls>, tls::TlsError> {
+    let tls = Arc::new(tls::ServerTls::load(files, alpn)?);
+    let (reloading, reloads) = (tls.clone(), shared.metrics.tls_reloads.clone());
+    servers.spawn(async move { reloading.keep_reloading(reloads, stop).await });
+    Ok(tls)
+}
+
 /// Keeps the pod's deletion cost near its connection count until `stop`; without a
 /// Kubernetes client (no in-cluster account, no kubeconfig) it says so once and stops.
 async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
@@ -395,6 +427,8 @@ async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
     deletion_cost::keep_deletion_cost(&annotation, || shared.registry.len(), stop).await;
 }
 
+/// What a Deliver request holds beside its payload, at most (ids, command, deadline).
+const GRPC_ENVELOPE: usize = 4096;
 /// How often the per-source table drops what no longer counts.
 const SOURCE_SWEEP: Duration = Duration::from_secs(10);
 /// Files the edge holds beside its device connections (listeners, NATS, Redis, gRPC).

@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::Shared;
 use crate::metrics::ReasonLabel;
 use crate::session;
-use crate::tls::DeviceTls;
+use crate::tls::ServerTls;
 
 /// TCP keepalive of device sockets: probes after 60 s of silence, every 10 s, 6 times.
 const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
@@ -28,7 +28,7 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
-    tls: Option<Arc<DeviceTls>>,
+    tls: Option<Arc<ServerTls>>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
     accepting: CancellationToken,

@@ -1,4 +1,5 @@
-//! TLS on the device ports (rustls, ring), beside or instead of the plaintext ones.
+//! TLS servers (rustls, ring): the device ports, beside or instead of the plaintext
+//! ones, and the gRPC port (mutual TLS with the workers).
 //!
 //! The certificate and key are PEM files, read again every [`RELOAD_POLL`]: when their
 //! bytes change (a Kubernetes Secret update swaps them through a symlink), new
@@ -32,7 +33,7 @@ use crate::metrics::ReasonLabel;
 /// How often the certificate files are read again.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
 
-/// The device ports' TLS configuration could not be loaded.
+/// A TLS configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("read {0}")]
@@ -47,7 +48,7 @@ pub enum TlsError {
     ClientCa(#[source] rustls::server::VerifierBuilderError),
 }
 
-/// Where the device ports' certificate, key and optional client CA are.
+/// Where a server's certificate, key and optional client CA are.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -55,19 +56,19 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// The device ports' TLS: an acceptor whose certificate follows the files.
-pub struct DeviceTls {
+/// A TLS server: an acceptor whose certificate follows the files.
+pub struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
     current: Arc<CurrentCert>,
     files: TlsFiles,
 }
 
-impl DeviceTls {
-    /// Loads the files.
+impl ServerTls {
+    /// Loads the files; `alpn` are the application protocols offered (gRPC: `h2`).
     ///
     /// # Errors
     /// A file cannot be read or parsed, the key does not match the certificate.
-    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+    pub fn load(files: TlsFiles, alpn: &[&[u8]]) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let pair = read_pair(&files)?;
         let current =
@@ -89,8 +90,9 @@ impl DeviceTls {
             }
             None => builder.with_no_client_auth(),
         };
-        let config = builder.with_cert_resolver(current.clone());
-        Ok(DeviceTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), current, files })
+        let mut config = builder.with_cert_resolver(current.clone());
+        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+        Ok(ServerTls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), current, files })
     }
 
     pub fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
@@ -115,11 +117,11 @@ impl DeviceTls {
             let outcome = match certified(&pair, &self.current.provider) {
                 Ok(key) => {
                     *self.current.key.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
-                    info!(cert = %self.files.cert.display(), "device TLS certificate reloaded");
+                    info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
                     "reloaded"
                 }
                 Err(error) => {
-                    warn!(%error, cert = %self.files.cert.display(), "new device TLS certificate not usable; the last good one is kept");
+                    warn!(%error, cert = %self.files.cert.display(), "new TLS certificate not usable; the last good one is kept");
                     "refused"
                 }
             };

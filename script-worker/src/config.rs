@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
-use tcpc_observe::{KubeSwitch, LogFormat};
+use tcpc_observe::{GrpcSecurity, KubeSwitch, LogFormat};
 
 use crate::scripts::{EngineKind, Limits};
 
@@ -75,6 +75,11 @@ pub struct Config {
     /// The edge pods' namespace (default: the client's, e.g. the service account's).
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
+    #[command(flatten)]
+    pub grpc_security: GrpcSecurity,
+    /// The name the edges' gRPC certificate is issued for (checked whatever the pod's IP).
+    #[arg(long, env = "GRPC_TLS_SERVER_NAME", default_value = "edge-gateway")]
+    pub grpc_tls_server_name: String,
     #[command(flatten)]
     pub settings: Settings,
 }

@@ -156,3 +156,91 @@ async fn with_a_client_ca_devices_need_its_certificate() {
     assert_eq!(auth(&mut framed, "tok-cert").await, r#"{"result":0}"#);
     assert_eq!(w.auth.requests(), 1, "only the device with a certificate asked");
 }
+
+/// An edge whose gRPC port takes only clients with a certificate of `ca` (files in
+/// `files`: `grpc-cert.pem`, `grpc-key.pem`, `grpc-ca.pem`) and the token "s3cret".
+async fn mtls_edge(w: &EdgeWorld, files: &PemFiles, ca: &TestCa) -> TestEdge {
+    let issued = ca.issue(&["edge-gateway"]);
+    files.write("grpc-cert.pem", &issued.cert_pem);
+    files.write("grpc-key.pem", &issued.key_pem);
+    files.write("grpc-ca.pem", &ca.cert_pem);
+    let security = grpc_security(files, "s3cret");
+    TestEdge::spawn(&w.nats, &w.redis, "edge-mtls", move |config| config.grpc_security = security).await
+}
+
+fn grpc_security(files: &PemFiles, token: &str) -> edge_gateway::config::GrpcSecurity {
+    edge_gateway::config::GrpcSecurity {
+        grpc_tls_cert_file: Some(files.path("grpc-cert.pem")),
+        grpc_tls_key_file: Some(files.path("grpc-key.pem")),
+        grpc_tls_ca_file: Some(files.path("grpc-ca.pem")),
+        grpc_token: Some(token.into()),
+    }
+}
+
+fn route_to(edge: &TestEdge, device_id: &str, connection_id: &str) -> tcpc_proto::route::Route {
+    tcpc_proto::route::Route {
+        device_id: device_id.to_owned(),
+        connection_id: connection_id.to_owned(),
+        pod: edge.pod.clone(),
+        grpc_addr: edge.grpc.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_mutual_tls_workers_deliver_and_clients_without_a_certificate_are_refused() {
+    let w = EdgeWorld::start().await;
+    w.auth.add("tok-mtls", device("dev-mtls"));
+    let ca = TestCa::new("hop CA");
+    let files = PemFiles::new("mtls");
+    let edge = mtls_edge(&w, &files, &ca).await;
+    let mut reader = UplinkReader::open(w.nats.client().await).await;
+    let mut device = TpDevice::online(edge.official, "tok-mtls").await;
+    let online = reader.session().await;
+
+    // The worker's client: its own certificate of the CA, and the token.
+    let worker_files = PemFiles::new("mtls-worker");
+    let issued = ca.issue(&["script-worker"]);
+    worker_files.write("grpc-cert.pem", &issued.cert_pem);
+    worker_files.write("grpc-key.pem", &issued.key_pem);
+    worker_files.write("grpc-ca.pem", &ca.cert_pem);
+    let edges =
+        script_worker::routes::EdgeClients::new(&grpc_security(&worker_files, "s3cret"), "edge-gateway")
+            .unwrap();
+    let route = route_to(&edge, "dev-mtls", &online.connection_id);
+    let timeout = std::time::Duration::from_secs(5);
+    let delivered =
+        edges.deliver(&route, Bytes::from_static(b"{\"m\":1}"), u32::from(cmd::COMMAND), timeout).await;
+    assert_eq!(delivered.unwrap().0, tcpc_proto::v1::DeliverStatus::Delivered);
+    assert_eq!(&device.next().await.unwrap().payload[..], b"{\"m\":1}");
+
+    // A client with the right token but no certificate: refused at the handshake.
+    let no_certificate =
+        edge_gateway::config::GrpcSecurity { grpc_token: Some("s3cret".into()), ..Default::default() };
+    let plain = script_worker::routes::EdgeClients::new(&no_certificate, "edge-gateway").unwrap();
+    assert!(plain.deliver(&route, Bytes::from_static(b"x"), 0, timeout).await.is_err());
+    // A certificate of another CA: refused.
+    let stranger = TestCa::new("other CA");
+    let issued = stranger.issue(&["script-worker"]);
+    worker_files.write("grpc-cert.pem", &issued.cert_pem);
+    worker_files.write("grpc-key.pem", &issued.key_pem);
+    let strange =
+        script_worker::routes::EdgeClients::new(&grpc_security(&worker_files, "s3cret"), "edge-gateway")
+            .unwrap();
+    assert!(strange.deliver(&route, Bytes::from_static(b"x"), 0, timeout).await.is_err());
+    // The right certificate and a wrong token: refused by the token check.
+    let issued = ca.issue(&["script-worker"]);
+    worker_files.write("grpc-cert.pem", &issued.cert_pem);
+    worker_files.write("grpc-key.pem", &issued.key_pem);
+    let wrong_token =
+        script_worker::routes::EdgeClients::new(&grpc_security(&worker_files, "guess"), "edge-gateway")
+            .unwrap();
+    let refused = wrong_token.deliver(&route, Bytes::from_static(b"x"), 0, timeout).await.unwrap_err();
+    assert!(refused.contains("token"), "{refused}");
+
+    // Disconnect must name its connection.
+    let anonymous = route_to(&edge, "dev-mtls", "");
+    let refused = edges.disconnect(&anonymous, "test").await.unwrap_err();
+    assert!(refused.contains("connection_id"), "{refused}");
+    assert_eq!(edges.disconnect(&route, "test").await.unwrap(), 1);
+    assert_eq!(device.next().await.map(|frame| frame.cmd), Some(cmd::ERROR), "told before the close");
+}

@@ -20,7 +20,7 @@ use crate::metrics::ReasonLabel;
 use crate::proxy;
 use crate::registry::{CloseOrder, SessionHandle};
 use crate::routes::{Claim, Route};
-use crate::tls::DeviceTls;
+use crate::tls::ServerTls;
 
 impl Session {
     /// Authenticates the device; on success the session is registered, routed and its
@@ -28,7 +28,7 @@ impl Session {
     pub(super) async fn authenticate(
         &mut self,
         tcp_peer: SocketAddr,
-        tls: Option<&DeviceTls>,
+        tls: Option<&ServerTls>,
     ) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         let deadline = Instant::now() + limits.auth_timeout;

@@ -38,7 +38,7 @@ use tcpc_proto::v1::{
 use tokio::net::TcpStream;
 
 use self::stream::DeviceStream;
-use crate::tls::DeviceTls;
+use crate::tls::ServerTls;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -108,7 +108,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
-    tls: Option<Arc<DeviceTls>>,
+    tls: Option<Arc<ServerTls>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let listener = listener_label(protocol);

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::tls::{DeviceTls, Replayed};
+use crate::tls::{Replayed, ServerTls};
 
 pub(crate) enum DeviceStream {
     Plain(TcpStream),
@@ -29,7 +29,7 @@ pub(crate) struct TlsDevice {
 impl DeviceStream {
     /// Completes a TLS handshake on the plaintext socket, replaying `first` (bytes
     /// already read from it) ahead of the socket.
-    pub(crate) async fn start_tls(&mut self, tls: &DeviceTls, first: Bytes) -> io::Result<()> {
+    pub(crate) async fn start_tls(&mut self, tls: &ServerTls, first: Bytes) -> io::Result<()> {
         let DeviceStream::Plain(tcp) = std::mem::replace(self, DeviceStream::Broken) else {
             return Err(io::Error::other("TLS started twice"));
         };
