@@ -1,6 +1,9 @@
-//! What every tcp-connectivity binary shares about how it is run and observed: log
-//! set-up, the `/metrics`, `/healthz`, `/readyz` endpoints, the switch of the features
-//! that need Kubernetes, and the security flags of the gRPC hop between them.
+//! What every tcp-connectivity binary shares about how it is run and observed: log and
+//! trace set-up ([`telemetry`]), the `/metrics`, `/healthz`, `/readyz` endpoints, the
+//! switch of the features that need Kubernetes, and the security flags of the gRPC hop
+//! between them.
+
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,18 +88,6 @@ impl GrpcSecurity {
             (None, None, None) => Ok(None),
             _ => Err("gRPC mutual TLS needs all of --grpc-tls-cert-file, --grpc-tls-key-file and --grpc-tls-ca-file".into()),
         }
-    }
-}
-
-/// Installs the global subscriber: level from `RUST_LOG` (default info), to stderr so
-/// that stdout stays free for data (the all-in-one's JSON lines).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 
