@@ -33,7 +33,7 @@ use tcpc_proto::route::Route;
 use tcpc_proto::v1::DeliverStatus;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
@@ -264,7 +264,8 @@ impl Downlinks {
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
     pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
-        let Downlink { topic, payload, received } = downlink;
+        // Its receive span is current (the dispatcher runs this in it).
+        let Downlink { topic, payload, received, .. } = downlink;
         let Some(parsed) = parse_topic(&self.prefix, &topic) else {
             debug!(%topic, "not a downlink topic");
             return;
@@ -280,7 +281,9 @@ impl Downlinks {
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
         }
-        match self.deliver(&parsed, &target, &payload, due).await {
+        let delivered = self.deliver(&parsed, &target, &payload, due).await;
+        self.metrics.downlink_duration.observe(received.elapsed().as_secs_f64());
+        match delivered {
             Ok(()) => self.count("delivered"),
             Err((Undelivered::Offline, _)) if self.queues(parsed.kind) => {
                 self.enqueue(&target, &topic, payload)
@@ -390,7 +393,12 @@ impl Downlinks {
         due: Instant,
     ) -> Result<(), (Undelivered, Option<Route>)> {
         let prepared = tokio::time::timeout_at(due, async {
-            let encoded = self.encode(parsed, target, payload).await?;
+            let span = tracing::debug_span!(
+                "encode",
+                "tcpc.downlink.kind" = parsed.kind.name(),
+                "tcpc.device.id" = target.device_id.as_str(),
+            );
+            let encoded = self.encode(parsed, target, payload).instrument(span).await?;
             match self.routes.route(&target.carrier.id).await {
                 Ok(Some(route)) => Ok((encoded, route)),
                 Ok(None) => Err(Undelivered::Offline),
@@ -526,7 +534,9 @@ impl Downlinks {
             // bound; another only waited for its turn and keeps its own.
             let due = if queues_kind { Instant::now() } else { item.received } + ANSWER_WITHIN;
             let Some(target) = self.resolve(&parsed, due).await else { continue };
-            match self.deliver(&parsed, &target, &item.payload, due).await {
+            let delivered = self.deliver(&parsed, &target, &item.payload, due).await;
+            self.metrics.downlink_duration.observe(item.received.elapsed().as_secs_f64());
+            match delivered {
                 Ok(()) => self.count("delivered"),
                 Err((Undelivered::Offline, _)) if queues_kind => {
                     let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());
