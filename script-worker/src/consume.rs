@@ -237,6 +237,7 @@ impl Partitions {
                     tokio::spawn(this.clone().consume(partition, generation, stop.clone(), lease.clone()));
                 owned.insert(partition, Owned { stop, task, lease, generation });
                 this.set_owned(partition, true);
+                this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");
             }
             // Partitions that now belong to another worker, let go of together.

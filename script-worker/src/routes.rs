@@ -33,6 +33,9 @@ pub trait RouteLookup: Send + Sync + 'static {
     fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>>;
     /// Removes `route` if it is still the device's route (compare-and-delete).
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>>;
+    /// Claims the downlink named `digest` for this worker: true for the first claim (for
+    /// [`names::DOWNLINK_CLAIM_TTL`]), false when another worker has it.
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>>;
 }
 
 /// Routes in Redis.
@@ -80,6 +83,24 @@ impl RouteLookup for RedisRoutes {
                 .map_err(|_| "route store did not answer".to_owned())?
                 .map(drop)
                 .map_err(|e| format!("route store: {e}"))
+        })
+    }
+
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut claim = redis::cmd("SET");
+            claim
+                .arg(names::downlink_claim_key(digest))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(names::DOWNLINK_CLAIM_TTL.as_millis() as u64);
+            let taken: Option<String> = tokio::time::timeout(DEADLINE, claim.query_async(&mut connection))
+                .await
+                .map_err(|_| "route store did not answer".to_owned())?
+                .map_err(|e| format!("route store: {e}"))?;
+            Ok(taken.is_some())
         })
     }
 }
