@@ -500,6 +500,9 @@ impl Downlinks {
     /// so a newer route of the device is never touched).
     async fn purge_if_dead(&self, route: &Route) {
         if matches!(self.routes.pod_alive(&route.pod).await, Ok(false)) {
+            // Its channel too: pod IPs are reused, and a dead pod's channel would only
+            // hold its reconnect loop (and memory) for an address that is someone else's.
+            self.edges.forget(&route.grpc_addr);
             match self.routes.purge(route).await {
                 Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
                 Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),

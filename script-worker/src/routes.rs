@@ -218,6 +218,11 @@ impl EdgeClients {
         Ok(client)
     }
 
+    /// Drops the channel to `addr` (a dead pod's); the next call to it makes a new one.
+    pub fn forget(&self, addr: &str) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+    }
+
     /// A request carrying the token, when there is one.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
@@ -280,5 +285,20 @@ impl EdgeClients {
             .map_err(|_| format!("edge {}: no answer within {DEADLINE:?}", route.pod))?
             .map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
         Ok(reply.into_inner().closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forgotten_pod_gives_back_its_channel() {
+        let clients = EdgeClients::default();
+        clients.client("10.0.0.7:50051").unwrap();
+        clients.client("10.0.0.8:50051").unwrap();
+        clients.forget("10.0.0.7:50051");
+        let held: Vec<String> = clients.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(held, ["10.0.0.8:50051"]);
     }
 }
