@@ -163,7 +163,7 @@ pub async fn run(
     let platform = config.platform_url.as_deref().map(|url| PlatformClient::new(url, Duration::from_secs(5)));
     let devices: Arc<dyn DeviceSource> = match (&platform, &config.devices) {
         (Some(client), _) => {
-            Arc::new(script_worker::platform::devices::PlatformDevices::new(client.clone(), redis.clone()))
+            script_worker::platform::devices::PlatformDevices::new(client.clone(), redis.clone())
         }
         (None, Some(path)) => {
             Arc::new(FileDevices::load(path).map_err(|e| AllInOneError::Config(e.to_string()))?)

@@ -116,6 +116,10 @@ pub struct Settings {
     /// Largest script result, in KiB.
     #[arg(long, env = "SCRIPT_OUTPUT_KIB", default_value_t = 64)]
     pub script_output_kib: usize,
+    /// Memory for compiled scripts, in MiB, shared out among the engine threads; past
+    /// it the least recently used are compiled again when next needed.
+    #[arg(long, env = "SCRIPT_CACHE_MIB", default_value_t = 256)]
+    pub script_cache_mib: usize,
     /// Script engine threads; each script runs on one of them, chosen by its content
     /// hash (default: the number of cores).
     #[arg(long, env = "SCRIPT_THREADS")]
@@ -189,7 +193,7 @@ impl Settings {
             cpu_time: self.script_cpu_time,
             heap: self.script_heap_mib << 20,
             output: self.script_output_kib << 10,
-            ..Limits::default()
+            cache_bytes: (self.script_cache_mib << 20) / self.script_threads(),
         }
     }
 

@@ -246,6 +246,7 @@ impl Partitions {
                 ));
                 owned.insert(partition, Owned { stop, task, lease, generation, pending });
                 this.set_owned(partition, true);
+                this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");
             }
             // Partitions that now belong to another worker, let go of together.

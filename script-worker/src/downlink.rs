@@ -230,6 +230,23 @@ pub struct Downlinks {
     /// Queue flushes and answers awaiting the broker's acknowledgement, awaited on
     /// shutdown with the worker's other tasks.
     tasks: TaskTracker,
+    /// Downlinks another worker owned, by carrier id, oldest first (see
+    /// [`Downlinks::replay_hand_over`]).
+    hand_over: Mutex<VecDeque<(Target, Downlink)>>,
+}
+
+/// How long a downlink another worker owns is kept for a hand-over: past a lease's
+/// expiry (a crashed owner's partitions are taken 6–8 s after the crash).
+const HAND_OVER_WINDOW: Duration = Duration::from_secs(15);
+/// Downlinks kept for a hand-over, at most.
+const HAND_OVER_KEPT: usize = 10_000;
+
+/// What a downlink's claim is keyed by: its topic (with the message id) and payload.
+fn claim_digest(topic: &str, payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest =
+        Sha256::new().chain_update(topic.as_bytes()).chain_update([0]).chain_update(payload).finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Downlinks {
@@ -258,6 +275,7 @@ impl Downlinks {
             queue_policy,
             queue: Mutex::default(),
             tasks,
+            hand_over: Mutex::default(),
         }
     }
 
@@ -265,18 +283,36 @@ impl Downlinks {
     /// [`ANSWER_WITHIN`] of its arrival.
     pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
         // Its receive span is current (the dispatcher runs this in it).
-        let Downlink { topic, payload, received, .. } = downlink;
-        let Some(parsed) = parse_topic(&self.prefix, &topic) else {
-            debug!(%topic, "not a downlink topic");
+        let Some(parsed) = parse_topic(&self.prefix, &downlink.topic) else {
+            debug!(topic = %downlink.topic, "not a downlink topic");
             return;
         };
-        let due = received + ANSWER_WITHIN;
+        let due = downlink.received + ANSWER_WITHIN;
         let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
             // Another worker's (it owns the device's partition); counted so that an
-            // operator sees every worker takes every downlink.
+            // operator sees every worker takes every downlink, and kept a while in case
+            // that worker is gone and this one takes the partition over.
             self.count("not_owner");
+            self.keep_for_hand_over(target, downlink);
             return;
+        }
+        self.handle_owned(parsed, target, downlink).await;
+    }
+
+    /// Handles a resolved downlink of this worker's.
+    async fn handle_owned(self: &Arc<Self>, parsed: DownlinkTopic, target: Target, downlink: Downlink) {
+        let Downlink { topic, payload, received, .. } = downlink;
+        let due = received + ANSWER_WITHIN;
+        // Claimed first: a successor replaying a hand-over must not handle it again.
+        match self.routes.claim_downlink(&claim_digest(&topic, &payload)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.count("claimed_elsewhere");
+                return;
+            }
+            // Without the store a duplicate is possible, a loss is not.
+            Err(error) => debug!(%error, "downlink not claimed; handling it anyway"),
         }
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
@@ -315,6 +351,50 @@ impl Downlinks {
             }
             Ok(Ok(None) | Err(_)) => None,
         }
+    }
+
+    /// Keeps a downlink another worker owns, for [`HAND_OVER_WINDOW`] (at most
+    /// [`HAND_OVER_KEPT`] of them).
+    fn keep_for_hand_over(&self, target: Target, mut downlink: Downlink) {
+        // Its receive span ends now, as another worker's: a replay is a trace of its own.
+        downlink.span.record("tcpc.outcome", "not_owner");
+        downlink.span = tracing::Span::none();
+        let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while kept.front().is_some_and(|(_, old)| now.duration_since(old.received) > HAND_OVER_WINDOW)
+            || kept.len() >= HAND_OVER_KEPT
+        {
+            kept.pop_front();
+        }
+        kept.push_back((target, downlink));
+    }
+
+    /// This worker took partitions: the downlinks of their devices that arrived while
+    /// another worker owned them are handled again here, each once across workers (by
+    /// its claim), so that none is left unanswered when the owner died. Those past
+    /// their answer's due time are answered "busy" at once.
+    pub fn replay_hand_over(self: &Arc<Self>) {
+        let mine: VecDeque<(Target, Downlink)> = {
+            let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, others) = std::mem::take(&mut *kept)
+                .into_iter()
+                .partition(|(target, _): &(Target, Downlink)| (self.handles)(&target.carrier.id));
+            *kept = others;
+            mine
+        };
+        if mine.is_empty() {
+            return;
+        }
+        info!(downlinks = mine.len(), "replaying the downlinks of partitions taken over");
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            // Resolved when they arrived: their due time may be past, their device not.
+            for (target, downlink) in mine {
+                if let Some(parsed) = parse_topic(&this.prefix, &downlink.topic) {
+                    this.handle_owned(parsed, target, downlink).await;
+                }
+            }
+        });
     }
 
     /// Answers a downlink that did not reach its device; then, if its edge pod could
@@ -431,6 +511,9 @@ impl Downlinks {
     /// so a newer route of the device is never touched).
     async fn purge_if_dead(&self, route: &Route) {
         if matches!(self.routes.pod_alive(&route.pod).await, Ok(false)) {
+            // Its channel too: pod IPs are reused, and a dead pod's channel would only
+            // hold its reconnect loop (and memory) for an address that is someone else's.
+            self.edges.forget(&route.grpc_addr);
             match self.routes.purge(route).await {
                 Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
                 Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),

@@ -34,6 +34,9 @@ pub trait RouteLookup: Send + Sync + 'static {
     fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>>;
     /// Removes `route` if it is still the device's route (compare-and-delete).
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>>;
+    /// Claims the downlink named `digest` for this worker: true for the first claim (for
+    /// [`names::DOWNLINK_CLAIM_TTL`]), false when another worker has it.
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>>;
 }
 
 /// Routes in Redis.
@@ -81,6 +84,24 @@ impl RouteLookup for RedisRoutes {
                 .map_err(|_| "route store did not answer".to_owned())?
                 .map(drop)
                 .map_err(|e| format!("route store: {e}"))
+        })
+    }
+
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut claim = redis::cmd("SET");
+            claim
+                .arg(names::downlink_claim_key(digest))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(names::DOWNLINK_CLAIM_TTL.as_millis() as u64);
+            let taken: Option<String> = tokio::time::timeout(DEADLINE, claim.query_async(&mut connection))
+                .await
+                .map_err(|_| "route store did not answer".to_owned())?
+                .map_err(|e| format!("route store: {e}"))?;
+            Ok(taken.is_some())
         })
     }
 }
@@ -221,6 +242,11 @@ impl EdgeClients {
         Ok(client)
     }
 
+    /// Drops the channel to `addr` (a dead pod's); the next call to it makes a new one.
+    pub fn forget(&self, addr: &str) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+    }
+
     /// A request carrying the token, when there is one, and the current span's trace
     /// context (the call's client span: the callers run this in it).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -295,5 +321,20 @@ impl EdgeClients {
             .map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
         record_status(&span, tonic::Code::Ok);
         Ok(reply.into_inner().closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forgotten_pod_gives_back_its_channel() {
+        let clients = EdgeClients::default();
+        clients.client("10.0.0.7:50051").unwrap();
+        clients.client("10.0.0.8:50051").unwrap();
+        clients.forget("10.0.0.7:50051");
+        let held: Vec<String> = clients.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(held, ["10.0.0.8:50051"]);
     }
 }

@@ -369,7 +369,7 @@ pub async fn run(
     )
     .map_err(WorkerError::Config)?;
     let platform = PlatformClient::new(&config.platform_url, Duration::from_secs(5));
-    let devices = Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
+    let devices = platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone()));
     let edge_pods = config.edge_pod_watch.enabled().then(|| EdgePodWatch {
         namespace: config.pod_namespace.clone(),
         selector: config.edge_pod_selector.clone(),

@@ -11,8 +11,7 @@ use tcpc_proto::v1::{UplinkEnvelope, uplink_envelope};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::wait_until;
-use tcpc_tests::worker::WorkerProcess;
-use tcpc_tests::world::{World, wait_for_partitions};
+use tcpc_tests::world::{World, partition_owner, wait_for_partitions};
 
 async fn world() -> World {
     World::start().await
@@ -191,22 +190,6 @@ async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u6
 fn first_seen(seen: &[u64]) -> Vec<u64> {
     let mut counted = std::collections::HashSet::new();
     seen.iter().copied().filter(|n| counted.insert(*n)).collect()
-}
-
-/// Which of `workers` holds the lease of `device_id`'s partition (the lease names the
-/// worker and its boot nonce: `worker-a#1f2e3d4c`).
-async fn partition_owner(w: &World, workers: &[WorkerProcess], device_id: &str) -> usize {
-    let partition = tcpc_proto::names::partition_of(device_id, tcpc_proto::names::DEFAULT_PARTITIONS);
-    let owner: String = redis::AsyncCommands::get(
-        &mut w.redis.connection().await,
-        tcpc_proto::names::partition_lease_key(partition),
-    )
-    .await
-    .unwrap();
-    workers
-        .iter()
-        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
-        .expect("the owner is one of ours")
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -150,6 +150,7 @@ impl Downlink {
             "messaging.operation.type" = "receive",
             "messaging.destination.name" = topic.as_str(),
             "messaging.message.body.size" = payload.len(),
+            "tcpc.outcome" = tracing::field::Empty,
         );
         Downlink { topic, payload, received: Instant::now(), span }
     }
