@@ -82,14 +82,9 @@ impl EdgeGatewayService {
 /// The server span of an EdgeGateway call (RPC semantic conventions), a child of the
 /// worker's client span whose context the request's metadata carries.
 fn server_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
-    let span = tracing::debug_span!(
-        "rpc",
-        "otel.kind" = "server",
-        "otel.name" = %format_args!("tcpc.v1.EdgeGateway/{method}"),
-        "rpc.system" = "grpc",
-        "rpc.service" = "tcpc.v1.EdgeGateway",
-        "rpc.method" = method,
-        "rpc.grpc.status_code" = field::Empty,
+    let span = tcpc_proto::edge_rpc_span!(
+        "server",
+        method,
         "tcpc.device.id" = field::Empty,
         "tcpc.connection.id" = field::Empty,
         "tcpc.outcome" = field::Empty,

@@ -47,6 +47,45 @@ pub fn extract<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Context {
     global::get_text_map_propagator(|propagator| propagator.extract(&getter))
 }
 
+/// A span of a NATS operation, after the messaging conventions (named
+/// `<operation> <subject>`): `nats_span!(name, kind, operation type, operation, subject,
+/// more fields…)`. At DEBUG, so that it is created only when exported (or logged at
+/// debug); its target is the calling module, as for any `tracing` span.
+#[macro_export]
+macro_rules! nats_span {
+    ($name:literal, $kind:literal, $type:literal, $operation:literal, $subject:expr, $($fields:tt)*) => {
+        ::tracing::debug_span!(
+            $name,
+            "otel.kind" = $kind,
+            "otel.name" = %format_args!("{} {}", $operation, $subject),
+            "messaging.system" = "nats",
+            "messaging.operation.type" = $type,
+            "messaging.operation.name" = $operation,
+            "messaging.destination.name" = %$subject,
+            $($fields)*
+        )
+    };
+}
+
+/// A span of an `EdgeGateway` call, after the RPC conventions (named
+/// `tcpc.v1.EdgeGateway/<method>`): `edge_rpc_span!(kind, method, more fields…)`; its
+/// `rpc.grpc.status_code` is recorded when the call ends.
+#[macro_export]
+macro_rules! edge_rpc_span {
+    ($kind:literal, $method:expr, $($fields:tt)*) => {
+        ::tracing::debug_span!(
+            "rpc",
+            "otel.kind" = $kind,
+            "otel.name" = %format_args!("tcpc.v1.EdgeGateway/{}", $method),
+            "rpc.system" = "grpc",
+            "rpc.service" = "tcpc.v1.EdgeGateway",
+            "rpc.method" = $method,
+            "rpc.grpc.status_code" = ::tracing::field::Empty,
+            $($fields)*
+        )
+    };
+}
+
 /// The OpenTelemetry context of the current `tracing` span (empty without export).
 pub fn current() -> Context {
     tracing::Span::current().context()

@@ -135,13 +135,12 @@ pub async fn serve(
             continue;
         }
         // A child of the edge's authentication span, whose context the headers carry.
-        let span = tracing::debug_span!(
+        let span = tcpc_proto::nats_span!(
             "process",
-            "otel.kind" = "server",
-            "otel.name" = %format_args!("process {}", names::AUTH_SUBJECT),
-            "messaging.system" = "nats",
-            "messaging.operation.type" = "process",
-            "messaging.destination.name" = names::AUTH_SUBJECT,
+            "server",
+            "process",
+            "process",
+            names::AUTH_SUBJECT,
             "tcpc.connection.id" = request.connection_id.as_str(),
         );
         tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());

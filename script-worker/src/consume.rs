@@ -587,14 +587,14 @@ impl Partitions {
             }
             // One uplink, one trace: a child of the edge's publish, whose context the
             // message's headers carry.
-            let span = tracing::debug_span!(
+            let span = tcpc_proto::nats_span!(
                 "process",
-                "otel.kind" = "consumer",
-                "otel.name" = %format_args!("process {}", message.subject),
-                "messaging.system" = "nats",
-                "messaging.operation.type" = "process",
-                "messaging.destination.name" = %message.subject,
-                "messaging.message.id" = message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
+                "consumer",
+                "process",
+                "process",
+                message.subject,
+                "messaging.message.id" =
+                    message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
                 "messaging.message.body.size" = message.payload.len(),
             );
             tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());

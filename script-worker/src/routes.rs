@@ -110,14 +110,9 @@ impl RouteLookup for RedisRoutes {
 /// span is its child.
 fn client_span(method: &'static str, route: &Route) -> tracing::Span {
     let (host, port) = route.grpc_addr.rsplit_once(':').unwrap_or((&route.grpc_addr, ""));
-    tracing::debug_span!(
-        "rpc",
-        "otel.kind" = "client",
-        "otel.name" = %format_args!("tcpc.v1.EdgeGateway/{method}"),
-        "rpc.system" = "grpc",
-        "rpc.service" = "tcpc.v1.EdgeGateway",
-        "rpc.method" = method,
-        "rpc.grpc.status_code" = tracing::field::Empty,
+    tcpc_proto::edge_rpc_span!(
+        "client",
+        method,
         "server.address" = host,
         "server.port" = port.parse::<u16>().ok(),
         "tcpc.device.id" = route.device_id.as_str(),

@@ -58,13 +58,12 @@ impl Session {
             .map_err(|_| Close::AuthUnavailable)?;
         // A connection's authentication is one trace: the request to the workers (never
         // the token), their answer, the route and the online event.
-        let span = tracing::debug_span!(
+        let span = tcpc_proto::nats_span!(
             "authenticate",
-            "otel.kind" = "client",
-            "otel.name" = %format_args!("send {}", names::AUTH_SUBJECT),
-            "messaging.system" = "nats",
-            "messaging.operation.type" = "send",
-            "messaging.destination.name" = names::AUTH_SUBJECT,
+            "client",
+            "send",
+            "send",
+            names::AUTH_SUBJECT,
             "client.address" = %peer.ip(),
             "tcpc.connection.id" = %self.id,
             "tcpc.listener" = super::listener_label(self.protocol),

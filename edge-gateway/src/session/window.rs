@@ -79,14 +79,12 @@ impl Window {
     /// Appends an envelope and publishes it, unless a re-send is pending (then it goes
     /// out with the re-send, in order).
     pub async fn publish(&mut self, outlet: Outlet<'_>, sequence: u64, envelope: Bytes) {
-        let span = tracing::debug_span!(
+        let span = tcpc_proto::nats_span!(
             "publish",
-            "otel.kind" = "producer",
-            "otel.name" = %format_args!("publish {}", names::uplink_subject(outlet.partition)),
-            "messaging.system" = "nats",
-            "messaging.operation.type" = "send",
-            "messaging.operation.name" = "publish",
-            "messaging.destination.name" = %names::uplink_subject(outlet.partition),
+            "producer",
+            "send",
+            "publish",
+            names::uplink_subject(outlet.partition),
             "messaging.message.id" = %names::uplink_message_id(&outlet.connection.to_string(), sequence),
             "messaging.message.body.size" = envelope.len(),
         );
