@@ -7,9 +7,9 @@ use serde_json::json;
 use tcpc_tests::device::RawDevice;
 use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::otlp::{CLIENT, CONSUMER, Collector, INTERNAL, PRODUCER, Protocol, ReceivedSpan, SERVER};
-use tcpc_tests::wait_until;
 use tcpc_tests::worker::{EdgeProcess, WorkerProcess};
 use tcpc_tests::world::{World, wait_for_partitions};
+use tcpc_tests::{metric_in, wait_until};
 
 /// The device's AccessToken: it must never reach the collector.
 const TOKEN: &str = "trace-token-5d1f0c9e7a";
@@ -155,6 +155,18 @@ async fn an_uplink_and_a_downlink_are_one_trace_each(protocol: Protocol) {
     assert_eq!(client.attribute("rpc.system"), Some("grpc"));
     assert_eq!(server.attribute("rpc.grpc.status_code"), Some("0"));
     assert_eq!(server.attribute("tcpc.outcome"), Some("delivered"));
+
+    // The metrics counted the same messages.
+    let edge_metrics = tcpc_tests::http_get(edge.metrics, "/metrics").await.unwrap_or_default();
+    let received = format!("{TOKEN}\nhello\n").len() as f64;
+    assert_eq!(metric_in(&edge_metrics, r#"edge_received_bytes_total{listener="custom"}"#), received);
+    assert_eq!(metric_in(&edge_metrics, r#"edge_frames_received_total{listener="custom"}"#), 1.0);
+    assert_eq!(metric_in(&edge_metrics, r#"edge_frames_sent_total{listener="custom"}"#), 1.0);
+    assert_eq!(metric_in(&edge_metrics, r#"edge_connections_accepted_total{listener="custom"}"#), 1.0);
+    assert!(metric_in(&edge_metrics, "edge_publish_duration_seconds_count") >= 2.0, "online and the uplink");
+    assert_eq!(worker.metric(r#"worker_script_duration_seconds_count{call="decode"}"#).await, 1.0);
+    assert_eq!(worker.metric(r#"worker_script_duration_seconds_count{call="encode"}"#).await, 1.0);
+    assert_eq!(worker.metric("worker_downlink_duration_seconds_count").await, 1.0);
 
     // The authentication crossed too, and nothing exported carries the token.
     let auth = trace_with(
