@@ -30,7 +30,9 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled = self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let epoch = self.pipeline.sink.epoch();
+            let handled =
+                self.pipeline.handle(envelope, epoch).await.map_err(|e| BusError::Publish(e.into()))?;
             let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })

@@ -523,7 +523,7 @@ impl Downlinks {
         let Some(message) = answer_message(parsed, device_id, &why) else { return };
         // Not awaited: the acknowledgement needs the broker connection, which may be
         // waiting for this very dispatcher to take the next downlink.
-        if let Ok(delivered) = self.sink.publish(message).await {
+        if let Ok(delivered) = self.sink.publish(message, self.sink.epoch()).await {
             self.tasks.spawn(async move {
                 if let Err(error) = delivered.await {
                     warn!(%error, "failure answer not acknowledged by the broker");
