@@ -106,7 +106,8 @@ async fn gateway_sub_device_data_is_gateway_telemetry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
     let w = world().await;
-    let _worker = w.worker("worker-a", &[]).await;
+    // Two workers share the auth requests: the per-voucher gate holds across them.
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
     let edge = w.edge().await;
     let started = Instant::now();
     for _ in 0..100 {
@@ -118,6 +119,10 @@ async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
         w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"wrong-token"}"#).count();
     let allowed = 1 + (elapsed.as_secs_f64() / 3.0) as usize;
     assert!(calls >= 1 && calls <= allowed, "{calls} platform calls in {elapsed:?} (at most {allowed})");
+    for worker in &workers {
+        let refused = worker.metric("worker_auth_total{reason=\"unknown\"}").await;
+        assert!(refused > 0.0, "{} answered none of the attempts", worker.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -165,6 +170,53 @@ async fn broken_scripts_are_contained() {
         assert_eq!(watcher.next().await.values("dev-good"), json!({"n": round + 1}), "after {name}");
     }
     assert!(worker.get("/healthz").await.unwrap().contains("200 OK"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_feeding_garbage_to_a_shared_script_is_quarantined_alone() {
+    let w = world().await;
+    let library = std::env::temp_dir().join(format!("tcpc-scripts-{}", std::process::id()));
+    std::fs::create_dir_all(&library).unwrap();
+    let shared =
+        "function decode(b) { if (b[0] === 0x21) throw new Error('garbage'); return {n: b.length}; }";
+    std::fs::write(library.join("shared.js"), shared).unwrap();
+    for name in ["bad", "good"] {
+        let settings = json!({"protocol": "custom", "framing": "delimiter", "uplink_script": "lib:shared"});
+        w.device(name, &format!("dev-{name}"), name, settings);
+    }
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let worker = w.worker("worker-a", &["--scripts-dir", library.to_str().unwrap()]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge().await;
+    let quarantined =
+        || async { worker.metric("worker_uplink_errors_total{reason=\"script_quarantined\"}").await };
+    let mut bad = RawDevice::connect(edge.custom).await;
+    bad.send(
+        b"bad
+",
+    )
+    .await;
+    // Five failures in a row quarantine the script for this device: the sixth is not run.
+    for _ in 0..6 {
+        bad.send(
+            b"!
+",
+        )
+        .await;
+    }
+    wait_until("the sixth garbage frame to meet the quarantine", || async { quarantined().await >= 1.0 })
+        .await;
+    assert_eq!(worker.metric("worker_uplink_errors_total{reason=\"script_error\"}").await, 5.0);
+    // The same library script still serves another device.
+    let mut good = RawDevice::connect(edge.custom).await;
+    good.send(
+        b"good
+abc
+",
+    )
+    .await;
+    assert_eq!(watcher.next().await.values("dev-good"), json!({"n": 3}));
+    let _ = std::fs::remove_dir_all(&library);
 }
 
 /// Sends `count` numbered telemetry frames from one TP device.
