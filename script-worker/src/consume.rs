@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use tcpc_proto::backoff::Backoff;
+use tcpc_proto::connect::{Batch, Lua, RedisConnection};
 use tcpc_proto::names;
+use tcpc_proto::stream::{StreamCheck, StreamError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,6 +63,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 "#;
+/// [`TAKE_LEASE`], as batches send it (by digest).
+static TAKE_LEASE_SCRIPT: std::sync::LazyLock<Lua> = std::sync::LazyLock::new(|| Lua::new(TAKE_LEASE));
 /// Renews this worker's membership on Redis's clock (one clock decides who is alive,
 /// not each worker's), drops expired members, and lists the live ones. `KEYS[1]`: the
 /// workers' sorted set; `ARGV`: worker, ms.
@@ -124,7 +127,9 @@ pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>
 /// The partition owner.
 pub struct Partitions {
     pub jetstream: jetstream::Context,
-    pub redis: ConnectionManager,
+    /// The uplink stream as this worker creates it.
+    pub stream: StreamCheck,
+    pub redis: RedisConnection,
     /// Who holds the leases: [`boot_identity`].
     pub worker: String,
     pub partitions: u32,
@@ -145,7 +150,7 @@ struct Owned {
 #[derive(Debug, thiserror::Error)]
 pub enum TakeOverError {
     #[error("ensure the uplink stream: {0}")]
-    Stream(String),
+    Stream(#[source] StreamError),
     #[error("list the partition's consumers: {0}")]
     ListConsumers(#[source] jetstream::stream::ConsumersError),
     #[error("read the partition's resume point: {0}")]
@@ -276,20 +281,16 @@ impl Partitions {
     }
 
     /// Takes or renews the leases of `partitions` in one round trip (one script per
-    /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster);
-    /// the generation of each that is ours.
+    /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster,
+    /// where the batch is one pipeline per slot, sent at once); the generation of each
+    /// that is ours.
     async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, redis::RedisError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for &partition in partitions {
-            pipe.cmd("EVAL")
-                .arg(TAKE_LEASE)
-                .arg(2)
-                .arg(names::partition_lease_key(partition))
-                .arg(names::partition_generation_key(partition))
-                .arg(&self.worker)
-                .arg(LEASE.as_millis() as u64);
+            let keys = [names::partition_lease_key(partition), names::partition_generation_key(partition)];
+            batch.script(&TAKE_LEASE_SCRIPT, &keys).arg(&self.worker).arg(LEASE.as_millis() as u64);
         }
-        let held: Vec<u64> = pipe.query_async(&mut self.redis.clone()).await?;
+        let held: Vec<u64> = batch.query(&self.redis).await?;
         Ok(held.into_iter().map(|generation| (generation > 0).then_some(generation)).collect())
     }
 
@@ -332,8 +333,7 @@ impl Partitions {
         generation: u64,
     ) -> Result<consumer::PullConsumer, TakeOverError> {
         // Whichever starts first, edge or worker, creates the stream.
-        let mut stream =
-            tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await.map_err(TakeOverError::Stream)?;
+        let mut stream = self.stream.ensure(&self.jetstream).await.map_err(TakeOverError::Stream)?;
         let name = names::partition_consumer(partition, generation);
         let mut previous = Vec::new();
         let mut ours = false;
