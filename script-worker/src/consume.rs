@@ -12,7 +12,7 @@
 //!   handed to the platform sink in order (one MQTT connection keeps that order), and
 //!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
 //!   broker acknowledged every message. A failure retries the batch: at-least-once.
-//! - Each take of a lease increments the partition's generation; the taker consumes
+//! - Each take of a lease raises the partition's generation; the taker consumes
 //!   through a consumer of its own, named by that generation, created to start right
 //!   after the previous consumer's ack floor and only then is the previous one deleted.
 //!   Whatever the previous owner had fetched but not acknowledged is delivered again
@@ -54,12 +54,23 @@ const BATCH: usize = 256;
 /// Takes the lease (a new generation) or renews ours; the generation we hold, 0 if
 /// none. A generation gone while its lease is held (evicted, deleted) is replaced by a
 /// new one, which the holder takes as a new take: renewing with none would keep a
-/// lease nobody consumes under. `KEYS`: the lease, its generation; `ARGV`: worker, ms.
+/// lease nobody consumes under. A new generation is above the last one and not below
+/// Redis's clock in ms: a replica promoted in a failover may not have the last take
+/// (replication is asynchronous), and counting on from what it has would hand out a
+/// generation again, two owners sharing one consumer. `KEYS`: the lease, its
+/// generation; `ARGV`: worker, ms.
 const TAKE_LEASE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+local function new_generation()
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local generation = string.format('%d', math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now))
+  redis.call('SET', KEYS[2], generation)
+  return tonumber(generation)
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return new_generation() end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2])) or redis.call('INCR', KEYS[2])
+  return tonumber(redis.call('GET', KEYS[2])) or new_generation()
 end
 return 0
 "#;

@@ -297,3 +297,47 @@ async fn an_existing_stream_with_other_settings_is_refused_or_reported() {
     let fields: Vec<_> = comparison.other.iter().map(|d| d.field).collect();
     assert_eq!(fields, ["num_replicas", "max_age"]);
 }
+
+/// The lease generation of each partition's consumer (`tcpc-p<p>-g<generation>`).
+async fn consumer_generations(jetstream: &jetstream::Context) -> HashMap<u32, Vec<u64>> {
+    let mut generations: HashMap<u32, Vec<u64>> = HashMap::new();
+    let Ok(stream) = jetstream.get_stream(names::UPLINK_STREAM).await else { return generations };
+    let mut consumers = stream.consumer_names();
+    while let Some(Ok(name)) = futures::StreamExt::next(&mut consumers).await {
+        let parsed = name.strip_prefix("tcpc-p").and_then(|rest| rest.split_once("-g"));
+        if let Some((Ok(partition), Ok(generation))) = parsed.map(|(p, g)| (p.parse(), g.parse())) {
+            generations.entry(partition).or_default().push(generation);
+        }
+    }
+    generations
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_generation_lost_in_a_failover_is_never_handed_out_again() {
+    let w = World::start().await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let jetstream = jetstream::new(w.nats.client().await);
+    let partitions = names::DEFAULT_PARTITIONS;
+    tcpc_tests::wait_until("a consumer for each partition", || async {
+        let generations = consumer_generations(&jetstream).await;
+        generations.len() == partitions as usize && generations.values().all(|each| each.len() == 1)
+    })
+    .await;
+    let before = consumer_generations(&jetstream).await;
+    // A failover to a replica that had not got the takes: the leases and generations
+    // are gone (here deleted), while the worker goes on as their holder.
+    let mut keys: Vec<String> = (0..partitions).map(names::partition_lease_key).collect();
+    keys.extend((0..partitions).map(names::partition_generation_key));
+    let () = redis::AsyncCommands::del(&mut w.redis.connection().await, keys).await.unwrap();
+    // Each lease is taken again under a generation never used before: the worker
+    // restarts its consumers under it (the same number would be counted as its own).
+    tcpc_tests::wait_until("every partition under a newer generation, its old consumer gone", || async {
+        let now = consumer_generations(&jetstream).await;
+        (0..partitions).all(|p| match (now.get(&p).map(Vec::as_slice), before.get(&p).map(Vec::as_slice)) {
+            (Some([now]), Some([before])) => now > before,
+            _ => false,
+        })
+    })
+    .await;
+}
