@@ -7,7 +7,8 @@
 //!   2 s). Partition `p` belongs to the `p mod n`-th live worker in name order; each
 //!   worker takes the leases of its partitions (`SET NX PX`), renews them, and lets go
 //!   of partitions that now belong to another (the other waits for the release or the
-//!   expiry). A worker that cannot renew a lease stops consuming that partition.
+//!   expiry). A worker that cannot renew a lease stops consuming that partition once
+//!   the lease could have expired.
 //! - Inside a partition, envelopes are handled in stream order: a batch's messages are
 //!   handed to the platform sink in order (one MQTT connection keeps that order), and
 //!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
@@ -216,19 +217,27 @@ impl Partitions {
             // Every lease of ours renewed (or taken) in one round trip, first: a round
             // never outlives a lease because of how many partitions it holds, nor
             // because of a hand-over below.
+            // A partition whose lease Redis did not answer for (down, slow, its Redis
+            // Cluster node failing over) is neither renewed nor given up: its consumer
+            // goes on while the lease it holds cannot have expired (`Lease::is_held`) and
+            // stops by itself past that; those whose node answered are unaffected.
             let sent = Instant::now();
-            let held = match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
-                Ok(Ok(held)) => held,
-                Ok(Err(error)) => {
-                    warn!(%error, "leases not renewed");
-                    vec![None; desired.len()]
-                }
-                Err(_) => {
-                    warn!("leases not renewed in time");
-                    vec![None; desired.len()]
-                }
-            };
-            for (&partition, generation) in desired.iter().zip(held) {
+            let held: Vec<Option<Option<u64>>> =
+                match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
+                    Ok(answers) => {
+                        let failed = answers.iter().filter(|answer| answer.is_err()).count();
+                        if let Some(Err(error)) = answers.iter().find(|answer| answer.is_err()) {
+                            warn!(%error, partitions = failed, "leases not renewed");
+                        }
+                        answers.into_iter().map(Result::ok).collect()
+                    }
+                    Err(_) => {
+                        warn!("leases not renewed in time");
+                        vec![None; desired.len()]
+                    }
+                };
+            for (&partition, answer) in desired.iter().zip(held) {
+                let Some(generation) = answer else { continue };
                 if let Some(current) = owned.get(&partition) {
                     if Some(current.generation) == generation {
                         current.lease.renewed(sent);
@@ -293,16 +302,19 @@ impl Partitions {
 
     /// Takes or renews the leases of `partitions` in one round trip (one script per
     /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster,
-    /// where the batch is one pipeline per slot, sent at once); the generation of each
-    /// that is ours.
-    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, redis::RedisError> {
+    /// where the batch is one pipeline per slot, sent at once); for each, the generation
+    /// if it is ours, or the failure to learn it.
+    async fn take_leases(&self, partitions: &[u32]) -> Vec<Result<Option<u64>, redis::RedisError>> {
         let mut batch = Batch::new();
         for &partition in partitions {
             let keys = [names::partition_lease_key(partition), names::partition_generation_key(partition)];
             batch.script(&TAKE_LEASE_SCRIPT, &keys).arg(&self.worker).arg(LEASE.as_millis() as u64);
         }
-        let held: Vec<u64> = batch.query(&self.redis).await?;
-        Ok(held.into_iter().map(|generation| (generation > 0).then_some(generation)).collect())
+        // Half a round per node: the round goes on with the nodes that answered.
+        let held: Vec<Result<u64, _>> = batch.query_each(&self.redis, TICK / 2).await;
+        held.into_iter()
+            .map(|generation| generation.map(|generation| (generation > 0).then_some(generation)))
+            .collect()
     }
 
     /// Keeps the shared set of owned partitions exact: a partition leaves it before its

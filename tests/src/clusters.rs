@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::servers::{Endpoint, NatsServer, Process, RedisServer, free_port, temp_dir};
 use crate::wait_until;
@@ -94,20 +95,18 @@ async fn replication(port: u16) -> HashMap<String, String> {
         .collect()
 }
 
-/// A Redis Cluster of `masters` masters with a replica each, made by `redis-cli
-/// --cluster create`. A node is failed over `NODE_TIMEOUT` after it stops answering.
+/// A Redis Cluster of masters with a replica each, made by `redis-cli --cluster
+/// create`. A master is failed over a node timeout after it stops answering.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
     killed: Vec<usize>,
     dirs: Vec<PathBuf>,
 }
 
-/// `cluster-node-timeout`: how long a master may not answer before its replica takes
-/// over (Redis's default is 15 s; shorter here so that the tests wait less).
-pub const NODE_TIMEOUT_MS: u64 = 2000;
-
 impl RedisCluster {
-    pub async fn spawn(masters: usize) -> Self {
+    /// `masters` masters and as many replicas; `node_timeout` is how long a master may
+    /// not answer before its replica takes over (Redis's default is 15 s).
+    pub async fn spawn(masters: usize, node_timeout: Duration) -> Self {
         let mut nodes = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..masters * 2 {
@@ -120,7 +119,7 @@ impl RedisCluster {
                 "--cluster-config-file",
                 "nodes.conf",
                 "--cluster-node-timeout",
-                &NODE_TIMEOUT_MS.to_string(),
+                &node_timeout.as_millis().to_string(),
                 "--dir",
                 &dir.display().to_string(),
             ];
@@ -166,8 +165,9 @@ impl RedisCluster {
         redis::Client::open(format!("redis://127.0.0.1:{port}"))?.get_multiplexed_async_connection().await
     }
 
-    /// The node that serves `key` as master now.
-    pub async fn master_of(&self, key: &str) -> usize {
+    /// The node that serves `key` as master now; none while its master has failed and
+    /// no replica took over yet.
+    pub async fn master_of(&self, key: &str) -> Option<usize> {
         let live = (0..self.nodes.len()).find(|index| !self.killed.contains(index)).expect("a live node");
         let mut connection = self.connection_to(self.nodes[live].port).await.expect("a connection");
         let slot: u16 =
@@ -185,9 +185,8 @@ impl RedisCluster {
                         && last.parse::<u16>().is_ok_and(|last| slot <= last)
                 })
             })
-            .and_then(|fields| fields[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
-            .expect("a master serves the slot");
-        self.nodes.iter().position(|node| node.port == port).expect("one of ours")
+            .and_then(|fields| fields[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())?;
+        Some(self.nodes.iter().position(|node| node.port == port).expect("one of ours"))
     }
 
     /// SIGKILL on one node.

@@ -236,15 +236,19 @@ impl Downlinks {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn downlinks_come_back_after_a_redis_cluster_master_is_killed() {
-    let mut w = World::on(NatsServer::spawn().await, RedisCluster::spawn(3).await).await;
+    // Failed over 2 s after it stops answering (the test waits less than with Redis's
+    // 15 s; the cost scales with it).
+    let redis = RedisCluster::spawn(3, Duration::from_secs(2)).await;
+    let mut w = World::on(NatsServer::spawn().await, redis).await;
     let mut downlinks = Downlinks::start(&w).await;
     assert_eq!(downlinks.command().await, Outcome::Delivered);
     // The master holding the device's route dies; its replica takes over its slots.
-    let master = w.redis.master_of(&names::route_key(D001)).await;
+    let master = w.redis.master_of(&names::route_key(D001)).await.expect("a master");
     w.redis.kill(master);
     let failed = Instant::now();
     let cost = downlinks.until_delivered(failed).await;
-    assert_ne!(w.redis.master_of(&names::route_key(D001)).await, master, "the replica serves the route");
+    let now = w.redis.master_of(&names::route_key(D001)).await;
+    assert!(now.is_some_and(|now| now != master), "the replica serves the route");
     assert_eq!(downlinks.command().await, Outcome::Delivered);
     downlinks.uplinks_flow().await;
     println!("Redis Cluster master killed: {cost}");
@@ -312,6 +316,61 @@ async fn consumer_generations(jetstream: &jetstream::Context) -> HashMap<u32, Ve
     generations
 }
 
+/// Waits until each partition has one consumer; their generations.
+async fn one_consumer_each(jetstream: &jetstream::Context) -> HashMap<u32, Vec<u64>> {
+    tcpc_tests::wait_until("one consumer for each partition", || async {
+        let generations = consumer_generations(jetstream).await;
+        generations.len() == names::DEFAULT_PARTITIONS as usize
+            && generations.values().all(|each| each.len() == 1)
+    })
+    .await;
+    consumer_generations(jetstream).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_cluster_master_killed_costs_only_the_partitions_it_served() {
+    // Failed over after longer than a lease lives without renewal: the leases of the
+    // dead master's partitions lapse; the others must be renewed throughout.
+    let redis = RedisCluster::spawn(3, Duration::from_secs(8)).await;
+    let mut w = World::on(NatsServer::spawn().await, redis).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let jetstream = jetstream::new(w.nats.client().await);
+    let before = one_consumer_each(&jetstream).await;
+    // A master that holds leases but not the workers' membership (which, lost, holds
+    // up every renewal).
+    let membership = w.redis.master_of(names::WORKERS_KEY).await.expect("a master");
+    let mut served: HashMap<usize, Vec<u32>> = HashMap::new();
+    for partition in 0..names::DEFAULT_PARTITIONS {
+        let master = w.redis.master_of(&names::partition_lease_key(partition)).await.expect("a master");
+        served.entry(master).or_default().push(partition);
+    }
+    let (victim, lapsed) =
+        served.into_iter().find(|(master, _)| *master != membership).expect("another master");
+    w.redis.kill(victim);
+    let key = names::partition_lease_key(lapsed[0]);
+    tcpc_tests::wait_until("the replica to serve the dead master's slots", || async {
+        w.redis.master_of(&key).await.is_some_and(|master| master != victim)
+    })
+    .await;
+    let rounds = worker.metric("worker_lease_rounds_total").await;
+    tcpc_tests::wait_until("two lease rounds after the failover", || async {
+        worker.metric("worker_lease_rounds_total").await >= rounds + 2.0
+    })
+    .await;
+    // The partitions of the other masters kept their consumers throughout; those of the
+    // dead one are consumed again (under a newer generation if their lease lapsed).
+    let after = one_consumer_each(&jetstream).await;
+    for partition in 0..names::DEFAULT_PARTITIONS {
+        if lapsed.contains(&partition) {
+            assert!(after[&partition][0] >= before[&partition][0], "partition {partition}");
+        } else {
+            assert_eq!(after[&partition], before[&partition], "partition {partition} untouched");
+        }
+    }
+    assert_eq!(worker.metric("worker_partitions_lost_total").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lease_generation_lost_in_a_failover_is_never_handed_out_again() {
     let w = World::start().await;
@@ -319,12 +378,7 @@ async fn a_lease_generation_lost_in_a_failover_is_never_handed_out_again() {
     wait_for_partitions(&[&worker]).await;
     let jetstream = jetstream::new(w.nats.client().await);
     let partitions = names::DEFAULT_PARTITIONS;
-    tcpc_tests::wait_until("a consumer for each partition", || async {
-        let generations = consumer_generations(&jetstream).await;
-        generations.len() == partitions as usize && generations.values().all(|each| each.len() == 1)
-    })
-    .await;
-    let before = consumer_generations(&jetstream).await;
+    let before = one_consumer_each(&jetstream).await;
     // A failover to a replica that had not got the takes: the leases and generations
     // are gone (here deleted), while the worker goes on as their holder.
     let mut keys: Vec<String> = (0..partitions).map(names::partition_lease_key).collect();

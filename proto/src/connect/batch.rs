@@ -12,6 +12,7 @@
 //! which also caches it there).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::cluster_routing::Slot;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, ServerErrorKind, ToRedisArgs, Value};
@@ -101,25 +102,46 @@ impl<'l> Batch<'l> {
     /// Redis could not be reached, or a step failed (the first failure is returned;
     /// the other steps ran).
     pub async fn query<T: FromRedisValue>(self, connection: &RedisConnection) -> RedisResult<Vec<T>> {
-        let mut replies = vec![Value::Nil; self.steps.len()];
+        self.replies(connection, None).await.into_iter().collect()
+    }
+
+    /// Sends every step; each step's reply or failure, in order. On a cluster a node
+    /// that cannot be reached, or does not answer `within` (the client retries a
+    /// failing node for longer), fails its own steps only: the others' replies count.
+    pub async fn query_each<T: FromRedisValue>(
+        self,
+        connection: &RedisConnection,
+        within: Duration,
+    ) -> Vec<RedisResult<T>> {
+        self.replies(connection, Some(within)).await
+    }
+
+    async fn replies<T: FromRedisValue>(
+        self,
+        connection: &RedisConnection,
+        within: Option<Duration>,
+    ) -> Vec<RedisResult<T>> {
+        let mut replies: Vec<RedisResult<Value>> = self.steps.iter().map(|_| Ok(Value::Nil)).collect();
         let all: Vec<usize> = (0..self.steps.len()).collect();
-        self.send(connection, &all, false, &mut replies).await?;
-        let missing: Vec<usize> = all.into_iter().filter(|&index| lacks_script(&replies[index])).collect();
+        self.send(connection, &all, false, within, &mut replies).await;
+        let missing: Vec<usize> =
+            all.into_iter().filter(|&index| replies[index].as_ref().is_ok_and(lacks_script)).collect();
         if !missing.is_empty() {
-            self.send(connection, &missing, true, &mut replies).await?;
+            self.send(connection, &missing, true, within, &mut replies).await;
         }
-        replies.into_iter().map(|reply| Ok(redis::from_redis_value(reply.extract_error()?)?)).collect()
+        replies.into_iter().map(|reply| Ok(redis::from_redis_value(reply?.extract_error()?)?)).collect()
     }
 
     /// Sends the steps `indexes` (scripts by body if `by_body`), their replies into
-    /// `replies`: one pipeline, or on a cluster one per slot.
+    /// `replies`: one pipeline, or on a cluster one per slot, each bounded by `within`.
     async fn send(
         &self,
         connection: &RedisConnection,
         indexes: &[usize],
         by_body: bool,
-        replies: &mut [Value],
-    ) -> RedisResult<()> {
+        within: Option<Duration>,
+        replies: &mut [RedisResult<Value>],
+    ) {
         let groups: Vec<Vec<usize>> = if connection.is_cluster() {
             let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
             for &index in indexes {
@@ -137,17 +159,37 @@ impl<'l> Batch<'l> {
                 pipe.add_command(self.steps[index].call.command(by_body));
             }
             let mut connection = connection.clone();
-            async move { pipe.query_async::<Vec<Value>>(&mut connection).await }
-        });
-        for (group, answers) in groups.iter().zip(futures::future::try_join_all(sent).await?) {
-            if answers.len() != group.len() {
-                return Err(RedisError::from((redis::ErrorKind::UnexpectedReturnType, "a reply per step")));
+            async move {
+                let answers = pipe.query_async::<Vec<Value>>(&mut connection);
+                match within {
+                    Some(within) => tokio::time::timeout(within, answers).await.unwrap_or_else(|_| {
+                        Err(RedisError::from((redis::ErrorKind::Io, "no answer in time")))
+                    }),
+                    None => answers.await,
+                }
             }
-            for (&index, answer) in group.iter().zip(answers) {
-                replies[index] = answer;
+        });
+        for (group, answers) in groups.iter().zip(futures::future::join_all(sent).await) {
+            let answers = answers.and_then(|answers| {
+                if answers.len() == group.len() {
+                    Ok(answers)
+                } else {
+                    Err(RedisError::from((redis::ErrorKind::UnexpectedReturnType, "a reply per step")))
+                }
+            });
+            match answers {
+                Ok(answers) => {
+                    for (&index, answer) in group.iter().zip(answers) {
+                        replies[index] = Ok(answer);
+                    }
+                }
+                Err(error) => {
+                    for &index in group {
+                        replies[index] = Err(error.clone());
+                    }
+                }
             }
         }
-        Ok(())
     }
 }
 
