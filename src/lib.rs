@@ -38,10 +38,8 @@ pub const EXAMPLE_DEVICES: &str = include_str!("../examples/devices.toml");
 #[derive(Debug, Parser)]
 #[command(name = "tcp-connectivity", version, about, long_about = None)]
 pub struct Config {
-    #[arg(long, env = "EDGE_OFFICIAL_LISTEN", default_value = "0.0.0.0:7653")]
-    pub official_listen: SocketAddr,
-    #[arg(long, env = "EDGE_CUSTOM_LISTEN", default_value = "0.0.0.0:7654")]
-    pub custom_listen: SocketAddr,
+    #[command(flatten)]
+    pub ports: edge_gateway::config::DevicePorts,
     #[arg(long, env = "EDGE_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
     pub grpc_listen: SocketAddr,
     #[arg(long, env = "EDGE_ADVERTISE_ADDR")]
@@ -84,8 +82,6 @@ pub enum AllInOneError {
     Edge(#[from] edge_gateway::EdgeError),
     #[error(transparent)]
     Worker(#[from] script_worker::WorkerError),
-    #[error("bind {0}: {1}")]
-    Bind(SocketAddr, #[source] std::io::Error),
 }
 
 /// The all-in-one's pre-bound listeners.
@@ -100,17 +96,13 @@ impl Listeners {
     /// # Errors
     /// An address is in use or not allowed.
     pub async fn bind(config: &Config) -> Result<Self, AllInOneError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|e| AllInOneError::Bind(addr, e))
-        };
         Ok(Listeners {
             edge: edge_gateway::Listeners {
-                official: bind(config.official_listen).await?,
-                custom: bind(config.custom_listen).await?,
-                grpc: bind(config.grpc_listen).await?,
-                metrics: bind(config.metrics_listen).await?,
+                devices: edge_gateway::DeviceListeners::bind(&config.ports).await?,
+                grpc: edge_gateway::bind(config.grpc_listen).await?,
+                metrics: edge_gateway::bind(config.metrics_listen).await?,
             },
-            http: bind(config.worker.http_listen).await?,
+            http: edge_gateway::bind(config.worker.http_listen).await?,
         })
     }
 }
@@ -119,8 +111,9 @@ impl Config {
     /// The edge's configuration within the all-in-one.
     fn edge(&self, pod: &str) -> edge_gateway::Config {
         edge_gateway::Config {
-            official_listen: self.official_listen,
-            custom_listen: self.custom_listen,
+            ports: self.ports.clone(),
+            // The all-in-one's worker calls its own edge on loopback.
+            grpc_security: edge_gateway::config::GrpcSecurity::default(),
             grpc_listen: self.grpc_listen,
             advertise_addr: self.advertise_addr.clone(),
             pod_name: Some(pod.to_owned()),
@@ -181,7 +174,7 @@ pub async fn run(
     let platform = config.platform_url.as_deref().map(|url| PlatformClient::new(url, Duration::from_secs(5)));
     let devices: Arc<dyn DeviceSource> = match (&platform, &config.devices) {
         (Some(client), _) => {
-            Arc::new(script_worker::platform::devices::PlatformDevices::new(client.clone(), redis.clone()))
+            script_worker::platform::devices::PlatformDevices::new(client.clone(), redis.clone())
         }
         (None, Some(path)) => {
             Arc::new(FileDevices::load(path).map_err(|e| AllInOneError::Config(e.to_string()))?)
@@ -231,6 +224,7 @@ pub async fn run(
     let seams = script_worker::Seams {
         devices,
         routes: lookup,
+        edges: Arc::default(),
         broker,
         bus,
         platform,

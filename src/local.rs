@@ -30,7 +30,9 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled = self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let epoch = self.pipeline.sink.epoch();
+            let handled =
+                self.pipeline.handle(envelope, epoch).await.map_err(|e| BusError::Publish(e.into()))?;
             let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
@@ -150,6 +152,11 @@ impl RouteLookup for LocalRoutes {
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
         let removed = RouteStore::remove(self, &route.device_id, &route.connection_id, &route.pod);
         Box::pin(async move { removed.await.map(drop).map_err(|e| e.to_string()) })
+    }
+
+    fn claim_downlink<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        // One process sees each downlink once.
+        Box::pin(async { Ok(true) })
     }
 }
 

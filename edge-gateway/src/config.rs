@@ -2,25 +2,24 @@
 //! once at start-up and cross-checked in [`Config::validate`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-pub use tcpc_observe::{KubeSwitch, LogFormat};
+pub use tcpc_observe::{GrpcSecurity, KubeSwitch, LogFormat};
 
 /// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
 /// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "edge-gateway", version, about, long_about = None)]
 pub struct Config {
-    /// Listener for the official TP protocol.
-    #[arg(long, env = "EDGE_OFFICIAL_LISTEN", default_value = "0.0.0.0:7653")]
-    pub official_listen: SocketAddr,
-    /// Listener for the custom (pass-through) protocol.
-    #[arg(long, env = "EDGE_CUSTOM_LISTEN", default_value = "0.0.0.0:7654")]
-    pub custom_listen: SocketAddr,
+    #[command(flatten)]
+    pub ports: DevicePorts,
     /// gRPC listener of the EdgeGateway service (workers deliver downlinks here).
     #[arg(long, env = "EDGE_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
     pub grpc_listen: SocketAddr,
+    #[command(flatten)]
+    pub grpc_security: GrpcSecurity,
     /// host:port at which workers reach this pod's gRPC (default: the gRPC listener,
     /// with 127.0.0.1 for an unspecified address).
     #[arg(long, env = "EDGE_ADVERTISE_ADDR")]
@@ -58,6 +57,75 @@ pub struct Config {
     pub limits: Limits,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// The device ports: plaintext and TLS, each protocol (also flags of the all-in-one).
+#[derive(Clone, Debug, clap::Args)]
+pub struct DevicePorts {
+    /// Listener for the official TP protocol (empty: none).
+    #[arg(long, env = "EDGE_OFFICIAL_LISTEN", default_value = "0.0.0.0:7653")]
+    pub official_listen: Listen,
+    /// Listener for the custom (pass-through) protocol (empty: none).
+    #[arg(long, env = "EDGE_CUSTOM_LISTEN", default_value = "0.0.0.0:7654")]
+    pub custom_listen: Listen,
+    /// Listener for TP over TLS (needs --tls-cert-file and --tls-key-file).
+    #[arg(long, env = "EDGE_OFFICIAL_TLS_LISTEN", default_value = "")]
+    pub official_tls_listen: Listen,
+    /// Listener for the custom protocol over TLS.
+    #[arg(long, env = "EDGE_CUSTOM_TLS_LISTEN", default_value = "")]
+    pub custom_tls_listen: Listen,
+    /// The TLS ports' certificate chain (PEM); re-read when it changes.
+    #[arg(long, env = "EDGE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The TLS ports' private key (PEM); re-read when it changes.
+    #[arg(long, env = "EDGE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA (PEM) whose client certificates devices must present on the TLS ports.
+    #[arg(long, env = "EDGE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+}
+
+impl DevicePorts {
+    /// The TLS files, when the TLS ports are configured.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+            client_ca: self.tls_client_ca_file.clone(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |message: &str| Err(ConfigError(message.to_owned()));
+        let tls_ports = self.official_tls_listen.0.is_some() || self.custom_tls_listen.0.is_some();
+        if tls_ports && self.tls_files().is_none() {
+            return fail("a TLS listener needs --tls-cert-file and --tls-key-file");
+        }
+        if !tls_ports && (self.tls_cert_file.is_some() || self.tls_client_ca_file.is_some()) {
+            return fail(
+                "TLS files are given but no TLS listener (--official-tls-listen, --custom-tls-listen)",
+            );
+        }
+        let all =
+            [&self.official_listen, &self.custom_listen, &self.official_tls_listen, &self.custom_tls_listen];
+        if all.iter().all(|listen| listen.0.is_none()) {
+            return fail("no device listener: give at least one of the four");
+        }
+        Ok(())
+    }
+}
+
+/// A listen address, or none (an empty value turns a listener off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.is_empty() { Ok(Listen(None)) } else { text.parse().map(|addr| Listen(Some(addr))) }
+    }
 }
 
 /// Limits and timings of sessions (also flags of the all-in-one).
@@ -155,12 +223,20 @@ pub struct Limits {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl From<String> for ConfigError {
+    fn from(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
 impl Config {
     /// Cross-field checks; a message for the operator when the configuration cannot work.
     ///
     /// # Errors
     /// The first inconsistency found.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.ports.validate()?;
+        self.grpc_security.tls().map_err(ConfigError)?;
         let fail = |message: &str| Err(ConfigError(message.to_owned()));
         if self.limits.max_connections == 0 {
             return fail("--max-connections must be at least 1");
@@ -285,8 +361,9 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_contract() {
         let config = Config::try_parse_from(["edge-gateway"]).unwrap();
-        assert_eq!(config.official_listen.to_string(), "0.0.0.0:7653");
-        assert_eq!(config.custom_listen.to_string(), "0.0.0.0:7654");
+        assert_eq!(config.ports.official_listen, Listen(Some("0.0.0.0:7653".parse().unwrap())));
+        assert_eq!(config.ports.custom_listen, Listen(Some("0.0.0.0:7654".parse().unwrap())));
+        assert_eq!(config.ports.official_tls_listen, Listen(None), "TLS off unless set");
         assert_eq!(config.grpc_listen.to_string(), "0.0.0.0:50051");
         assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9100");
         assert_eq!(config.limits.max_frame, 64 * 1024);
@@ -304,10 +381,30 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("--max-in-flight"));
         let config = Config::try_parse_from(["edge-gateway", "--drain-window", "60s"]).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("--shutdown-timeout"));
+        let config =
+            Config::try_parse_from(["edge-gateway", "--official-tls-listen", "0.0.0.0:7655"]).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("--tls-cert-file"));
+        let none = ["edge-gateway", "--official-listen", "", "--custom-listen", ""];
+        let config = Config::try_parse_from(none).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("no device listener"));
         let config = Config::try_parse_from(["edge-gateway", "--stream-replicas", "6"]).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("--stream-replicas"));
         let config =
             Config::try_parse_from(["edge-gateway", "--redis-url", "redis://a:1,mysql://b"]).unwrap();
         assert!(config.check_urls().unwrap_err().to_string().contains("--redis-url: URL 2 of 2"));
+    }
+
+    #[test]
+    fn an_empty_listen_address_turns_a_listener_off() {
+        let config = Config::try_parse_from([
+            "edge-gateway",
+            "--official-listen",
+            "",
+            "--custom-tls-listen",
+            "[::]:7656",
+        ]);
+        let ports = config.unwrap().ports;
+        assert_eq!(ports.official_listen, Listen(None));
+        assert_eq!(ports.custom_tls_listen, Listen(Some("[::]:7656".parse().unwrap())));
     }
 }

@@ -8,16 +8,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
 use tcpc_proto::v1::edge_gateway_server::EdgeGateway;
 use tcpc_proto::v1::{
     DeliverReply, DeliverRequest, DeliverStatus, DisconnectReply, DisconnectRequest, Protocol,
 };
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
 
 use crate::Shared;
 use crate::codec::Frame;
 use crate::metrics::ReasonLabel;
 use crate::registry::{CloseOrder, ConnectionId, QueueError, QueueLimits, SessionHandle};
+use crate::tls::ServerTls;
 
 pub(crate) struct EdgeGatewayService {
     pub shared: Arc<Shared>,
@@ -91,14 +97,74 @@ impl EdgeGateway for EdgeGatewayService {
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectReply>, Status> {
         let request = request.into_inner();
-        let sessions = if request.connection_id.is_empty() {
-            self.shared.registry.of_device(&request.device_id)
-        } else {
-            self.session(&request.device_id, &request.connection_id).into_iter().collect()
-        };
-        for session in &sessions {
+        // One named connection: "any connection of the device" would let a caller that
+        // knows only device ids cut them off.
+        if request.connection_id.is_empty() {
+            return Err(Status::invalid_argument("connection_id is required"));
+        }
+        let session = self.session(&request.device_id, &request.connection_id);
+        if let Some(session) = &session {
             session.close(CloseOrder::Disconnected);
         }
-        Ok(Response::new(DisconnectReply { closed: sessions.len() as u32 }))
+        Ok(Response::new(DisconnectReply { closed: u32::from(session.is_some()) }))
     }
 }
+
+/// Refuses calls without the shared token (`authorization: Bearer <token>`), when one
+/// is configured; compared in constant time.
+pub(crate) fn token_check(token: Option<SecretString>) -> impl tonic::service::Interceptor + Clone {
+    move |request: Request<()>| {
+        let Some(token) = &token else { return Ok(request) };
+        let given = request.metadata().get("authorization").map(|value| value.as_bytes()).unwrap_or_default();
+        let expected = format!("Bearer {}", token.expose_secret());
+        if constant_time_eq(given, expected.as_bytes()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("a valid token is required"))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// TLS connections of the gRPC port, handshaken concurrently (a client that never
+/// finishes its handshake holds up no other) within [`HANDSHAKE_DEADLINE`].
+pub(crate) fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<ServerTls>,
+    stop: CancellationToken,
+) -> impl futures::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+    let (accepted, mut incoming) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        warn!(%error, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (tls, accepted) = (tls.clone(), accepted.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_DEADLINE, tls.acceptor().accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = accepted.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => warn!(%peer, %error, "gRPC client refused by TLS"),
+                    Err(_) => debug!(%peer, "gRPC TLS handshake not completed in time"),
+                }
+            });
+        }
+    });
+    futures::stream::poll_fn(move |cx| incoming.poll_recv(cx))
+}
+
+/// How long a gRPC client has to complete its TLS handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);

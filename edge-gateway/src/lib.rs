@@ -31,6 +31,7 @@ pub mod registry;
 pub mod routes;
 mod session;
 mod sources;
+pub mod tls;
 pub mod uplink;
 
 use std::net::SocketAddr;
@@ -97,10 +98,46 @@ impl Shared {
 
 /// The pod's pre-bound listeners (tests bind port 0 and know the ports up front).
 pub struct Listeners {
-    pub official: TcpListener,
-    pub custom: TcpListener,
+    pub devices: DeviceListeners,
     pub grpc: TcpListener,
     pub metrics: TcpListener,
+}
+
+/// The device listeners; a port turned off has none.
+pub struct DeviceListeners {
+    pub official: Option<TcpListener>,
+    pub custom: Option<TcpListener>,
+    pub official_tls: Option<TcpListener>,
+    pub custom_tls: Option<TcpListener>,
+}
+
+/// Binds a listener.
+///
+/// # Errors
+/// The address is in use or not allowed.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, EdgeError> {
+    TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
+}
+
+impl DeviceListeners {
+    /// Binds the device ports that are on.
+    ///
+    /// # Errors
+    /// An address is in use or not allowed.
+    pub async fn bind(ports: &config::DevicePorts) -> Result<Self, EdgeError> {
+        let bind_on = |listen: config::Listen| async move {
+            match listen.0 {
+                Some(addr) => bind(addr).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        Ok(DeviceListeners {
+            official: bind_on(ports.official_listen).await?,
+            custom: bind_on(ports.custom_listen).await?,
+            official_tls: bind_on(ports.official_tls_listen).await?,
+            custom_tls: bind_on(ports.custom_tls_listen).await?,
+        })
+    }
 }
 
 impl Listeners {
@@ -109,12 +146,8 @@ impl Listeners {
     /// # Errors
     /// An address is in use or not allowed.
     pub async fn bind(config: &Config) -> Result<Self, EdgeError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind { addr, source })
-        };
         Ok(Listeners {
-            official: bind(config.official_listen).await?,
-            custom: bind(config.custom_listen).await?,
+            devices: DeviceListeners::bind(&config.ports).await?,
             grpc: bind(config.grpc_listen).await?,
             metrics: bind(config.metrics_listen).await?,
         })
@@ -138,6 +171,8 @@ pub enum EdgeError {
     Routes(#[from] routes::RouteError),
     #[error("local address: {0}")]
     LocalAddr(#[source] std::io::Error),
+    #[error("device TLS")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs the edge with NATS and Redis until `shutdown` resolves, then drains.
@@ -234,12 +269,25 @@ pub async fn run_with(
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let servers = TaskTracker::new();
-    for (listener, protocol) in
-        [(listeners.official, Protocol::Official), (listeners.custom, Protocol::Custom)]
-    {
+    let tls = shared
+        .config
+        .ports
+        .tls_files()
+        .map(|files| serve_tls(files, &[], &shared, &servers, accepting.clone()))
+        .transpose()?;
+    let DeviceListeners { official, custom, official_tls, custom_tls } = listeners.devices;
+    let ports = [
+        (official, Protocol::Official, None),
+        (custom, Protocol::Custom, None),
+        (official_tls, Protocol::Official, tls.clone()),
+        (custom_tls, Protocol::Custom, tls),
+    ];
+    for (listener, protocol, tls) in ports {
+        let Some(listener) = listener else { continue };
         servers.spawn(listener::accept_loop(
             listener,
             protocol,
+            tls,
             shared.clone(),
             sessions.clone(),
             accepting.clone(),
@@ -247,17 +295,41 @@ pub async fn run_with(
     }
     // Stops the servers once the sessions are gone (or the drain gave up on them).
     let stopped = CancellationToken::new();
+    let grpc_tls = shared
+        .config
+        .grpc_security
+        .tls()
+        .map_err(config::ConfigError::from)?
+        .map(|files| {
+            let files = tls::TlsFiles { cert: files.cert, key: files.key, client_ca: Some(files.ca) };
+            serve_tls(files, &[b"h2"], &shared, &servers, stopped.clone())
+        })
+        .transpose()?;
     servers.spawn({
-        let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() });
-        // No Nagle: a Deliver answer is one small frame, and delayed ACKs would hold it.
-        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // A downlink is at most a frame; a larger request is refused before it is decoded.
+        let service = EdgeGatewayServer::new(grpc::EdgeGatewayService { shared: shared.clone() })
+            .max_decoding_message_size(shared.config.limits.max_frame + GRPC_ENVELOPE);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            grpc::token_check(shared.config.grpc_security.grpc_token.clone()),
+        );
         let stopped = stopped.clone();
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(service);
         async move {
-            let served = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, stopped.cancelled())
-                .await;
+            let served = match grpc_tls {
+                Some(tls) => {
+                    let incoming = grpc::tls_incoming(listeners.grpc, tls, stopped.clone());
+                    server.serve_with_incoming_shutdown(incoming, stopped.cancelled()).await
+                }
+                None => {
+                    // No Nagle: a Deliver answer is one small frame, and delayed ACKs would hold it.
+                    let incoming =
+                        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+                    server.serve_with_incoming_shutdown(incoming, stopped.cancelled()).await
+                }
+            };
             if let Err(error) = served {
                 tracing::error!(%error, "gRPC server failed");
             }
@@ -327,6 +399,20 @@ pub async fn run_with(
     Ok(())
 }
 
+/// A TLS server on `files`, kept following them on `servers` until `stop`.
+fn serve_tls(
+    files: tls::TlsFiles,
+    alpn: &[&[u8]],
+    shared: &Shared,
+    servers: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<Arc<tls::ServerTls>, tls::TlsError> {
+    let tls = Arc::new(tls::ServerTls::load(files, alpn)?);
+    let (reloading, reloads) = (tls.clone(), shared.metrics.tls_reloads.clone());
+    servers.spawn(async move { reloading.keep_reloading(reloads, stop).await });
+    Ok(tls)
+}
+
 /// Keeps the pod's deletion cost near its connection count until `stop`; without a
 /// Kubernetes client (no in-cluster account, no kubeconfig) it says so once and stops.
 async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
@@ -344,6 +430,8 @@ async fn keep_deletion_cost(shared: Arc<Shared>, stop: CancellationToken) {
     deletion_cost::keep_deletion_cost(&annotation, || shared.registry.len(), stop).await;
 }
 
+/// What a Deliver request holds beside its payload, at most (ids, command, deadline).
+const GRPC_ENVELOPE: usize = 4096;
 /// How often the per-source table drops what no longer counts.
 const SOURCE_SWEEP: Duration = Duration::from_secs(10);
 /// Files the edge holds beside its device connections (listeners, NATS, Redis, gRPC).

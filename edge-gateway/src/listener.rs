@@ -16,6 +16,7 @@ use tracing::warn;
 use crate::Shared;
 use crate::metrics::ReasonLabel;
 use crate::session;
+use crate::tls::ServerTls;
 
 /// TCP keepalive of device sockets: probes after 60 s of silence, every 10 s, 6 times.
 const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
@@ -27,6 +28,7 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     protocol: Protocol,
+    tls: Option<Arc<ServerTls>>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
     accepting: CancellationToken,
@@ -44,26 +46,36 @@ pub(crate) async fn accept_loop(
                 }
             },
         };
+        // On a TLS port the refusal is the close: plaintext would be garbage to it.
+        let explain = if tls.is_none() { Some(protocol) } else { None };
         if !shared.bus.is_ready() {
-            refuse(&shared, stream, protocol, "service unavailable, retry later", "bus_unavailable");
+            refuse(&shared, stream, explain, "service unavailable, retry later", "bus_unavailable");
             continue;
         }
         let Ok(permit) = shared.connection_limit.clone().try_acquire_owned() else {
-            refuse(&shared, stream, protocol, "too many connections", "connection_limit");
+            refuse(&shared, stream, explain, "too many connections", "connection_limit");
             continue;
         };
         let _ = stream.set_nodelay(true);
         // A device that vanished (power cut, NAT timeout) is noticed by keepalive, not
         // only by the idle timeout.
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
-        tracker.spawn(session::serve(shared.clone(), stream, peer, protocol, permit));
+        tracker.spawn(session::serve(shared.clone(), stream, peer, protocol, tls.clone(), permit));
     }
 }
 
-/// Tells the device why and closes, without blocking the accept loop: a fresh socket's
+/// Tells the device why (on a plaintext port) and closes, without blocking the accept loop: a fresh socket's
 /// send buffer takes the few bytes at once, and if it does not, the device loses only
 /// the explanation.
-fn refuse(shared: &Shared, stream: TcpStream, protocol: Protocol, message: &str, reason: &'static str) {
+fn refuse(
+    shared: &Shared,
+    stream: TcpStream,
+    explain: Option<Protocol>,
+    message: &str,
+    reason: &'static str,
+) {
     shared.metrics.refused.get_or_create(&ReasonLabel { reason }).inc();
-    let _ = stream.try_write(&session::error_bytes(protocol, true, message));
+    if let Some(protocol) = explain {
+        let _ = stream.try_write(&session::error_bytes(protocol, true, message));
+    }
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub routes_restored: Counter,
     /// Routes of dead pods removed, their devices reported offline.
     pub routes_reaped: Counter,
+    /// Changes of the device TLS certificate files, by outcome (reloaded, refused).
+    pub tls_reloads: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -73,6 +75,12 @@ impl Metrics {
         );
         let routes_reaped = Counter::default();
         registry.register("edge_routes_reaped", "Routes of dead pods removed", routes_reaped.clone());
+        let tls_reloads = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "edge_tls_certificate_reloads",
+            "Changes of the device TLS certificate files, by outcome",
+            tls_reloads.clone(),
+        );
         Metrics {
             connections,
             auth,
@@ -84,6 +92,7 @@ impl Metrics {
             lost,
             routes_restored,
             routes_reaped,
+            tls_reloads,
         }
     }
 }

@@ -243,12 +243,6 @@ impl Registry {
         self.lock().get(&id).cloned()
     }
 
-    /// Every session of a device on this pod (normally one; two while a reconnect
-    /// supersedes the older).
-    pub fn of_device(&self, device_id: &str) -> Vec<Arc<SessionHandle>> {
-        self.lock().values().filter(|h| &*h.device_id == device_id).cloned().collect()
-    }
-
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
         self.lock().values().cloned().collect()
     }

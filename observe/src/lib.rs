@@ -1,6 +1,6 @@
 //! What every tcp-connectivity binary shares about how it is run and observed: log
-//! set-up, the `/metrics`, `/healthz`, `/readyz` endpoints, and the switch of the
-//! features that need Kubernetes.
+//! set-up, the `/metrics`, `/healthz`, `/readyz` endpoints, the switch of the features
+//! that need Kubernetes, and the security flags of the gRPC hop between them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +41,49 @@ impl KubeSwitch {
             KubeSwitch::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
             KubeSwitch::On => true,
             KubeSwitch::Off => false,
+        }
+    }
+}
+
+/// The gRPC hop between workers and edges: mutual TLS when the three files are given,
+/// and a shared token on every call when one is. Both sides take the same flags.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct GrpcSecurity {
+    /// This process's certificate (PEM): the edge's as a server, a worker's as a client.
+    #[arg(long, env = "GRPC_TLS_CERT_FILE")]
+    pub grpc_tls_cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "GRPC_TLS_KEY_FILE")]
+    pub grpc_tls_key_file: Option<std::path::PathBuf>,
+    /// The CA (PEM) that the other side's certificate must chain to.
+    #[arg(long, env = "GRPC_TLS_CA_FILE")]
+    pub grpc_tls_ca_file: Option<std::path::PathBuf>,
+    /// A token every gRPC call carries (`authorization: Bearer …`), with or without TLS.
+    #[arg(long, env = "GRPC_TOKEN", hide_env_values = true,
+          value_parser = |s: &str| Ok::<_, std::convert::Infallible>(secrecy::SecretString::from(s)))]
+    pub grpc_token: Option<secrecy::SecretString>,
+}
+
+/// The gRPC hop's TLS files.
+#[derive(Clone, Debug)]
+pub struct GrpcTlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+}
+
+impl GrpcSecurity {
+    /// The TLS files, when mutual TLS is on.
+    ///
+    /// # Errors
+    /// Some of the three files are given, not all.
+    pub fn tls(&self) -> Result<Option<GrpcTlsFiles>, String> {
+        match (&self.grpc_tls_cert_file, &self.grpc_tls_key_file, &self.grpc_tls_ca_file) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(GrpcTlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() }))
+            }
+            (None, None, None) => Ok(None),
+            _ => Err("gRPC mutual TLS needs all of --grpc-tls-cert-file, --grpc-tls-key-file and --grpc-tls-ca-file".into()),
         }
     }
 }

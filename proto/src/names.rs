@@ -135,6 +135,14 @@ pub fn device_config_key(voucher_digest: &str) -> String {
 pub fn device_voucher_key(device_id: &str) -> String {
     format!("tcpc:config-of:{device_id}")
 }
+/// Redis: taken by the one worker that handles a downlink (`SET NX`), so that a
+/// partition's successor replaying the downlinks of a hand-over never handles one
+/// twice. `digest` names the downlink (its topic and payload).
+pub fn downlink_claim_key(digest: &str) -> String {
+    format!("tcpc:downlink:{digest}")
+}
+/// How long a downlink claim is kept: past any replay of it.
+pub const DOWNLINK_CLAIM_TTL: Duration = Duration::from_secs(60);
 
 /// Redis: held for the platform's 3 s per-voucher rate limit by the one worker that
 /// calls the platform for that voucher.

@@ -168,6 +168,9 @@ mod tests {
         fn purge<'a>(&'a self, _: &'a tcpc_proto::route::Route) -> BoxFuture<'a, Result<(), String>> {
             Box::pin(async { Ok(()) })
         }
+        fn claim_downlink<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Ok(true) })
+        }
     }
 
     fn state(forgotten: Arc<std::sync::Mutex<Vec<String>>>) -> Arc<ApiState> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use secrecy::SecretString;
-use tcpc_observe::{KubeSwitch, LogFormat};
+use tcpc_observe::{GrpcSecurity, KubeSwitch, LogFormat};
 
 use crate::scripts::{EngineKind, Limits};
 
@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
     #[command(flatten)]
+    pub grpc_security: GrpcSecurity,
+    /// The name the edges' gRPC certificate is issued for (checked whatever the pod's IP).
+    #[arg(long, env = "GRPC_TLS_SERVER_NAME", default_value = "edge-gateway")]
+    pub grpc_tls_server_name: String,
+    #[command(flatten)]
     pub settings: Settings,
 }
 
@@ -126,6 +131,10 @@ pub struct Settings {
     /// Largest script result, in KiB.
     #[arg(long, env = "SCRIPT_OUTPUT_KIB", default_value_t = 64)]
     pub script_output_kib: usize,
+    /// Memory for compiled scripts, in MiB, shared out among the engine threads; past
+    /// it the least recently used are compiled again when next needed.
+    #[arg(long, env = "SCRIPT_CACHE_MIB", default_value_t = 256)]
+    pub script_cache_mib: usize,
     /// Script engine threads; each script runs on one of them, chosen by its content
     /// hash (default: the number of cores).
     #[arg(long, env = "SCRIPT_THREADS")]
@@ -148,7 +157,7 @@ pub struct Settings {
     /// back (comma-separated: telemetry-control, attribute-set, attribute-get, command;
     /// none by default).
     #[arg(long, env = "OFFLINE_QUEUE", value_delimiter = ',')]
-    pub offline_queue: Vec<crate::downlink::DownlinkKind>,
+    pub offline_queue: Vec<crate::platform::topics::DownlinkKind>,
     /// Queued downlinks per device at most (the oldest goes first).
     #[arg(long, env = "OFFLINE_QUEUE_MAX", default_value_t = 32)]
     pub offline_queue_max: usize,
@@ -204,7 +213,7 @@ impl Settings {
             cpu_time: self.script_cpu_time,
             heap: self.script_heap_mib << 20,
             output: self.script_output_kib << 10,
-            ..Limits::default()
+            cache_bytes: (self.script_cache_mib << 20) / self.script_threads(),
         }
     }
 

@@ -262,6 +262,7 @@ impl Partitions {
                     tokio::spawn(this.clone().consume(partition, generation, stop.clone(), lease.clone()));
                 owned.insert(partition, Owned { stop, task, lease, generation });
                 this.set_owned(partition, true);
+                this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");
             }
             // Partitions that now belong to another worker, let go of together.
@@ -509,12 +510,14 @@ impl Partitions {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             // Retry the batch until the platform took all of it: nothing is acked before.
             // Only transient failures come back here (permanent ones were dead-lettered).
+            // A retry resumes at the first envelope the platform did not take.
+            let mut from = 0;
             loop {
                 // A batch under way is finished and acknowledged even when asked to
                 // stop (shutdown, hand-over): what the platform already has must not
                 // come again from the next owner. The caller bounds the wait (see
                 // `release`) and aborts past it; a lost lease aborts at once.
-                match self.handle_batch(&messages, &expired).await {
+                match self.handle_batch(&messages[from..], &expired).await {
                     // Unacknowledged: whoever holds the lease now takes the batch again.
                     Ok(()) if expired() => return,
                     Ok(()) => {
@@ -532,13 +535,14 @@ impl Partitions {
                         }
                         break;
                     }
-                    Err(HandleError::LeaseExpired) => return,
-                    Err(error) if stop.is_cancelled() => {
+                    Err((_, HandleError::LeaseExpired)) => return,
+                    Err((_, error)) if stop.is_cancelled() => {
                         // Not retried when stopping: unacknowledged, the next owner takes it.
                         warn!(partition, %error, "batch not delivered while stopping");
                         return;
                     }
-                    Err(error) => {
+                    Err((taken, error)) => {
+                        from += taken;
                         let retry_in = backoff.next_delay();
                         self.pipeline.metrics.retries.inc();
                         warn!(partition, %error, ?retry_in, "batch not delivered to the platform");
@@ -552,21 +556,39 @@ impl Partitions {
         }
     }
 
-    /// Hands a batch to the pipeline, message by message while the lease is held;
-    /// resolves when the platform took all of it.
+    /// Hands a batch to the pipeline, message by message while the lease is held, all
+    /// for the sink's current connection; resolves when the platform took all of it, or
+    /// with how many of the first envelopes it took before the failure.
+    ///
+    /// What failed is a suffix: one connection acknowledges in order, and a lost one
+    /// fails every later message of its epoch.
     async fn handle_batch(
         &self,
         messages: &[jetstream::Message],
         expired: &impl Fn() -> bool,
-    ) -> Result<(), HandleError> {
+    ) -> Result<(), (usize, HandleError)> {
+        let epoch = self.pipeline.sink.epoch();
         let mut handled = Vec::with_capacity(messages.len());
+        let mut queued = Ok(());
         for message in messages {
             if expired() {
-                return Err(HandleError::LeaseExpired);
+                queued = Err(HandleError::LeaseExpired);
+                break;
             }
-            handled.push(self.pipeline.handle(message.payload.clone()).await?);
+            match self.pipeline.handle(message.payload.clone(), epoch).await {
+                Ok(acknowledged) => handled.push(acknowledged),
+                Err(error) => {
+                    queued = Err(error);
+                    break;
+                }
+            }
         }
-        futures::future::try_join_all(handled).await.map(drop)
+        let results = futures::future::join_all(handled).await;
+        if let Some(failed) = results.iter().position(Result::is_err) {
+            let error = results.into_iter().nth(failed).and_then(Result::err).expect("found above");
+            return Err((failed, error));
+        }
+        queued.map_err(|error| (results.len(), error))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Downlinks: from the platform's MQTT topics to the socket that holds the device.
 //!
-//! - [`parse_topic`] reads the four downlink topics under the plugin's prefix; the
+//! - [`topics::parse_downlink`] reads the four downlink topics under the plugin's prefix; the
 //!   `{device}` segment is a device number (backend ≥ v1.1.10) or id (older): both are
 //!   resolved, sub-devices to their gateway and address.
 //! - [`Downlinks::handle`] encodes (a TP frame with CMD 0x10–0x13 and the message_id in
@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::platform::mqtt::{Downlink, Refusal};
-use crate::platform::topics;
+use crate::platform::topics::{self, DownlinkKind, DownlinkTopic};
 use crate::routes::{EdgeClients, RouteLookup};
 use crate::scripts::{Call, CallContext, Output, Scripts};
 use crate::sink::{PlatformMessage, PlatformSink};
@@ -59,7 +59,7 @@ const MIN_DELIVER: Duration = Duration::from_millis(100);
 /// lookups that are backed up.
 pub fn busy_refusal(prefix: String, metrics: Arc<Metrics>) -> Refusal {
     Arc::new(move |topic: &str| {
-        let parsed = parse_topic(&prefix, topic)?;
+        let parsed = topics::parse_downlink(&prefix, topic)?;
         metrics.downlinks.get_or_create(&ReasonLabel { reason: "busy" }).inc();
         answer_message(&parsed, &parsed.device, &Undelivered::Busy)
     })
@@ -70,75 +70,6 @@ fn answer_message(parsed: &DownlinkTopic, device_id: &str, why: &Undelivered) ->
     let topic = parsed.message_id.as_deref().and_then(|id| parsed.kind.response_topic(id))?;
     let values = serde_json::json!({ "result": 1, "message": why.to_string() });
     Some(topics::envelope(topic, device_id, values.to_string().as_bytes()))
-}
-
-/// The four downlinks and their TP CMD.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, clap::ValueEnum)]
-pub enum DownlinkKind {
-    TelemetryControl,
-    AttributeSet,
-    AttributeGet,
-    Command,
-}
-
-impl DownlinkKind {
-    pub fn tp_cmd(self) -> u32 {
-        match self {
-            DownlinkKind::TelemetryControl => 0x10,
-            DownlinkKind::AttributeSet => 0x11,
-            DownlinkKind::Command => 0x12,
-            DownlinkKind::AttributeGet => 0x13,
-        }
-    }
-
-    /// The name scripts see as `ctx.kind`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DownlinkKind::TelemetryControl => "telemetry_control",
-            DownlinkKind::AttributeSet => "attribute_set",
-            DownlinkKind::AttributeGet => "attribute_get",
-            DownlinkKind::Command => "command",
-        }
-    }
-
-    /// Where the platform waits for the answer, if it does.
-    fn response_topic(self, message_id: &str) -> Option<String> {
-        match self {
-            DownlinkKind::Command => Some(topics::command_response(message_id)),
-            DownlinkKind::AttributeSet => Some(topics::attribute_set_response(message_id)),
-            _ => None,
-        }
-    }
-}
-
-/// A downlink topic, read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DownlinkTopic {
-    pub kind: DownlinkKind,
-    /// Device number or id, as the platform wrote it.
-    pub device: String,
-    pub message_id: Option<String>,
-}
-
-/// Reads a downlink topic under `prefix` (which ends with `/`).
-pub fn parse_topic(prefix: &str, topic: &str) -> Option<DownlinkTopic> {
-    let rest = topic.strip_prefix(prefix)?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let (kind, device, message_id) = match parts.as_slice() {
-        ["devices", "telemetry", "control", device] => (DownlinkKind::TelemetryControl, device, None),
-        ["devices", "attributes", "set", device, id] => (DownlinkKind::AttributeSet, device, Some(id)),
-        ["devices", "attributes", "get", device] => (DownlinkKind::AttributeGet, device, None),
-        ["devices", "command", device, id] => (DownlinkKind::Command, device, Some(id)),
-        _ => return None,
-    };
-    if device.is_empty() {
-        return None;
-    }
-    Some(DownlinkTopic {
-        kind,
-        device: (*device).to_owned(),
-        message_id: message_id.map(|id| (*id).to_owned()),
-    })
 }
 
 /// The platform payload as the device gets it: sub-device downlinks wrapped for their
@@ -230,6 +161,23 @@ pub struct Downlinks {
     /// Queue flushes and answers awaiting the broker's acknowledgement, awaited on
     /// shutdown with the worker's other tasks.
     tasks: TaskTracker,
+    /// Downlinks another worker owned, by carrier id, oldest first (see
+    /// [`Downlinks::replay_hand_over`]).
+    hand_over: Mutex<VecDeque<(Target, Downlink)>>,
+}
+
+/// How long a downlink another worker owns is kept for a hand-over: past a lease's
+/// expiry (a crashed owner's partitions are taken 6–8 s after the crash).
+const HAND_OVER_WINDOW: Duration = Duration::from_secs(15);
+/// Downlinks kept for a hand-over, at most.
+const HAND_OVER_KEPT: usize = 10_000;
+
+/// What a downlink's claim is keyed by: its topic (with the message id) and payload.
+fn claim_digest(topic: &str, payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest =
+        Sha256::new().chain_update(topic.as_bytes()).chain_update([0]).chain_update(payload).finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Downlinks {
@@ -238,6 +186,7 @@ impl Downlinks {
         prefix: String,
         devices: Arc<dyn DeviceSource>,
         routes: Arc<dyn RouteLookup>,
+        edges: Arc<EdgeClients>,
         scripts: Arc<Scripts>,
         sink: Arc<dyn PlatformSink>,
         metrics: Arc<Metrics>,
@@ -249,7 +198,7 @@ impl Downlinks {
             prefix,
             devices,
             routes,
-            edges: Arc::default(),
+            edges,
             scripts,
             sink,
             metrics,
@@ -257,24 +206,43 @@ impl Downlinks {
             queue_policy,
             queue: Mutex::default(),
             tasks,
+            hand_over: Mutex::default(),
         }
     }
 
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
     pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
-        let Downlink { topic, payload, received } = downlink;
-        let Some(parsed) = parse_topic(&self.prefix, &topic) else {
-            debug!(%topic, "not a downlink topic");
+        let Some(parsed) = topics::parse_downlink(&self.prefix, &downlink.topic) else {
+            debug!(topic = %downlink.topic, "not a downlink topic");
             return;
         };
-        let due = received + ANSWER_WITHIN;
+        let due = downlink.received + ANSWER_WITHIN;
         let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
             // Another worker's (it owns the device's partition); counted so that an
-            // operator sees every worker takes every downlink.
+            // operator sees every worker takes every downlink, and kept a while in case
+            // that worker is gone and this one takes the partition over.
             self.count("not_owner");
+            self.keep_for_hand_over(target, downlink);
             return;
+        }
+        self.handle_owned(parsed, target, downlink).await;
+    }
+
+    /// Handles a resolved downlink of this worker's.
+    async fn handle_owned(self: &Arc<Self>, parsed: DownlinkTopic, target: Target, downlink: Downlink) {
+        let Downlink { topic, payload, received } = downlink;
+        let due = received + ANSWER_WITHIN;
+        // Claimed first: a successor replaying a hand-over must not handle it again.
+        match self.routes.claim_downlink(&claim_digest(&topic, &payload)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.count("claimed_elsewhere");
+                return;
+            }
+            // Without the store a duplicate is possible, a loss is not.
+            Err(error) => debug!(%error, "downlink not claimed; handling it anyway"),
         }
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
@@ -311,6 +279,47 @@ impl Downlinks {
             }
             Ok(Ok(None) | Err(_)) => None,
         }
+    }
+
+    /// Keeps a downlink another worker owns, for [`HAND_OVER_WINDOW`] (at most
+    /// [`HAND_OVER_KEPT`] of them).
+    fn keep_for_hand_over(&self, target: Target, downlink: Downlink) {
+        let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while kept.front().is_some_and(|(_, old)| now.duration_since(old.received) > HAND_OVER_WINDOW)
+            || kept.len() >= HAND_OVER_KEPT
+        {
+            kept.pop_front();
+        }
+        kept.push_back((target, downlink));
+    }
+
+    /// This worker took partitions: the downlinks of their devices that arrived while
+    /// another worker owned them are handled again here, each once across workers (by
+    /// its claim), so that none is left unanswered when the owner died. Those past
+    /// their answer's due time are answered "busy" at once.
+    pub fn replay_hand_over(self: &Arc<Self>) {
+        let mine: VecDeque<(Target, Downlink)> = {
+            let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
+            let (mine, others) = std::mem::take(&mut *kept)
+                .into_iter()
+                .partition(|(target, _): &(Target, Downlink)| (self.handles)(&target.carrier.id));
+            *kept = others;
+            mine
+        };
+        if mine.is_empty() {
+            return;
+        }
+        info!(downlinks = mine.len(), "replaying the downlinks of partitions taken over");
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            // Resolved when they arrived: their due time may be past, their device not.
+            for (target, downlink) in mine {
+                if let Some(parsed) = topics::parse_downlink(&this.prefix, &downlink.topic) {
+                    this.handle_owned(parsed, target, downlink).await;
+                }
+            }
+        });
     }
 
     /// Answers a downlink that did not reach its device; then, if its edge pod could
@@ -422,6 +431,9 @@ impl Downlinks {
     /// so a newer route of the device is never touched).
     async fn purge_if_dead(&self, route: &Route) {
         if matches!(self.routes.pod_alive(&route.pod).await, Ok(false)) {
+            // Its channel too: pod IPs are reused, and a dead pod's channel would only
+            // hold its reconnect loop (and memory) for an address that is someone else's.
+            self.edges.forget(&route.grpc_addr);
             match self.routes.purge(route).await {
                 Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
                 Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),
@@ -442,7 +454,7 @@ impl Downlinks {
         let Some(message) = answer_message(parsed, device_id, &why) else { return };
         // Not awaited: the acknowledgement needs the broker connection, which may be
         // waiting for this very dispatcher to take the next downlink.
-        if let Ok(delivered) = self.sink.publish(message).await {
+        if let Ok(delivered) = self.sink.publish(message, self.sink.epoch()).await {
             self.tasks.spawn(async move {
                 if let Err(error) = delivered.await {
                     warn!(%error, "failure answer not acknowledged by the broker");
@@ -515,7 +527,7 @@ impl Downlinks {
                     }
                 }
             };
-            let Some(parsed) = parse_topic(&self.prefix, &item.topic) else { continue };
+            let Some(parsed) = topics::parse_downlink(&self.prefix, &item.topic) else { continue };
             let queues_kind = self.queues(parsed.kind);
             if queues_kind && item.expires <= Instant::now() {
                 self.count("queue_expired");
@@ -544,32 +556,6 @@ impl Downlinks {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn topics_of_both_backend_generations() {
-        let parse = |t: &str| parse_topic("plugin/TCP/", t);
-        assert_eq!(
-            parse("plugin/TCP/devices/command/D001/4d5e6f70"),
-            Some(DownlinkTopic {
-                kind: DownlinkKind::Command,
-                device: "D001".into(),
-                message_id: Some("4d5e6f70".into())
-            })
-        );
-        assert_eq!(
-            parse("plugin/TCP/devices/telemetry/control/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10")
-                .unwrap()
-                .device,
-            "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10"
-        );
-        assert_eq!(
-            parse("plugin/TCP/devices/attributes/set/G001/2b3c").unwrap().kind,
-            DownlinkKind::AttributeSet
-        );
-        assert_eq!(parse("plugin/TCP/devices/attributes/get/D001").unwrap().message_id, None);
-        assert_eq!(parse("plugin/TCP/devices/command/D001"), None);
-        assert_eq!(parse("other/devices/command/D001/1"), None);
-    }
 
     use crate::devices::{Device, DeviceKind};
 

@@ -11,12 +11,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
+use secrecy::ExposeSecret;
+use tcpc_observe::{GrpcSecurity, GrpcTlsFiles};
 use tcpc_proto::connect::RedisConnection;
 use tcpc_proto::names;
 use tcpc_proto::route::Route;
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
 use tcpc_proto::v1::{DeliverRequest, DeliverStatus, DisconnectRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Deadline of a route read or an edge call other than a delivery (whose caller
 /// chooses its own, see [`EdgeClients::deliver`]).
@@ -30,6 +33,9 @@ pub trait RouteLookup: Send + Sync + 'static {
     fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>>;
     /// Removes `route` if it is still the device's route (compare-and-delete).
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>>;
+    /// Claims the downlink named `digest` for this worker: true for the first claim (for
+    /// [`names::DOWNLINK_CLAIM_TTL`]), false when another worker has it.
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>>;
 }
 
 /// Routes in Redis.
@@ -79,6 +85,24 @@ impl RouteLookup for RedisRoutes {
                 .map_err(|e| format!("route store: {e}"))
         })
     }
+
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut connection = self.connection.clone();
+            let mut claim = redis::cmd("SET");
+            claim
+                .arg(names::downlink_claim_key(digest))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(names::DOWNLINK_CLAIM_TTL.as_millis() as u64);
+            let taken: Option<String> = tokio::time::timeout(DEADLINE, claim.query_async(&mut connection))
+                .await
+                .map_err(|_| "route store did not answer".to_owned())?
+                .map_err(|e| format!("route store: {e}"))?;
+            Ok(taken.is_some())
+        })
+    }
 }
 
 /// One gRPC channel per edge pod, made on first use and kept. Each call bounds its own
@@ -86,22 +110,126 @@ impl RouteLookup for RedisRoutes {
 #[derive(Default)]
 pub struct EdgeClients {
     channels: Mutex<HashMap<String, EdgeGatewayClient<Channel>>>,
+    /// Mutual TLS with the edges, when configured: the current client configuration.
+    tls: Option<Mutex<ClientTls>>,
+    token: Option<MetadataValue<Ascii>>,
+}
+
+/// The worker's side of the edges' mutual TLS, and the bytes it was made from.
+struct ClientTls {
+    files: GrpcTlsFiles,
+    server_name: String,
+    read: [Vec<u8>; 3],
+    config: ClientTlsConfig,
+}
+
+/// How often the client certificate files are read again.
+const TLS_RELOAD: Duration = Duration::from_secs(30);
+
+impl ClientTls {
+    fn load(files: GrpcTlsFiles, server_name: String) -> Result<Self, String> {
+        let read = Self::read(&files)?;
+        let config = Self::config(&read, &server_name);
+        Ok(ClientTls { files, server_name, read, config })
+    }
+
+    fn read(files: &GrpcTlsFiles) -> Result<[Vec<u8>; 3], String> {
+        let read =
+            |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+        Ok([read(&files.cert)?, read(&files.key)?, read(&files.ca)?])
+    }
+
+    fn config([cert, key, ca]: &[Vec<u8>; 3], server_name: &str) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .identity(Identity::from_pem(cert, key))
+            .ca_certificate(Certificate::from_pem(ca))
+            // Every edge pod presents one certificate for this name, whatever its IP.
+            .domain_name(server_name)
+    }
 }
 
 impl EdgeClients {
+    /// Clients that authenticate to the edges with `security`; mutual TLS verifies the
+    /// edges' certificate for `server_name`.
+    ///
+    /// # Errors
+    /// A TLS file cannot be read, or the token is not a valid header value.
+    pub fn new(security: &GrpcSecurity, server_name: &str) -> Result<Self, String> {
+        let tls = security.tls()?.map(|files| ClientTls::load(files, server_name.to_owned())).transpose()?;
+        let token = security
+            .grpc_token
+            .as_ref()
+            .map(|token| format!("Bearer {}", token.expose_secret()).parse())
+            .transpose()
+            .map_err(|_| "the gRPC token is not a valid header value".to_owned())?;
+        Ok(EdgeClients { channels: Mutex::default(), tls: tls.map(Mutex::new), token })
+    }
+
+    /// Reads the TLS files every [`TLS_RELOAD`] until `stop`; when they changed, the
+    /// channels are dropped, so that every edge is reached again with the new
+    /// certificate (a channel keeps the configuration it was made with).
+    pub async fn keep_tls_current(&self, stop: tokio_util::sync::CancellationToken) {
+        let Some(tls) = &self.tls else { return };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(TLS_RELOAD) => {}
+            }
+            let changed = {
+                let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
+                match ClientTls::read(&tls.files) {
+                    Ok(read) if read != tls.read => {
+                        tls.config = ClientTls::config(&read, &tls.server_name);
+                        tls.read = read;
+                        true
+                    }
+                    Ok(_) => false,
+                    Err(error) => {
+                        tracing::warn!(%error, "gRPC client certificate files not readable; keeping the last");
+                        false
+                    }
+                }
+            };
+            // Not under the TLS lock: `client` takes the two the other way round.
+            if changed {
+                self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                tracing::info!("gRPC client certificate reloaded");
+            }
+        }
+    }
+
     fn client(&self, addr: &str) -> Result<EdgeGatewayClient<Channel>, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = channels.get(addr) {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
             .map_err(|e| format!("edge address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            let config = tls.lock().unwrap_or_else(|e| e.into_inner()).config.clone();
+            endpoint = endpoint.tls_config(config).map_err(|e| format!("edge TLS: {e}"))?;
+        }
         let client = EdgeGatewayClient::new(endpoint.connect_lazy());
         channels.insert(addr.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// Drops the channel to `addr` (a dead pod's); the next call to it makes a new one.
+    pub fn forget(&self, addr: &str) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+    }
+
+    /// A request carrying the token, when there is one.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        request
     }
 
     /// Writes bytes to the connection a route names (framed as TP with `tp_cmd` on
@@ -132,7 +260,7 @@ impl EdgeClients {
             // platform heard "offline" for must not reach the device afterwards.
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        let reply = tokio::time::timeout(timeout, client.deliver(request))
+        let reply = tokio::time::timeout(timeout, client.deliver(self.request(request)))
             .await
             .map_err(|_| "no answer in time".to_owned())?
             .map_err(|e| e.message().to_owned())?
@@ -152,10 +280,25 @@ impl EdgeClients {
             reason: reason.to_owned(),
         };
         // Bounded here for the same reason as `deliver`.
-        let reply = tokio::time::timeout(DEADLINE, client.disconnect(request))
+        let reply = tokio::time::timeout(DEADLINE, client.disconnect(self.request(request)))
             .await
             .map_err(|_| format!("edge {}: no answer within {DEADLINE:?}", route.pod))?
             .map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
         Ok(reply.into_inner().closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forgotten_pod_gives_back_its_channel() {
+        let clients = EdgeClients::default();
+        clients.client("10.0.0.7:50051").unwrap();
+        clients.client("10.0.0.8:50051").unwrap();
+        clients.forget("10.0.0.7:50051");
+        let held: Vec<String> = clients.channels.lock().unwrap().keys().cloned().collect();
+        assert_eq!(held, ["10.0.0.8:50051"]);
     }
 }

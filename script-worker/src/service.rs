@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::platform::client::PlatformClient;
 use crate::platform::mqtt::{DISCONNECT_DEADLINE, Downlink, MqttConfig, MqttSink, Subscription};
-use crate::routes::{RedisRoutes, RouteLookup};
+use crate::routes::{EdgeClients, RedisRoutes, RouteLookup};
 use crate::scripts::{Library, Scripts};
 use crate::sink::{JsonLines, PlatformSink};
 use crate::source::DeviceSource;
@@ -52,6 +52,8 @@ pub struct Seams {
     pub devices: Arc<dyn DeviceSource>,
     /// Where each device is connected.
     pub routes: Arc<dyn RouteLookup>,
+    /// How the edge pods are called (gRPC, with the hop's security).
+    pub edges: Arc<EdgeClients>,
     /// The platform's MQTT broker; without it platform messages are JSON lines on stdout.
     pub broker: Option<MqttConfig>,
     /// NATS and Redis: the worker owns uplink partitions, answers the edges' auth
@@ -112,7 +114,7 @@ impl Worker {
     /// # Errors
     /// The script engine's threads cannot start.
     pub fn start(settings: &Settings, http: TcpListener, seams: Seams) -> Result<Self, WorkerError> {
-        let Seams { devices, routes, broker, bus, platform, metrics, registry } = seams;
+        let Seams { devices, routes, edges, broker, bus, platform, metrics, registry } = seams;
         let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
         let (broker_stop, broker_tasks) = (CancellationToken::new(), TaskTracker::new());
 
@@ -159,6 +161,7 @@ impl Worker {
             settings.topic_prefix(),
             devices.clone(),
             routes.clone(),
+            edges.clone(),
             scripts.clone(),
             sink.clone(),
             metrics.clone(),
@@ -177,6 +180,10 @@ impl Worker {
         let authenticator =
             Arc::new(Authenticator { devices: devices.clone(), scripts, metrics: metrics.clone() });
         tasks.spawn(dispatch_downlinks(downlinks.clone(), downlink_queue, stop.clone()));
+        tasks.spawn({
+            let (edges, stop) = (edges.clone(), stop.clone());
+            async move { edges.keep_tls_current(stop).await }
+        });
 
         if let Some(bus) = &bus {
             tasks.spawn(auth::serve(bus.nats.clone(), authenticator.clone(), tasks.clone(), stop.clone()));
@@ -211,7 +218,7 @@ impl Worker {
         let api = api::ApiState {
             devices,
             routes,
-            edges: downlinks.edges.clone(),
+            edges,
             broadcast_forget: Arc::new({
                 let nats = nats.clone();
                 move |device_id: String| {
@@ -361,7 +368,7 @@ pub async fn run(
     )
     .map_err(WorkerError::Config)?;
     let platform = PlatformClient::new(&config.platform_url, Duration::from_secs(5));
-    let devices = Arc::new(platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone())));
+    let devices = platform::devices::PlatformDevices::new(platform.clone(), Some(redis.clone()));
     let edge_pods = config.edge_pod_watch.enabled().then(|| EdgePodWatch {
         namespace: config.pod_namespace.clone(),
         selector: config.edge_pod_selector.clone(),
@@ -369,9 +376,12 @@ pub async fn run(
     let mut registry = MetricsRegistry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     info!(%worker, "script-worker starting");
+    let edges =
+        EdgeClients::new(&config.grpc_security, &config.grpc_tls_server_name).map_err(WorkerError::Config)?;
     let seams = Seams {
         devices,
         routes: Arc::new(RedisRoutes::new(redis.clone())),
+        edges: Arc::new(edges),
         broker: Some(broker),
         bus: Some(Bus { nats, redis, worker, edge_pods }),
         platform: Some(platform),

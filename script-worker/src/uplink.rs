@@ -63,15 +63,17 @@ impl MapError {
             MapError::Script(ScriptError::Timeout) => "script_timeout",
             MapError::Script(ScriptError::OutOfMemory) => "script_memory",
             MapError::Script(ScriptError::Quarantined) => "script_quarantined",
+            MapError::Script(ScriptError::Busy) => "script_busy",
             MapError::Script(_) => "script_error",
             MapError::Unknown => "unknown_envelope",
         }
     }
 
     /// Whether the same envelope may map once the cause is gone (the platform or the
-    /// route store answers again); every other error would repeat.
+    /// route store answers again, the script engines catch up); every other error would
+    /// repeat.
     pub fn is_transient(&self) -> bool {
-        matches!(self, MapError::Lookup(_))
+        matches!(self, MapError::Lookup(_) | MapError::Script(ScriptError::Busy))
     }
 }
 

@@ -3,10 +3,16 @@
 // an array of objects. Run from a directory whose node_modules has package.json's
 // dependencies (scripts/check-deploy copies it there).
 import { readFileSync } from "node:fs";
+import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate";
+import { ClusterIssuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/ClusterIssuer";
+import { Issuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Issuer";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 
 const models = {
+  "cert-manager.io/v1/Certificate": Certificate,
+  "cert-manager.io/v1/ClusterIssuer": ClusterIssuer,
+  "cert-manager.io/v1/Issuer": Issuer,
   "keda.sh/v1alpha1/ScaledObject": ScaledObject,
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
 };

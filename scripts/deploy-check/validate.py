@@ -11,7 +11,13 @@ import tempfile
 import yaml
 from kubernetes_validate import utils
 
-CUSTOM = {"keda.sh/v1alpha1/ScaledObject", "monitoring.coreos.com/v1/ServiceMonitor"}
+CUSTOM = {
+    "cert-manager.io/v1/Certificate",
+    "cert-manager.io/v1/ClusterIssuer",
+    "cert-manager.io/v1/Issuer",
+    "keda.sh/v1alpha1/ScaledObject",
+    "monitoring.coreos.com/v1/ServiceMonitor",
+}
 
 
 def main() -> int:

@@ -32,6 +32,9 @@ pub struct TestEdge {
     pub pod: String,
     pub official: SocketAddr,
     pub custom: SocketAddr,
+    /// The TLS ports, when the configuration turned them on.
+    pub official_tls: Option<SocketAddr>,
+    pub custom_tls: Option<SocketAddr>,
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -84,12 +87,15 @@ impl TestEdge {
         tweak(&mut config);
         let listeners = Listeners::bind(&config).await.expect("bind loopback listeners");
         let addr = |l: &tokio::net::TcpListener| l.local_addr().unwrap();
+        let devices = &listeners.devices;
         let (official, custom, grpc, metrics) = (
-            addr(&listeners.official),
-            addr(&listeners.custom),
+            addr(devices.official.as_ref().expect("a TP port")),
+            addr(devices.custom.as_ref().expect("a custom port")),
             addr(&listeners.grpc),
             addr(&listeners.metrics),
         );
+        let (official_tls, custom_tls) =
+            (devices.official_tls.as_ref().map(addr), devices.custom_tls.as_ref().map(addr));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             edge_gateway::run(config, listeners, async {
@@ -102,6 +108,8 @@ impl TestEdge {
             pod: pod.to_owned(),
             official,
             custom,
+            official_tls,
+            custom_tls,
             grpc,
             metrics,
             stop: Some(stop),

@@ -3,7 +3,7 @@
 //! (JetStream, Redis Cluster, Sentinel), edges run
 //! in-process on pre-bound listeners, workers as processes (their real main), a fake
 //! ThingsPanel backend, a fake Kubernetes API server, an auth responder double, a JetStream reader of uplink
-//! envelopes, an MQTT watcher, and device clients.
+//! envelopes, an MQTT watcher, device clients, and test certificates with TLS clients.
 //!
 //! Every fixture returns only when ready; every wait has a deadline.
 
@@ -16,6 +16,7 @@ pub mod mqtt;
 pub mod platform;
 pub mod servers;
 pub mod stream;
+pub mod tls;
 pub mod worker;
 pub mod world;
 

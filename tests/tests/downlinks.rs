@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use tcpc_proto::names;
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
-use tcpc_tests::world::{World, wait_for_partitions};
+use tcpc_tests::wait_until;
+use tcpc_tests::world::{World, partition_owner, wait_for_partitions};
 
 const D001: &str = "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10";
 
@@ -333,4 +334,46 @@ async fn downlinks_sent_while_the_offline_queue_is_flushed_wait_behind_it() {
         seen.push(frame_json(&device.next().await.unwrap())["n"].as_u64().unwrap());
     }
     assert_eq!(seen, (0..TOTAL).collect::<Vec<_>>(), "queued first, then the new ones, each once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downlink_sent_while_its_owner_is_frozen_is_answered_once_by_its_successor() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/command/response/#"]).await;
+    let workers = vec![w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
+    wait_for_partitions(&[&workers[0], &workers[1]]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    let owner = partition_owner(&w, &workers, D001).await;
+    let successor = 1 - owner;
+
+    // The owner stops without a word (a frozen or partitioned pod): the command it would
+    // handle is handled by the worker that takes its partitions over.
+    workers[owner].freeze();
+    watcher.publish("plugin/TCP/devices/command/D001/m1", r#"{"method":"reboot"}"#).await;
+    let answer = watcher.next_on("devices/command/response/m1").await;
+    assert_eq!(answer.values(D001)["result"], 1, "answered (too late to deliver), not left unanswered");
+    assert!(workers[successor].metric("worker_partitions").await > 0.0);
+
+    // The owner comes back and finds the command in its queue: claimed, not answered again.
+    workers[owner].thaw();
+    let skipped = || async {
+        let owner = &workers[owner];
+        owner.metric("worker_downlinks_total{reason=\"claimed_elsewhere\"}").await
+            + owner.metric("worker_downlinks_total{reason=\"not_owner\"}").await
+    };
+    wait_until("the thawed owner to pass the command by", || async { skipped().await >= 1.0 }).await;
+    // A later command reaches the device, whose answer marks the point by which a second
+    // answer to m1 would have come.
+    watcher.publish("plugin/TCP/devices/command/D001/m2", r#"{"method":"reboot"}"#).await;
+    assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "m2", "method": "reboot"}));
+    device.send(Frame::data(cmd::COMMAND_RESPONSE, &br#"{"message_id":"m2","result":0}"#[..])).await;
+    loop {
+        let message = watcher.next().await;
+        assert_ne!(message.topic, "devices/command/response/m1", "m1 answered twice");
+        if message.topic == "devices/command/response/m2" {
+            break;
+        }
+    }
 }

@@ -332,15 +332,16 @@ async fn grpc_disconnect_closes_the_device_connection() {
         .unwrap()
         .into_inner();
     assert_eq!(offline.status(), DeliverStatus::Offline);
-    let reply = client
-        .disconnect(DisconnectRequest {
-            device_id: "dev-bye".into(),
-            connection_id: String::new(),
-            reason: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let disconnect = |connection_id: String| DisconnectRequest {
+        device_id: "dev-bye".into(),
+        connection_id,
+        reason: "test".into(),
+    };
+    // "Any connection of the device" is no order: the caller names the connection.
+    let anonymous = client.disconnect(disconnect(String::new())).await.unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::InvalidArgument);
+    let connection_id = route(&w.redis, "dev-bye").await["conn"].clone();
+    let reply = client.disconnect(disconnect(connection_id)).await.unwrap().into_inner();
     assert_eq!(reply.closed, 1);
     dev.expect_closed_with(cmd::ERROR, "disconnected by the platform").await;
 }

@@ -10,8 +10,7 @@ use serde_json::{Value, json};
 use tcpc_proto::v1::{UplinkEnvelope, uplink_envelope};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
-use tcpc_tests::worker::WorkerProcess;
-use tcpc_tests::world::{World, wait_for_partitions};
+use tcpc_tests::world::{World, partition_owner, wait_for_partitions};
 use tcpc_tests::{first_seen, wait_until};
 
 async fn world() -> World {
@@ -107,7 +106,8 @@ async fn gateway_sub_device_data_is_gateway_telemetry() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
     let w = world().await;
-    let _worker = w.worker("worker-a", &[]).await;
+    // Two workers share the auth requests: the per-voucher gate holds across them.
+    let workers = [w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await];
     let edge = w.edge().await;
     let started = Instant::now();
     for _ in 0..100 {
@@ -119,6 +119,10 @@ async fn a_wrong_token_is_refused_and_retries_do_not_hammer_the_platform() {
         w.platform.calls().into_iter().filter(|(key, _)| key == r#"{"access_token":"wrong-token"}"#).count();
     let allowed = 1 + (elapsed.as_secs_f64() / 3.0) as usize;
     assert!(calls >= 1 && calls <= allowed, "{calls} platform calls in {elapsed:?} (at most {allowed})");
+    for worker in &workers {
+        let refused = worker.metric("worker_auth_total{reason=\"unknown\"}").await;
+        assert!(refused > 0.0, "{} answered none of the attempts", worker.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,6 +172,53 @@ async fn broken_scripts_are_contained() {
     assert!(worker.get("/healthz").await.unwrap().contains("200 OK"));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_feeding_garbage_to_a_shared_script_is_quarantined_alone() {
+    let w = world().await;
+    let library = std::env::temp_dir().join(format!("tcpc-scripts-{}", std::process::id()));
+    std::fs::create_dir_all(&library).unwrap();
+    let shared =
+        "function decode(b) { if (b[0] === 0x21) throw new Error('garbage'); return {n: b.length}; }";
+    std::fs::write(library.join("shared.js"), shared).unwrap();
+    for name in ["bad", "good"] {
+        let settings = json!({"protocol": "custom", "framing": "delimiter", "uplink_script": "lib:shared"});
+        w.device(name, &format!("dev-{name}"), name, settings);
+    }
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
+    let worker = w.worker("worker-a", &["--scripts-dir", library.to_str().unwrap()]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge().await;
+    let quarantined =
+        || async { worker.metric("worker_uplink_errors_total{reason=\"script_quarantined\"}").await };
+    let mut bad = RawDevice::connect(edge.custom).await;
+    bad.send(
+        b"bad
+",
+    )
+    .await;
+    // Five failures in a row quarantine the script for this device: the sixth is not run.
+    for _ in 0..6 {
+        bad.send(
+            b"!
+",
+        )
+        .await;
+    }
+    wait_until("the sixth garbage frame to meet the quarantine", || async { quarantined().await >= 1.0 })
+        .await;
+    assert_eq!(worker.metric("worker_uplink_errors_total{reason=\"script_error\"}").await, 5.0);
+    // The same library script still serves another device.
+    let mut good = RawDevice::connect(edge.custom).await;
+    good.send(
+        b"good
+abc
+",
+    )
+    .await;
+    assert_eq!(watcher.next().await.values("dev-good"), json!({"n": 3}));
+    let _ = std::fs::remove_dir_all(&library);
+}
+
 /// Reads `device_id`'s numbered telemetry after `seen` until each of `0..count` was seen;
 /// every value read, in arrival order (duplicates included).
 async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u64>, count: u64) -> Vec<u64> {
@@ -178,22 +229,6 @@ async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u6
         seen.push(n);
     }
     seen
-}
-
-/// Which of `workers` holds the lease of `device_id`'s partition (the lease names the
-/// worker and its boot nonce: `worker-a#1f2e3d4c`).
-async fn partition_owner(w: &World, workers: &[WorkerProcess], device_id: &str) -> usize {
-    let partition = tcpc_proto::names::partition_of(device_id, tcpc_proto::names::DEFAULT_PARTITIONS);
-    let owner: String = redis::AsyncCommands::get(
-        &mut w.redis.connection().await,
-        tcpc_proto::names::partition_lease_key(partition),
-    )
-    .await
-    .unwrap();
-    workers
-        .iter()
-        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
-        .expect("the owner is one of ours")
 }
 
 #[tokio::test(flavor = "multi_thread")]

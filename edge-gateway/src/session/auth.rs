@@ -20,17 +20,30 @@ use crate::metrics::ReasonLabel;
 use crate::proxy;
 use crate::registry::{CloseOrder, SessionHandle};
 use crate::routes::{Claim, Route};
+use crate::tls::ServerTls;
 
 impl Session {
     /// Authenticates the device; on success the session is registered, routed and its
     /// online event published.
-    pub(super) async fn authenticate(&mut self, tcp_peer: SocketAddr) -> Result<(), Close> {
+    pub(super) async fn authenticate(
+        &mut self,
+        tcp_peer: SocketAddr,
+        tls: Option<&ServerTls>,
+    ) -> Result<(), Close> {
         let limits = &self.shared.config.limits;
         let deadline = Instant::now() + limits.auth_timeout;
         let peer =
             if limits.proxy_protocol { self.read_proxy_header(deadline, tcp_peer).await? } else { tcp_peer };
         self.shared.sources.admit(peer.ip()).map_err(Close::Refused)?;
         self.source = Some(peer.ip());
+        // After the source limits: a handshake costs CPU, a flood of them is limited too.
+        if let Some(tls) = tls {
+            let first = self.buf.split().freeze();
+            tokio::time::timeout_at(deadline, self.stream.start_tls(tls, first))
+                .await
+                .map_err(|_| Close::AuthTimeout)?
+                .map_err(|error| Close::Tls(error.to_string()))?;
+        }
         let token = match self.protocol {
             Protocol::Custom => self.read_token(deadline).await?,
             _ => self.read_auth_frame(deadline).await?,

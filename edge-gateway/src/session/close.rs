@@ -16,6 +16,9 @@ pub enum Close {
     AuthRefused(String),
     AuthUnavailable,
     Protocol(String),
+    /// The TLS handshake failed (plaintext on a TLS port, an unknown client
+    /// certificate, …): there is no channel to tell the device on.
+    Tls(String),
     IdleTimeout,
     WriteFailed,
     Order(CloseOrder),
@@ -33,6 +36,7 @@ impl Close {
             Close::AuthRefused(_) => "auth_refused",
             Close::AuthUnavailable => "auth_unavailable",
             Close::Protocol(_) => "protocol_error",
+            Close::Tls(_) => "tls_handshake",
             Close::IdleTimeout => "idle_timeout",
             Close::WriteFailed => "write_failed",
             Close::Order(CloseOrder::Disconnected) => "disconnected",
@@ -45,7 +49,7 @@ impl Close {
     /// Whether complete messages already read are still handled: everything but
     /// malformed input, after which the rest of the buffer is garbage.
     pub fn keeps_buffer(&self) -> bool {
-        !matches!(self, Close::Protocol(_))
+        !matches!(self, Close::Protocol(_) | Close::Tls(_))
     }
 
     /// Whether the bytes of a message in progress are a message: a device that sends
@@ -58,7 +62,7 @@ impl Close {
     /// What the device is told before the close, if anything.
     pub fn device_message(&self) -> Option<String> {
         Some(match self {
-            Close::PeerClosed | Close::Io(_) | Close::WriteFailed => return None,
+            Close::PeerClosed | Close::Io(_) | Close::WriteFailed | Close::Tls(_) => return None,
             Close::AuthTimeout => "no authentication within the deadline".to_owned(),
             Close::AuthRefused(message) => message.clone(),
             Close::AuthUnavailable => "authentication unavailable, retry later".to_owned(),

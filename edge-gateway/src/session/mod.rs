@@ -22,6 +22,7 @@
 mod auth;
 mod close;
 pub(crate) mod rate;
+mod stream;
 mod window;
 
 use std::io;
@@ -34,8 +35,10 @@ use prost::Message as _;
 use tcpc_proto::v1::{
     Protocol, SessionEvent, SessionState, Uplink, UplinkEnvelope, UplinkKind, uplink_envelope,
 };
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use self::stream::DeviceStream;
+use crate::tls::ServerTls;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -81,7 +84,7 @@ struct Closing {
 /// The state of one connection.
 struct Session {
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: DeviceStream,
     protocol: Protocol,
     id: ConnectionId,
     /// The client's address (from the PROXY header when enabled), once admitted by the
@@ -105,6 +108,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
+    tls: Option<Arc<ServerTls>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let listener = listener_label(protocol);
@@ -118,7 +122,7 @@ pub(crate) async fn serve(
         debug!(%peer, listener, "connection accepted");
         // Boxed: the auth phase's state is gone once it is done, so it does not
         // weigh on every idle session.
-        let close = match Box::pin(session.authenticate(peer)).await {
+        let close = match Box::pin(session.authenticate(peer, tls.as_deref())).await {
             Ok(()) => session.run().await,
             Err(close) => close,
         };
@@ -144,6 +148,7 @@ pub(crate) fn listener_label(protocol: Protocol) -> &'static str {
 
 impl Session {
     fn new(shared: Arc<Shared>, stream: TcpStream, protocol: Protocol, id: ConnectionId) -> Self {
+        let stream = DeviceStream::Plain(stream);
         let rate = shared.rate_limit().map(RateBudget::new);
         Session {
             inbound: match protocol {
@@ -472,6 +477,7 @@ impl Session {
             Close::PeerClosed => debug!("closed by the device"),
             Close::Io(error) => debug!(%error, "connection failed"),
             Close::Protocol(error) => warn!(%error, "malformed input; closing"),
+            Close::Tls(error) => debug!(%error, "TLS handshake failed"),
             Close::AuthRefused(_) | Close::AuthTimeout | Close::AuthUnavailable => {
                 shared.metrics.auth.get_or_create(&ReasonLabel { reason: close.label() }).inc();
                 info!(reason = close.label(), "authentication failed");

@@ -137,6 +137,76 @@ unless it has one. Call with (dict "ctx" $ "component" "edge-gateway" "constrain
 {{- end }}
 
 {{/*
+The device TLS client CA: its Secret, and whether it is a Secret apart from the
+certificate's (then mounted as a second directory).
+*/}}
+{{- define "tcpc.edge.clientCASecretName" -}}
+{{- .Values.edge.tls.clientCA.secretName | default .Values.edge.tls.secretName }}
+{{- end }}
+{{- define "tcpc.edge.clientCASeparate" -}}
+{{- if ne (include "tcpc.edge.clientCASecretName" .) .Values.edge.tls.secretName }}true{{ end }}
+{{- end }}
+
+{{/*
+The gRPC hop's security (grpcSecurity) as environment variables, for both services.
+Call with (dict "ctx" $ "dir" "/mount/path"); the certificate Secret is mounted at dir.
+*/}}
+{{- define "tcpc.grpcSecurityEnv" -}}
+{{- with .ctx.Values.grpcSecurity }}
+{{- if .mtls.enabled }}
+- name: GRPC_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" $.dir | quote }}
+- name: GRPC_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" $.dir | quote }}
+- name: GRPC_TLS_CA_FILE
+  value: {{ printf "%s/ca.crt" $.dir | quote }}
+{{- end }}
+{{- if .token.existingSecret }}
+- name: GRPC_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .token.existingSecret }}
+      key: {{ .token.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+OpenTelemetry's standard variables, when otel.endpoint is set. Call with
+(dict "ctx" $ "serviceName" "edge-gateway"), after POD_NAME and POD_NAMESPACE (the
+resource attributes refer to them).
+*/}}
+{{- define "tcpc.otelEnv" -}}
+{{- with .ctx.Values.otel }}
+{{- if .endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ .protocol | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ $.serviceName | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+{{- if hasSuffix "traceidratio" .sampler }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ include "tcpc.envValue" .samplerArg }}
+{{- end }}
+{{- $attributes := merge (dict) .resourceAttributes (dict "k8s.namespace.name" "$(POD_NAMESPACE)" "k8s.pod.name" "$(POD_NAME)") }}
+{{- $pairs := list }}
+{{- range $key := keys $attributes | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (get $attributes $key)) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $pairs | quote }}
+{{- range $name, $value := .config }}
+- name: {{ $name }}
+  value: {{ include "tcpc.envValue" $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks across values that the schema cannot express; rendered by every template through
 the ConfigMap (any failure stops the release).
 */}}
@@ -156,5 +226,21 @@ the ConfigMap (any failure stops the release).
 {{- end }}
 {{- if and .Values.worker.mqtt.existingSecret (not .Values.worker.mqtt.existingSecretKey) }}
 {{- fail "worker.mqtt.existingSecretKey must name the key of MQTT_PASSWORD in worker.mqtt.existingSecret" }}
+{{- end }}
+{{- with .Values.edge.tls }}
+{{- if and .enabled (not .secretName) }}
+{{- fail "edge.tls.secretName must name the kubernetes.io/tls Secret (tls.crt, tls.key) of the device TLS ports" }}
+{{- end }}
+{{- if and (not .enabled) (not .plaintext) }}
+{{- fail "edge.tls.plaintext false turns the plaintext device ports off: it needs edge.tls.enabled, or the edge has no device port" }}
+{{- end }}
+{{- if and .clientCA.enabled (not .enabled) }}
+{{- fail "edge.tls.clientCA.enabled checks client certificates on the TLS ports: it needs edge.tls.enabled" }}
+{{- end }}
+{{- end }}
+{{- with .Values.grpcSecurity.mtls }}
+{{- if and .enabled (not (and .edgeSecretName .workerSecretName)) }}
+{{- fail "grpcSecurity.mtls.enabled needs grpcSecurity.mtls.edgeSecretName and workerSecretName (kubernetes.io/tls Secrets with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -42,10 +42,38 @@ struct Reply {
 }
 
 /// What `device/config` is asked by.
+#[derive(Clone, Copy)]
 pub enum ConfigQuery<'a> {
     Voucher(&'a str),
     DeviceId(&'a str),
     DeviceNumber(&'a str),
+}
+
+/// A [`ConfigQuery`] that outlives its caller (a refresh behind it).
+pub enum OwnedQuery {
+    Voucher(String),
+    DeviceId(String),
+    DeviceNumber(String),
+}
+
+impl ConfigQuery<'_> {
+    pub fn to_owned(self) -> OwnedQuery {
+        match self {
+            ConfigQuery::Voucher(voucher) => OwnedQuery::Voucher(voucher.to_owned()),
+            ConfigQuery::DeviceId(id) => OwnedQuery::DeviceId(id.to_owned()),
+            ConfigQuery::DeviceNumber(number) => OwnedQuery::DeviceNumber(number.to_owned()),
+        }
+    }
+}
+
+impl OwnedQuery {
+    pub fn as_query(&self) -> ConfigQuery<'_> {
+        match self {
+            OwnedQuery::Voucher(voucher) => ConfigQuery::Voucher(voucher),
+            OwnedQuery::DeviceId(id) => ConfigQuery::DeviceId(id),
+            OwnedQuery::DeviceNumber(number) => ConfigQuery::DeviceNumber(number),
+        }
+    }
 }
 
 /// A client of one ThingsPanel backend.

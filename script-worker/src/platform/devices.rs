@@ -9,9 +9,12 @@
 //!   admits one caller per voucher per 3 s.
 //! - When the platform is down, calls back off (1 s doubling to 30 s) and known
 //!   devices keep authenticating from their (stale) cached config.
+//! - A known device's config past its TTL is served as it is while it is asked again
+//!   behind the caller (once per device at a time): the hourly refresh never holds up
+//!   the partition whose message needed it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -97,8 +100,12 @@ struct Outage {
 
 /// The platform as a device source.
 pub struct PlatformDevices {
+    /// Itself, for refreshes that outlive the lookup that started them.
+    me: Weak<PlatformDevices>,
     client: PlatformClient,
     redis: Option<RedisConnection>,
+    /// Digests being refreshed behind their callers.
+    refreshing: Mutex<HashSet<String>>,
     memory: Mutex<Memory>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outage: Mutex<Outage>,
@@ -106,17 +113,19 @@ pub struct PlatformDevices {
 
 impl PlatformDevices {
     /// Without `redis` the caches and the rate gate are this process's only.
-    pub fn new(client: PlatformClient, redis: Option<RedisConnection>) -> Self {
-        PlatformDevices {
+    pub fn new(client: PlatformClient, redis: Option<RedisConnection>) -> Arc<Self> {
+        Arc::new_cyclic(|me| PlatformDevices {
+            me: me.clone(),
             client,
             redis,
+            refreshing: Mutex::default(),
             memory: Mutex::default(),
             flights: Mutex::default(),
             outage: Mutex::new(Outage {
                 until: None,
                 backoff: Backoff::new(Duration::from_secs(1), MAX_BACKOFF),
             }),
-        }
+        })
     }
 
     fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
@@ -179,7 +188,7 @@ impl PlatformDevices {
         if let Some(device) = device {
             batch.command("SET", &names::device_voucher_key(&device.id)).arg(digest).arg("EX").arg(24 * 3600);
         }
-        let stored = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(&redis)).await;
+        let stored = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
         if !matches!(stored, Ok(Ok(_))) {
             debug!("device config not shared in Redis");
         }
@@ -238,12 +247,41 @@ impl PlatformDevices {
         }
     }
 
-    /// Cache, then shared cache, then (rate-gated) the platform; a stale entry when the
-    /// platform cannot answer.
+    /// Cache (a known device's stale entry too, refreshed behind the caller), then the
+    /// shared cache, then (rate-gated) the platform; a stale entry when the platform
+    /// cannot answer.
     async fn fetch(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
-        if let Some(cached) = self.cached(digest).filter(|cached| cached.is_fresh(digest)) {
-            return Ok(cached);
+        if let Some(cached) = self.cached(digest) {
+            if cached.is_fresh(digest) {
+                return Ok(cached);
+            }
+            if cached.device.is_some() {
+                self.refresh_behind(digest, query);
+                return Ok(cached);
+            }
         }
+        self.ask(digest, query).await
+    }
+
+    /// Asks again for a stale known device, once at a time per digest, on a task of
+    /// its own.
+    fn refresh_behind(&self, digest: &str, query: ConfigQuery<'_>) {
+        let Some(this) = self.me.upgrade() else { return };
+        if !self.refreshing.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_owned()) {
+            return;
+        }
+        let (digest, query) = (digest.to_owned(), query.to_owned());
+        tokio::spawn(async move {
+            if let Err(error) = this.ask(&digest, query.as_query()).await {
+                debug!(%error, "device config not refreshed; the cached one stays in use");
+            }
+            this.refreshing.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+        });
+    }
+
+    /// The shared cache, then (rate-gated) the platform; a stale entry when the platform
+    /// cannot answer.
+    async fn ask(&self, digest: &str, query: ConfigQuery<'_>) -> Result<Cached, SourceError> {
         let flight = self.flight(digest);
         let _one_at_a_time = flight.lock().await;
         if let Some(cached) = self.cached(digest).filter(|cached| cached.is_fresh(digest)) {
@@ -359,6 +397,35 @@ impl DeviceSource for PlatformDevices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A known device's config past its TTL is answered from the cache at once, with no
+    /// wait for the platform (here one that never answers), and asked again behind.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_known_device_is_served_at_once_and_refreshed_behind() {
+        // Accepts and never answers: a platform call waits for its timeout.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client =
+            PlatformClient::new(&format!("http://{}", silent.local_addr().unwrap()), Duration::from_secs(5));
+        let devices = PlatformDevices::new(client, None);
+        let voucher = voucher::of_token("known");
+        let digest = voucher::digest(&voucher);
+        let device = Device {
+            id: "dev-known".into(),
+            number: "K001".into(),
+            kind: crate::devices::DeviceKind::Direct,
+            sub_devices: Vec::new(),
+            settings: Default::default(),
+        };
+        devices.remember(&digest, Some(Arc::new(device)), Instant::now());
+        tokio::time::advance(POSITIVE_TTL).await;
+
+        let asked = Instant::now();
+        let lookup = devices.by_token("known").await.unwrap();
+        assert!(matches!(lookup, Lookup::Found(device) if device.id == "dev-known"));
+        assert_eq!(asked.elapsed(), Duration::ZERO, "no platform call waited for");
+        assert!(devices.refreshing.lock().unwrap().contains(&digest), "asked again behind the caller");
+        let _accepted = silent.accept().await.unwrap();
+    }
 
     /// Configs fetched together (a mass reconnect) expire over the last tenth of the
     /// TTL, not in one instant: the platform is not asked for all of them at once.

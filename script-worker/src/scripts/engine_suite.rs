@@ -6,7 +6,7 @@ use super::*;
 
 fn engines() -> Vec<(&'static str, Box<dyn ScriptEngine>)> {
     let limits =
-        Limits { cpu_time: Duration::from_millis(100), heap: 8 << 20, output: 4096, cached_scripts: 8 };
+        Limits { cpu_time: Duration::from_millis(100), heap: 8 << 20, output: 4096, cache_bytes: 64 << 20 };
     let engines: Vec<(&'static str, Box<dyn ScriptEngine>)> =
         vec![("quickjs", EngineKind::Quickjs.build(limits))];
     #[cfg(feature = "v8")]
@@ -174,5 +174,17 @@ fn output_is_bounded() {
             ScriptError::Missing("decode"),
             "{name}"
         );
+    }
+}
+
+#[test]
+fn built_ins_cannot_be_patched_for_the_next_call() {
+    for (name, mut engine) in engines() {
+        let patch = "function decode(b) { Array.prototype.leak = 'from dev-1'; \
+                     try { JSON.parse = () => ({}); } catch (e) {} return { patched: [].leak === 'from dev-1' }; }";
+        let engine = engine.as_mut();
+        assert_eq!(decode(engine, patch, b"").unwrap(), json!({"patched": false}), "{name}");
+        let check = "function decode(b) { return { v: JSON.parse('{\"a\":1}').a }; }";
+        assert_eq!(decode(engine, check, b"").unwrap(), json!({"v": 1}), "{name}");
     }
 }

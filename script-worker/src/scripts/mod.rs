@@ -13,6 +13,7 @@
 //! Sandbox, per call: CPU time, heap, output size; no file, network, timer or module
 //! access (the engines are built without them).
 
+pub mod cache;
 pub mod library;
 pub mod quickjs;
 #[cfg(feature = "v8")]
@@ -28,6 +29,27 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 pub use library::Library;
+
+/// Run once in every fresh script context: the built-ins' prototypes, `JSON` and `Math`
+/// frozen, so that no script can patch what another call (another device, or under V8
+/// another script) relies on. The global object stays writable: sloppy-mode converters
+/// use implicit globals as temporaries, and freezing it would silently break them. The
+/// constructors themselves are not frozen: QuickJS leaks a frozen function's object
+/// when a later script fails to compile.
+pub const FREEZE_INTRINSICS: &str = r#"(() => {
+  const names = ["Object", "Function", "Array", "String", "Number", "Boolean", "Symbol", "BigInt", "RegExp",
+    "Date", "Error", "TypeError", "RangeError", "SyntaxError", "Map", "Set", "WeakMap", "Promise",
+    "ArrayBuffer", "DataView", "Uint8Array", "Int8Array", "Uint16Array", "Int16Array", "Uint32Array",
+    "Int32Array", "Float32Array", "Float64Array"];
+  // Each engine is built with its own set of built-ins: those it has.
+  const constructors = names.map((name) => globalThis[name]).filter((c) => typeof c === "function");
+  constructors.push(Object.getPrototypeOf(Uint8Array));
+  for (const c of constructors) {
+    Object.freeze(c.prototype);
+  }
+  Object.freeze(JSON);
+  Object.freeze(Math);
+})();"#;
 
 /// A script's identity: the digest of its source.
 pub type ScriptHash = String;
@@ -74,13 +96,18 @@ pub struct Limits {
     pub heap: usize,
     /// Largest result (JSON size or bytes).
     pub output: usize,
-    /// Compiled scripts kept (by content hash).
-    pub cached_scripts: usize,
+    /// Bytes of compiled scripts kept per engine thread (least recently used evicted).
+    pub cache_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { cpu_time: Duration::from_millis(100), heap: 16 << 20, output: 64 << 10, cached_scripts: 256 }
+        Limits {
+            cpu_time: Duration::from_millis(100),
+            heap: 16 << 20,
+            output: 64 << 10,
+            cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -99,6 +126,10 @@ pub enum ScriptError {
     Output(String),
     #[error("script quarantined after repeated failures")]
     Quarantined,
+    /// Its engine thread did not get to it within [`QUEUE_WAIT`]: the worker is
+    /// overloaded, which says nothing about the script (not counted for quarantine).
+    #[error("script engine busy")]
+    Busy,
     #[error("script library: {0}")]
     Library(String),
     #[error("script engine: {0}")]
@@ -231,10 +262,15 @@ struct Health {
     quarantined_until: Option<Instant>,
 }
 
+/// How long a call may wait for its engine thread, beyond its own CPU time.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
+
 /// The scripts service: library resolution, engine threads, quarantine.
 pub struct Scripts {
     /// One queue per engine thread.
     shards: Vec<mpsc::Sender<Job>>,
+    /// One call's CPU time limit (its deadline is this plus [`QUEUE_WAIT`]).
+    cpu_time: Duration,
     library: Library,
     health: Mutex<HashMap<HealthKey, Health>>,
 }
@@ -253,7 +289,7 @@ impl Scripts {
         let shards = (0..threads.max(1))
             .map(|shard| Self::start_engine(kind, limits, shard))
             .collect::<std::io::Result<_>>()?;
-        Ok(Scripts { shards, library, health: Mutex::default() })
+        Ok(Scripts { shards, cpu_time: limits.cpu_time, library, health: Mutex::default() })
     }
 
     fn start_engine(kind: EngineKind, limits: Limits, shard: usize) -> std::io::Result<mpsc::Sender<Job>> {
@@ -304,12 +340,17 @@ impl Scripts {
             return Err(ScriptError::Quarantined);
         }
         let (answer, result) = oneshot::channel();
-        self.shard_of(&script.hash)
-            .send(Job { script, call, answer })
-            .await
-            .map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
-        let result = result.await.map_err(|_| ScriptError::Engine("the script thread stopped".to_owned()))?;
-        self.record(key, result.is_ok());
+        let stopped = || ScriptError::Engine("the script thread stopped".to_owned());
+        let queued = async {
+            self.shard_of(&script.hash).send(Job { script, call, answer }).await.map_err(|_| stopped())?;
+            result.await.map_err(|_| stopped())?
+        };
+        // Past the deadline the engine skips the job (its answer channel is closed).
+        let result =
+            tokio::time::timeout(QUEUE_WAIT + self.cpu_time, queued).await.unwrap_or(Err(ScriptError::Busy));
+        if result != Err(ScriptError::Busy) {
+            self.record(key, result.is_ok());
+        }
         result
     }
 

@@ -19,7 +19,8 @@ use rquickjs::{
 };
 use serde_json::Value as Json;
 
-use super::{CallContext, Entry, Limits, ScriptEngine, ScriptError, ScriptHash};
+use super::cache::ScriptCache;
+use super::{CallContext, Entry, FREEZE_INTRINSICS, Limits, ScriptEngine, ScriptError, ScriptHash};
 
 /// Built-ins a converter needs; no Promise (nothing may outlive a call).
 type Intrinsics = (
@@ -41,7 +42,7 @@ struct Script {
     /// script, and a device's is the same for every message.
     call_contexts: RefCell<HashMap<CallContext, Persistent<Object<'static>>>>,
     context: Context,
-    _runtime: Runtime,
+    runtime: Runtime,
 }
 
 /// Call contexts kept per script; past it the cache starts over.
@@ -72,7 +73,7 @@ impl Script {
 /// QuickJS scripts by content hash.
 pub struct QuickJs {
     limits: Limits,
-    scripts: HashMap<ScriptHash, Script>,
+    scripts: ScriptCache<Script>,
     /// The running call's deadline, in ns since `epoch` (0: none), read by the
     /// interrupt handler of every runtime.
     deadline: Arc<AtomicU64>,
@@ -83,7 +84,7 @@ impl QuickJs {
     pub fn new(limits: Limits) -> Self {
         QuickJs {
             limits,
-            scripts: HashMap::new(),
+            scripts: ScriptCache::new(limits.cache_bytes),
             deadline: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
         }
@@ -113,6 +114,7 @@ impl QuickJs {
         self.arm();
         let functions = context.with(|ctx| -> Result<_, ScriptError> {
             ctx.globals().remove("queueMicrotask").map_err(|e| classify(&ctx, e))?;
+            ctx.eval::<(), _>(FREEZE_INTRINSICS).map_err(|e| classify(&ctx, e))?;
             let mut options = EvalOptions::default();
             options.strict = false;
             options.filename = Some(name.to_owned());
@@ -131,7 +133,7 @@ impl QuickJs {
             Ok(functions)
         });
         self.disarm();
-        Ok(Script { functions: functions?, call_contexts: RefCell::default(), context, _runtime: runtime })
+        Ok(Script { functions: functions?, call_contexts: RefCell::default(), context, runtime })
     }
 
     fn call<T>(
@@ -140,6 +142,9 @@ impl QuickJs {
         entry: Entry,
         call: impl for<'js> FnOnce(&Ctx<'js>, Function<'js>, &Script) -> rquickjs::Result<T>,
     ) -> Result<T, ScriptError> {
+        if !self.scripts.touch(hash) {
+            return Err(ScriptError::NotLoaded);
+        }
         let script = self.scripts.get(hash).ok_or(ScriptError::NotLoaded)?;
         let function = script.functions.get(&entry).cloned().ok_or(ScriptError::Missing(entry.name()))?;
         self.arm();
@@ -158,16 +163,13 @@ impl QuickJs {
 
 impl ScriptEngine for QuickJs {
     fn prepare(&mut self, hash: &ScriptHash, source: &str, name: &str) -> Result<(), ScriptError> {
-        if self.scripts.contains_key(hash) {
+        if self.scripts.contains(hash) {
             return Ok(());
         }
-        if self.scripts.len() >= self.limits.cached_scripts {
-            // Rarely reached (scripts are per device model, not per device): start over
-            // rather than track recency.
-            self.scripts.clear();
-        }
         let script = self.build(source, name)?;
-        self.scripts.insert(hash.clone(), script);
+        // Each script has a runtime of its own: what it allocated is what it weighs.
+        let weight = usize::try_from(script.runtime.memory_usage().malloc_size).unwrap_or(0);
+        self.scripts.insert(hash.clone(), script, weight);
         Ok(())
     }
 

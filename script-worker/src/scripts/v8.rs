@@ -16,7 +16,8 @@ use std::time::Instant;
 use deno_core::{JsRuntime, RuntimeOptions, v8};
 use serde_json::Value as Json;
 
-use super::{CallContext, Entry, Limits, ScriptEngine, ScriptError, ScriptHash};
+use super::cache::ScriptCache;
+use super::{CallContext, Entry, FREEZE_INTRINSICS, Limits, ScriptEngine, ScriptError, ScriptHash};
 
 const LOCKDOWN: &str = r#"
 delete globalThis.Deno;
@@ -30,11 +31,14 @@ struct Loaded {
     functions: HashMap<Entry, v8::Global<v8::Function>>,
 }
 
+/// Bytes a compiled script weighs beside its source's share (its context objects).
+const V8_OVERHEAD: usize = 16 << 10;
+
 /// V8 scripts by content hash.
 pub struct V8 {
     limits: Limits,
     // Dropped before the runtime.
-    scripts: HashMap<ScriptHash, Loaded>,
+    scripts: ScriptCache<Loaded>,
     watchdog: Option<Watchdog>,
     out_of_memory: Rc<Cell<bool>>,
     runtime: Option<JsRuntime>,
@@ -44,7 +48,7 @@ impl V8 {
     pub fn new(limits: Limits) -> Self {
         V8 {
             limits,
-            scripts: HashMap::new(),
+            scripts: ScriptCache::new(limits.cache_bytes),
             watchdog: None,
             out_of_memory: Rc::new(Cell::new(false)),
             runtime: None,
@@ -68,6 +72,9 @@ impl V8 {
                 current * 2
             });
             runtime.execute_script("<lockdown>", LOCKDOWN).map_err(|e| ScriptError::Engine(e.to_string()))?;
+            runtime
+                .execute_script("<freeze>", FREEZE_INTRINSICS)
+                .map_err(|e| ScriptError::Engine(e.to_string()))?;
             self.watchdog = Some(Watchdog::new(runtime.v8_isolate().thread_safe_handle()));
             self.runtime = Some(runtime);
         }
@@ -102,7 +109,8 @@ impl V8 {
         }
     }
 
-    fn function(&self, hash: &ScriptHash, entry: Entry) -> Result<v8::Global<v8::Function>, ScriptError> {
+    fn function(&mut self, hash: &ScriptHash, entry: Entry) -> Result<v8::Global<v8::Function>, ScriptError> {
+        self.scripts.touch(hash);
         let loaded = self.scripts.get(hash).ok_or(ScriptError::NotLoaded)?;
         loaded.functions.get(&entry).cloned().ok_or(ScriptError::Missing(entry.name()))
     }
@@ -115,11 +123,8 @@ enum Failure {
 
 impl ScriptEngine for V8 {
     fn prepare(&mut self, hash: &ScriptHash, source: &str, name: &str) -> Result<(), ScriptError> {
-        if self.scripts.contains_key(hash) {
+        if self.scripts.contains(hash) {
             return Ok(());
-        }
-        if self.scripts.len() >= self.limits.cached_scripts {
-            self.scripts.clear();
         }
         // Each script in its own function scope: its top-level names stay its own.
         let wrapped = format!(
@@ -156,7 +161,9 @@ impl ScriptEngine for V8 {
             }
             Ok(functions)
         })?;
-        self.scripts.insert(hash.clone(), Loaded { functions });
+        // One isolate for all: a script's share is estimated from its source (compiled
+        // code and its closures run to a few times the text).
+        self.scripts.insert(hash.clone(), Loaded { functions }, V8_OVERHEAD + source.len() * 4);
         Ok(())
     }
 
