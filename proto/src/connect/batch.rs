@@ -68,10 +68,6 @@ impl<'l> Batch<'l> {
         Batch::default()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
-    }
-
     /// Adds the command `name key`; further arguments go on the command returned.
     pub fn command(&mut self, name: &str, key: &str) -> &mut Cmd {
         let mut command = redis::cmd(name);
@@ -142,6 +138,10 @@ impl<'l> Batch<'l> {
         within: Option<Duration>,
         replies: &mut [RedisResult<Value>],
     ) {
+        // Nothing to send (a worker with no partition to lease): no empty pipeline.
+        if indexes.is_empty() {
+            return;
+        }
         let groups: Vec<Vec<usize>> = if connection.is_cluster() {
             let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
             for &index in indexes {

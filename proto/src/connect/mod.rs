@@ -42,7 +42,10 @@ pub enum UrlError {
         #[source]
         source: redis::RedisError,
     },
-    #[error("{0} (expected redis+sentinel://[user:password@]host:26379,host2:26379/<master-name>[/<db>])")]
+    #[error(
+        "{0} (expected redis+sentinel://[user:password@]host:26379,host2:26379/<master-name>[/<db>]\
+         [?sentinel_username=…&sentinel_password=…])"
+    )]
     Sentinel(&'static str),
     #[error("Redis client: {0}")]
     Client(#[source] redis::RedisError),

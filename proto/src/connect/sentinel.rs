@@ -34,14 +34,16 @@ pub(super) struct SentinelTarget {
 
 impl SentinelTarget {
     /// Parses what follows `redis+sentinel://`:
-    /// `[user:password@]host[:port],host2[:port]…/<master-name>[/<db>]`. The credentials
-    /// are used with the Sentinels and with the master alike (one password for both, as
-    /// the usual charts set it).
+    /// `[user:password@]host[:port],host2[:port]…/<master-name>[/<db>][?sentinel_username=…&sentinel_password=…]`.
+    /// The credentials before `@` are the master's (and its replicas'); the Sentinels'
+    /// own, when they ask for any, are the query's (percent-encoded, as in a URL): a
+    /// Sentinel without a password refuses one.
     pub(super) fn parse(rest: &str) -> Result<Self, UrlError> {
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, path) = rest.split_once('/').ok_or(UrlError::Sentinel("no master name"))?;
         let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (Some(userinfo), hosts),
-            None => (None, authority),
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), authority),
         };
         let mut path = path.split('/');
         let master =
@@ -53,6 +55,23 @@ impl SentinelTarget {
         if path.next().is_some() {
             return Err(UrlError::Sentinel("a path past the master name and database"));
         }
+        let (mut sentinel_username, mut sentinel_password) = ("", "");
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sentinel_username", value)) => sentinel_username = value,
+                Some(("sentinel_password", value)) => sentinel_password = value,
+                _ => {
+                    return Err(UrlError::Sentinel(
+                        "a query other than sentinel_username, sentinel_password",
+                    ));
+                }
+            }
+        }
+        let sentinel_userinfo = if sentinel_username.is_empty() && sentinel_password.is_empty() {
+            String::new()
+        } else {
+            format!("{sentinel_username}:{sentinel_password}@")
+        };
         let count = hosts.split(',').count();
         let sentinels = hosts
             .split(',')
@@ -65,12 +84,18 @@ impl SentinelTarget {
                 // `host`, `host:port`, `[v6]` or `[v6]:port`.
                 let has_port = !host.ends_with(']') && host.contains(':');
                 let port = if has_port { String::new() } else { format!(":{SENTINEL_PORT}") };
-                let userinfo = userinfo.map(|userinfo| format!("{userinfo}@")).unwrap_or_default();
-                redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}{host}{port}"))
-                    .map_err(|source| UrlError::Redis { index: index + 1, count, source })
+                redis::IntoConnectionInfo::into_connection_info(format!(
+                    "redis://{sentinel_userinfo}{host}{port}"
+                ))
+                .map_err(|source| UrlError::Redis { index: index + 1, count, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let node = sentinels[0].redis_settings().clone().set_db(db);
+        // The master's credentials, decoded as the crate decodes a URL's (its address
+        // comes from the Sentinels).
+        let node = redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}master/{db}"))
+            .map_err(|source| UrlError::Redis { index: 1, count, source })?
+            .redis_settings()
+            .clone();
         Ok(SentinelTarget { sentinels, master: master.to_owned(), node })
     }
 
@@ -203,12 +228,16 @@ mod tests {
         assert_eq!(ports, ["s1:26379", "s2:26380", "::1:26379"]);
         assert_eq!(target.master, "main");
         assert_eq!((target.node.password(), target.node.db()), (Some("s3cret"), 2));
-        assert_eq!(target.sentinels[1].redis_settings().password(), Some("s3cret"), "the Sentinels' too");
+        assert_eq!(target.sentinels[1].redis_settings().password(), None, "the master's, not the Sentinels'");
+        let target = SentinelTarget::parse("u:p%40ss@s1/main?sentinel_password=s%2Cp").unwrap();
+        assert_eq!((target.node.username(), target.node.password()), (Some("u"), Some("p@ss")));
+        assert_eq!(target.sentinels[0].redis_settings().password(), Some("s,p"), "the query's, decoded");
         for (url, why) in [
             ("s1:26379", "no master name"),
             ("s1:26379/", "no master name"),
             ("s1:26379/main/x", "the database is not a number"),
             ("s1,,s2/main", "an empty Sentinel host"),
+            ("s1/main?password=x", "a query other than"),
         ] {
             let error = SentinelTarget::parse(url).err().unwrap();
             assert!(error.to_string().starts_with(why), "{url}: {error}");
