@@ -83,9 +83,9 @@ fn cluster_port() -> u16 {
     }
 }
 
-/// The `INFO replication` fields of a node, or none if it does not answer.
-async fn replication(port: u16) -> HashMap<String, String> {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return HashMap::new() };
+/// The `INFO replication` fields of the node at `url`, or none if it does not answer.
+async fn replication(url: String) -> HashMap<String, String> {
+    let Ok(client) = redis::Client::open(url) else { return HashMap::new() };
     let Ok(mut connection) = client.get_multiplexed_async_connection().await else { return HashMap::new() };
     let info: String =
         redis::cmd("INFO").arg("replication").query_async(&mut connection).await.unwrap_or_default();
@@ -140,7 +140,7 @@ impl RedisCluster {
         let cluster = RedisCluster { nodes, killed: Vec::new(), dirs };
         wait_until("every node to see the cluster ok and every replica in sync", || async {
             for node in &cluster.nodes {
-                let fields = replication(node.port).await;
+                let fields = replication(node.url()).await;
                 let in_sync = match fields.get("role").map(String::as_str) {
                     Some("master") => fields.get("connected_slaves").is_some_and(|n| n == "1"),
                     Some("slave") => fields.get("master_link_status").is_some_and(|s| s == "up"),
@@ -215,9 +215,13 @@ impl Drop for RedisCluster {
 
 /// The master's name the Sentinels watch.
 pub const SENTINEL_MASTER: &str = "tcpc";
+/// The password of the master and the replica, and the Sentinels' own: the services
+/// must give each to the right server.
+const NODE_PASSWORD: &str = "node-pw";
+const SENTINEL_PASSWORD: &str = "sentinel-pw";
 
 /// A Redis master and its replica, watched by three Sentinels (quorum 2) that fail the
-/// master over a second after it stops answering.
+/// master over a second after it stops answering; each asks for a password.
 pub struct RedisSentinels {
     pub master: RedisServer,
     pub replica: RedisServer,
@@ -227,8 +231,11 @@ pub struct RedisSentinels {
 
 impl RedisSentinels {
     pub async fn spawn() -> Self {
-        let master = RedisServer::spawn().await;
-        let replica_of = ["--replicaof", "127.0.0.1", &master.port.to_string()].map(String::from).to_vec();
+        let auth = ["--requirepass", NODE_PASSWORD, "--masterauth", NODE_PASSWORD].map(String::from);
+        let master = RedisServer::spawn_with(free_port(), auth.to_vec()).await;
+        let mut replica_of =
+            ["--replicaof", "127.0.0.1", &master.port.to_string()].map(String::from).to_vec();
+        replica_of.extend(auth);
         let replica = RedisServer::spawn_with(free_port(), replica_of).await;
         let dir = temp_dir("sentinels", master.port);
         std::fs::create_dir_all(&dir).expect("the Sentinels' directory");
@@ -238,8 +245,10 @@ impl RedisSentinels {
             // A Sentinel rewrites its configuration file: one each.
             let config = dir.join(format!("sentinel-{port}.conf"));
             let text = format!(
-                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                "port {port}\nbind 127.0.0.1\ndir {dir}\nrequirepass {SENTINEL_PASSWORD}\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                 sentinel auth-pass {SENTINEL_MASTER} {NODE_PASSWORD}\n\
+                 sentinel sentinel-pass {SENTINEL_PASSWORD}\n\
                  sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                  sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
                 dir = dir.display(),
@@ -252,7 +261,8 @@ impl RedisSentinels {
         }
         let set = RedisSentinels { master, replica, sentinels, dir };
         wait_until("the replica in sync and each Sentinel aware of the others and of it", || async {
-            if replication(set.replica.port).await.get("master_link_status").is_none_or(|s| s != "up") {
+            let replica = format!("redis://:{NODE_PASSWORD}@127.0.0.1:{}", set.replica.port);
+            if replication(replica).await.get("master_link_status").is_none_or(|s| s != "up") {
                 return false;
             }
             for (port, _) in &set.sentinels {
@@ -271,9 +281,8 @@ impl RedisSentinels {
 
     /// What a Sentinel knows of the master (`SENTINEL MASTER`), or nothing.
     async fn watched(&self, port: u16) -> HashMap<String, String> {
-        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
-            return HashMap::new();
-        };
+        let url = format!("redis://:{SENTINEL_PASSWORD}@127.0.0.1:{port}");
+        let Ok(client) = redis::Client::open(url) else { return HashMap::new() };
         let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
             return HashMap::new();
         };
@@ -290,7 +299,10 @@ impl Endpoint for RedisSentinels {
     fn url(&self) -> String {
         let sentinels: Vec<String> =
             self.sentinels.iter().map(|(port, _)| format!("127.0.0.1:{port}")).collect();
-        format!("redis+sentinel://{}/{SENTINEL_MASTER}", sentinels.join(","))
+        format!(
+            "redis+sentinel://:{NODE_PASSWORD}@{}/{SENTINEL_MASTER}?sentinel_password={SENTINEL_PASSWORD}",
+            sentinels.join(",")
+        )
     }
 }
 
