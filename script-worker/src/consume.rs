@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tcpc_observe::Chain;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -538,14 +539,14 @@ impl Partitions {
                     Err((_, HandleError::LeaseExpired)) => return,
                     Err((_, error)) if stop.is_cancelled() => {
                         // Not retried when stopping: unacknowledged, the next owner takes it.
-                        warn!(partition, %error, "batch not delivered while stopping");
+                        warn!(partition, error = %Chain(&error), "batch not delivered while stopping");
                         return;
                     }
                     Err((taken, error)) => {
                         from += taken;
                         let retry_in = backoff.next_delay();
                         self.pipeline.metrics.retries.inc();
-                        warn!(partition, %error, ?retry_in, "batch not delivered to the platform");
+                        warn!(partition, error = %Chain(&error), ?retry_in, "batch not delivered to the platform");
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(retry_in) => {}

@@ -26,6 +26,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tcpc_observe::Chain;
 
 use bytes::Bytes;
 use serde_json::{Map, Value as Json};
@@ -242,7 +243,7 @@ impl Downlinks {
                 return;
             }
             // Without the store a duplicate is possible, a loss is not.
-            Err(error) => debug!(%error, "downlink not claimed; handling it anyway"),
+            Err(error) => debug!(error = %Chain(&error), "downlink not claimed; handling it anyway"),
         }
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
@@ -274,7 +275,8 @@ impl Downlinks {
                 None
             }
             Ok(Err(error)) if (self.handles)(&parsed.device) => {
-                self.answer(parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string())).await;
+                self.answer(parsed, &parsed.device, Undelivered::OfflineBecause(Chain(&error).to_string()))
+                    .await;
                 None
             }
             Ok(Ok(None) | Err(_)) => None,
@@ -402,7 +404,9 @@ impl Downlinks {
             match self.routes.route(&target.carrier.id).await {
                 Ok(Some(route)) => Ok((encoded, route)),
                 Ok(None) => Err(Undelivered::Offline),
-                Err(error) => Err(Undelivered::OfflineBecause(format!("route store unavailable ({error})"))),
+                Err(error) => {
+                    Err(Undelivered::OfflineBecause(format!("route store unavailable ({})", Chain(&error))))
+                }
             }
         })
         .await;
@@ -436,7 +440,9 @@ impl Downlinks {
             self.edges.forget(&route.grpc_addr);
             match self.routes.purge(route).await {
                 Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
-                Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),
+                Err(error) => {
+                    warn!(device_id = %route.device_id, error = %Chain(&error), "dead route not purged")
+                }
             }
         }
     }

@@ -10,6 +10,7 @@
 //! is transient, and fails the envelope so that the source retries it, holding the ack.
 
 use std::sync::Arc;
+use tcpc_observe::Chain;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, join_all};
@@ -77,7 +78,7 @@ impl Pipeline {
         let messages = match self.mapper.map(&envelope).await {
             Ok(messages) => messages,
             Err(error) if error.is_transient() => return Err(HandleError::Map(error)),
-            Err(error) => return Ok(self.dead_letter(encoded, error.to_string(), error.label())),
+            Err(error) => return Ok(self.dead_letter(encoded, Chain(&error).to_string(), error.label())),
         };
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in messages {

@@ -42,7 +42,9 @@ async fn readiness_recovers_by_itself_after_nats_returns_with_nothing_left_to_pu
     // is left that would publish successfully after NATS returns.
     gone.send(Frame::data(cmd::ATTRIBUTES, &b"{\"t\":1}"[..])).await;
     wait_until("the publish to fail", || async { edge.metric("edge_republished_total").await >= 1 }).await;
-    let disconnect = DisconnectRequest { device_id: "dev-gone".into(), ..Default::default() };
+    let connection_id: String =
+        s.redis.connection().await.hget(names::route_key("dev-gone"), names::ROUTE_CONNECTION).await.unwrap();
+    let disconnect = DisconnectRequest { device_id: "dev-gone".into(), connection_id, ..Default::default() };
     edge.grpc_client().await.disconnect(disconnect).await.unwrap();
     // Its session gives up (flush budget, then the offline event) while NATS is down.
     wait_until("the leaving device's session to end", || async {
@@ -326,7 +328,11 @@ async fn a_close_order_publishes_the_frames_already_read() {
     busy.send_raw(&frames).await;
     wait_until("the first publish to fail", || async { edge.metric("edge_republished_total").await >= 1 })
         .await;
-    let disconnect = DisconnectRequest { device_id: "dev-busy".into(), ..Default::default() };
+    let disconnect = DisconnectRequest {
+        device_id: "dev-busy".into(),
+        connection_id: online.connection_id.clone(),
+        ..Default::default()
+    };
     assert_eq!(edge.grpc_client().await.disconnect(disconnect).await.unwrap().into_inner().closed, 1);
 
     s.nats.start().await;
