@@ -12,7 +12,11 @@ async fn main() -> ExitCode {
     if let Err(error) = config.validate() {
         return usage_error("tcp-connectivity", error);
     }
-    tcpc_observe::init_logging(config.log_format);
+    // Flushes the last spans when `main` returns.
+    let _telemetry = match tcpc_observe::telemetry::init("tcp-connectivity", config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => return usage_error("tcp-connectivity", error),
+    };
     let result = match Listeners::bind(&config).await {
         Ok(listeners) => tcp_connectivity::run(config, listeners, tcpc_observe::shutdown_signal()).await,
         Err(error) => Err(error),

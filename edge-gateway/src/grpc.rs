@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, field, warn};
 
 use crate::Shared;
 use crate::codec::Frame;
@@ -79,15 +79,35 @@ impl EdgeGatewayService {
     }
 }
 
+/// The server span of an EdgeGateway call (RPC semantic conventions), a child of the
+/// worker's client span whose context the request's metadata carries.
+fn server_span(method: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
+    let span = tcpc_proto::edge_rpc_span!(
+        "server",
+        method,
+        "tcpc.device.id" = field::Empty,
+        "tcpc.connection.id" = field::Empty,
+        "tcpc.outcome" = field::Empty,
+    );
+    tcpc_proto::trace::follow_metadata(&span, metadata);
+    span
+}
+
 #[tonic::async_trait]
 impl EdgeGateway for EdgeGatewayService {
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverReply>, Status> {
-        let answer = self.deliver_to(request.into_inner()).await;
+        let span = server_span("Deliver", request.metadata());
+        let request = request.into_inner();
+        span.record("tcpc.device.id", request.device_id.as_str());
+        span.record("tcpc.connection.id", request.connection_id.as_str());
+        let answer = self.deliver_to(request).instrument(span.clone()).await;
         let reason = match answer.status() {
             DeliverStatus::Delivered => "delivered",
             DeliverStatus::Offline => "offline",
             _ => "failed",
         };
+        span.record("tcpc.outcome", reason);
+        span.record("rpc.grpc.status_code", 0);
         self.shared.metrics.downlinks.get_or_create(&ReasonLabel { reason }).inc();
         Ok(Response::new(answer))
     }
@@ -96,16 +116,22 @@ impl EdgeGateway for EdgeGatewayService {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectReply>, Status> {
+        let span = server_span("Disconnect", request.metadata());
         let request = request.into_inner();
+        span.record("tcpc.device.id", request.device_id.as_str());
+        span.record("tcpc.connection.id", request.connection_id.as_str());
         // One named connection: "any connection of the device" would let a caller that
         // knows only device ids cut them off.
         if request.connection_id.is_empty() {
+            span.record("rpc.grpc.status_code", tonic::Code::InvalidArgument as i32);
             return Err(Status::invalid_argument("connection_id is required"));
         }
         let session = self.session(&request.device_id, &request.connection_id);
         if let Some(session) = &session {
             session.close(CloseOrder::Disconnected);
         }
+        span.record("rpc.grpc.status_code", 0);
+        span.record("tcpc.outcome", if session.is_some() { "closed" } else { "not_here" });
         Ok(Response::new(DisconnectReply { closed: u32::from(session.is_some()) }))
     }
 }

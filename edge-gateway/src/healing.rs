@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::Shared;
+use crate::metrics::ReasonLabel;
 use crate::registry::CloseOrder;
 use crate::routes::{Claim, Reasserted, Route};
 
@@ -69,16 +70,21 @@ pub(crate) async fn reassert_once(shared: &Shared) {
     let outcomes = match shared.routes.reassert(&claims).await {
         Ok(outcomes) => outcomes,
         Err(error) => {
+            shared.metrics.reassert_rounds.get_or_create(&ReasonLabel { reason: "failed" }).inc();
             warn!(%error, sessions = claims.len(), "routes not re-asserted; next round retries");
             return;
         }
     };
+    shared.metrics.reassert_rounds.get_or_create(&ReasonLabel { reason: "ok" }).inc();
     let mut restored = 0;
     for (handle, outcome) in sessions.iter().zip(outcomes) {
         match outcome {
             Reasserted::Held => {}
             Reasserted::Restored => restored += 1,
-            Reasserted::Superseded => handle.close(CloseOrder::Superseded),
+            Reasserted::Superseded => {
+                shared.metrics.routes_superseded.inc();
+                handle.close(CloseOrder::Superseded);
+            }
         }
     }
     shared.metrics.routes_restored.inc_by(restored);

@@ -12,7 +12,11 @@ async fn main() -> ExitCode {
     if let Err(error) = config.validate().and_then(|()| config.check_urls()) {
         return usage_error("edge-gateway", error);
     }
-    tcpc_observe::init_logging(config.log_format);
+    // Flushes the last spans when `main` returns.
+    let _telemetry = match tcpc_observe::telemetry::init("edge-gateway", config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => return usage_error("edge-gateway", error),
+    };
     if let Some(warning) = warning {
         tracing::warn!("{warning}");
     }

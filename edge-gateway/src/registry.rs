@@ -91,6 +91,8 @@ pub struct Outbound {
     /// connection closed first (the caller reads that as offline). Closed when the
     /// caller gave up waiting: the session then skips the write.
     pub done: oneshot::Sender<Result<(), String>>,
+    /// The span of the write (a child of the Deliver call's), ended once written or skipped.
+    pub span: tracing::Span,
 }
 
 impl Outbound {
@@ -169,7 +171,13 @@ impl SessionHandle {
             if mailbox.queue.len() >= limits.writes || queued + bytes.len() > limits.bytes {
                 return Err(QueueError::Full);
             }
-            mailbox.queue.push_back(Outbound { bytes, done });
+            let span = tracing::debug_span!(
+                "write",
+                "network.transport" = "tcp",
+                "tcpc.connection.id" = %self.connection_id,
+                "messaging.message.body.size" = bytes.len(),
+            );
+            mailbox.queue.push_back(Outbound { bytes, done, span });
         }
         self.wake.notify_one();
         Ok(answer)

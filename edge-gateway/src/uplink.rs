@@ -168,7 +168,8 @@ impl UplinkBus for NatsBus {
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
             let mut message = PublishMessage::build().payload(envelope).message_id(message_id);
-            tcpc_proto::trace::inject(&opentelemetry::Context::current(), |name, value| {
+            // The publish span's context (current: the caller instruments this call).
+            tcpc_proto::trace::inject(&tcpc_proto::trace::current(), |name, value| {
                 message = std::mem::take(&mut message).header(name, value.as_str());
             });
             let ack = self
@@ -188,8 +189,12 @@ impl UplinkBus for NatsBus {
         timeout: Duration,
     ) -> BoxFuture<'_, Result<AuthReply, BusError>> {
         Box::pin(async move {
-            let request =
+            let mut request =
                 async_nats::Request::new().payload(request.encode_to_vec().into()).timeout(Some(timeout));
+            // The authentication span's context (the caller instruments this call).
+            if let Some(headers) = tcpc_proto::trace::nats_headers() {
+                request = request.headers(headers);
+            }
             let reply = self
                 .client
                 .send_request(names::AUTH_SUBJECT, request)

@@ -1,6 +1,9 @@
-//! What every tcp-connectivity binary shares about how it is run and observed: log
-//! set-up, the `/metrics`, `/healthz`, `/readyz` endpoints, the switch of the features
-//! that need Kubernetes, and the security flags of the gRPC hop between them.
+//! What every tcp-connectivity binary shares about how it is run and observed: log and
+//! trace set-up ([`telemetry`]), the `/metrics`, `/healthz`, `/readyz` endpoints, the
+//! switch of the features that need Kubernetes, and the security flags of the gRPC hop
+//! between them.
+
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,18 +108,6 @@ impl std::fmt::Display for Chain<'_> {
             cause = error.source();
         }
         f.write_str(&shown)
-    }
-}
-
-/// Installs the global subscriber: level from `RUST_LOG` (default info), to stderr so
-/// that stdout stays free for data (the all-in-one's JSON lines).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 

@@ -12,7 +12,7 @@ use tcpc_proto::v1::{self, AuthReply, AuthRequest, Protocol};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::devices::{DeviceKind, ProtocolChoice};
 use crate::metrics::{Metrics, ReasonLabel};
@@ -135,14 +135,27 @@ pub async fn serve(
             debug!(pod = %request.pod, "auth request past its deadline skipped");
             continue;
         }
+        // A child of the edge's authentication span, whose context the headers carry.
+        let span = tcpc_proto::nats_span!(
+            "process",
+            "server",
+            "process",
+            "process",
+            names::AUTH_SUBJECT,
+            "tcpc.connection.id" = request.connection_id.as_str(),
+        );
+        tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
         let (client, authenticator) = (client.clone(), authenticator.clone());
-        tasks.spawn(async move {
-            let reply = authenticator.answer(&request).await;
-            if let Err(error) = client.publish(reply_to, reply.encode_to_vec().into()).await {
-                warn!(%error, "auth reply not sent");
+        tasks.spawn(
+            async move {
+                let reply = authenticator.answer(&request).await;
+                if let Err(error) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+                    warn!(%error, "auth reply not sent");
+                }
+                drop(permit);
             }
-            drop(permit);
-        });
+            .instrument(span),
+        );
     }
     let _ = requests.unsubscribe().await;
 }

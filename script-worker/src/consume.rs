@@ -40,7 +40,7 @@ use tcpc_proto::stream::{StreamCheck, StreamError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::pipeline::{HandleError, Pipeline};
 
@@ -157,6 +157,9 @@ struct Owned {
     lease: Lease,
     /// The lease generation this consumer was started for.
     generation: u64,
+    /// Envelopes of the partition not yet delivered to its consumer (kept by the
+    /// consumer's task, see [`keep_pending`]).
+    pending: Arc<AtomicU64>,
 }
 
 /// Why a partition's consumer could not be taken over; retried with back-off.
@@ -259,9 +262,15 @@ impl Partitions {
                 };
                 let (stop, lease) = (shutdown.child_token(), Lease::new());
                 lease.renewed(sent);
-                let task =
-                    tokio::spawn(this.clone().consume(partition, generation, stop.clone(), lease.clone()));
-                owned.insert(partition, Owned { stop, task, lease, generation });
+                let pending = Arc::new(AtomicU64::new(0));
+                let task = tokio::spawn(this.clone().consume(
+                    partition,
+                    generation,
+                    stop.clone(),
+                    lease.clone(),
+                    pending.clone(),
+                ));
+                owned.insert(partition, Owned { stop, task, lease, generation, pending });
                 this.set_owned(partition, true);
                 this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");
@@ -275,8 +284,11 @@ impl Partitions {
             futures::future::join_all(releases).await;
             this.pipeline.metrics.lease_rounds.inc();
             this.pipeline.metrics.partitions.set(owned.len() as i64);
+            let pending: u64 = owned.values().map(|held| held.pending.load(Ordering::Relaxed)).sum();
+            this.pipeline.metrics.uplink_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
         this.owned.write().unwrap_or_else(|e| e.into_inner()).clear();
+        this.pipeline.metrics.uplink_pending.set(0);
         let tracker = TaskTracker::new();
         for (partition, held) in owned.drain() {
             let this = this.clone();
@@ -441,12 +453,61 @@ impl Partitions {
         }
     }
 
+    /// Takes the partition over and delivers its envelopes until `stop` (or the lease
+    /// lapses), keeping `pending` at its consumer's backlog meanwhile.
     async fn consume(
         self: Arc<Self>,
         partition: u32,
         generation: u64,
         stop: CancellationToken,
         lease: Lease,
+        pending: Arc<AtomicU64>,
+    ) {
+        let Some(consumer) = self.consumer(partition, generation, &stop).await else { return };
+        // Beside the delivery, not in its loop: a batch retried while the broker is
+        // down is when the backlog grows, and must still be seen.
+        tokio::select! {
+            () = self.deliver(partition, &consumer, &stop, &lease) => {}
+            () = keep_pending(partition, &consumer, &pending) => {}
+        }
+        pending.store(0, Ordering::Relaxed);
+    }
+
+    /// This generation's consumer of the partition, retried with back-off until `stop`.
+    async fn consumer(
+        &self,
+        partition: u32,
+        generation: u64,
+        stop: &CancellationToken,
+    ) -> Option<consumer::PullConsumer> {
+        let mut backoff = Backoff::new(TICK, Duration::from_secs(10));
+        loop {
+            let taken = tokio::select! {
+                _ = stop.cancelled() => return None,
+                taken = self.take_over(partition, generation) => taken,
+            };
+            match taken {
+                Ok(consumer) => return Some(consumer),
+                Err(error) => {
+                    let retry_in = backoff.next_delay();
+                    warn!(partition, %error, ?retry_in, "partition consumer not ready; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(retry_in) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches, hands to the platform and acknowledges the partition's envelopes in
+    /// order until `stop` or the lease lapses.
+    async fn deliver(
+        &self,
+        partition: u32,
+        consumer: &consumer::PullConsumer,
+        stop: &CancellationToken,
+        lease: &Lease,
     ) {
         let expired = || {
             let expired = !lease.is_held();
@@ -454,24 +515,6 @@ impl Partitions {
                 warn!(partition, "partition lease not renewed in time; stopping without acting on it");
             }
             expired
-        };
-        let mut backoff = Backoff::new(TICK, Duration::from_secs(10));
-        let consumer = loop {
-            let taken = tokio::select! {
-                _ = stop.cancelled() => return,
-                taken = self.take_over(partition, generation) => taken,
-            };
-            match taken {
-                Ok(consumer) => break consumer,
-                Err(error) => {
-                    let retry_in = backoff.next_delay();
-                    warn!(partition, %error, ?retry_in, "partition consumer not ready; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(retry_in) => {}
-                    }
-                }
-            }
         };
         let mut fetch_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         while !stop.is_cancelled() {
@@ -576,7 +619,20 @@ impl Partitions {
                 queued = Err(HandleError::LeaseExpired);
                 break;
             }
-            match self.pipeline.handle(message.payload.clone(), epoch).await {
+            // One uplink, one trace: a child of the edge's publish, whose context the
+            // message's headers carry.
+            let span = tcpc_proto::nats_span!(
+                "process",
+                "consumer",
+                "process",
+                "process",
+                message.subject,
+                "messaging.message.id" =
+                    message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
+                "messaging.message.body.size" = message.payload.len(),
+            );
+            tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
+            match self.pipeline.handle(message.payload.clone(), epoch).instrument(span).await {
                 Ok(acknowledged) => handled.push(acknowledged),
                 Err(error) => {
                     queued = Err(error);
@@ -590,6 +646,24 @@ impl Partitions {
             return Err((failed, error));
         }
         queued.map_err(|error| (results.len(), error))
+    }
+}
+
+/// The header JetStream de-duplicates by (the edge's `<connection>-<sequence>`).
+const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
+
+/// How often a partition's backlog is asked of JetStream.
+const PENDING_REFRESH: Duration = Duration::from_secs(5);
+
+/// Keeps `pending` at the consumer's undelivered envelopes, asking every
+/// [`PENDING_REFRESH`]; never ends.
+async fn keep_pending(partition: u32, consumer: &consumer::PullConsumer, pending: &AtomicU64) {
+    loop {
+        match consumer.get_info().await {
+            Ok(info) => pending.store(info.num_pending, Ordering::Relaxed),
+            Err(error) => tracing::debug!(partition, %error, "partition backlog not read"),
+        }
+        tokio::time::sleep(PENDING_REFRESH).await;
     }
 }
 

@@ -34,7 +34,7 @@ use tcpc_proto::route::Route;
 use tcpc_proto::v1::DeliverStatus;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
@@ -214,6 +214,7 @@ impl Downlinks {
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
     pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
+        // Its receive span is current (the dispatcher runs this in it).
         let Some(parsed) = topics::parse_downlink(&self.prefix, &downlink.topic) else {
             debug!(topic = %downlink.topic, "not a downlink topic");
             return;
@@ -233,7 +234,7 @@ impl Downlinks {
 
     /// Handles a resolved downlink of this worker's.
     async fn handle_owned(self: &Arc<Self>, parsed: DownlinkTopic, target: Target, downlink: Downlink) {
-        let Downlink { topic, payload, received } = downlink;
+        let Downlink { topic, payload, received, .. } = downlink;
         let due = received + ANSWER_WITHIN;
         // Claimed first: a successor replaying a hand-over must not handle it again.
         match self.routes.claim_downlink(&claim_digest(&topic, &payload)).await {
@@ -248,7 +249,9 @@ impl Downlinks {
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
         }
-        match self.deliver(&parsed, &target, &payload, due).await {
+        let delivered = self.deliver(&parsed, &target, &payload, due).await;
+        self.metrics.downlink_duration.observe(received.elapsed().as_secs_f64());
+        match delivered {
             Ok(()) => self.count("delivered"),
             Err((Undelivered::Offline, _)) if self.queues(parsed.kind) => {
                 self.enqueue(&target, &topic, payload)
@@ -285,7 +288,10 @@ impl Downlinks {
 
     /// Keeps a downlink another worker owns, for [`HAND_OVER_WINDOW`] (at most
     /// [`HAND_OVER_KEPT`] of them).
-    fn keep_for_hand_over(&self, target: Target, downlink: Downlink) {
+    fn keep_for_hand_over(&self, target: Target, mut downlink: Downlink) {
+        // Its receive span ends now, as another worker's: a replay is a trace of its own.
+        downlink.span.record("tcpc.outcome", "not_owner");
+        downlink.span = tracing::Span::none();
         let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while kept.front().is_some_and(|(_, old)| now.duration_since(old.received) > HAND_OVER_WINDOW)
@@ -400,7 +406,12 @@ impl Downlinks {
         due: Instant,
     ) -> Result<(), (Undelivered, Option<Route>)> {
         let prepared = tokio::time::timeout_at(due, async {
-            let encoded = self.encode(parsed, target, payload).await?;
+            let span = tracing::debug_span!(
+                "encode",
+                "tcpc.downlink.kind" = parsed.kind.name(),
+                "tcpc.device.id" = target.device_id.as_str(),
+            );
+            let encoded = self.encode(parsed, target, payload).instrument(span).await?;
             match self.routes.route(&target.carrier.id).await {
                 Ok(Some(route)) => Ok((encoded, route)),
                 Ok(None) => Err(Undelivered::Offline),
@@ -543,7 +554,9 @@ impl Downlinks {
             // bound; another only waited for its turn and keeps its own.
             let due = if queues_kind { Instant::now() } else { item.received } + ANSWER_WITHIN;
             let Some(target) = self.resolve(&parsed, due).await else { continue };
-            match self.deliver(&parsed, &target, &item.payload, due).await {
+            let delivered = self.deliver(&parsed, &target, &item.payload, due).await;
+            self.metrics.downlink_duration.observe(item.received.elapsed().as_secs_f64());
+            match delivered {
                 Ok(()) => self.count("delivered"),
                 Err((Undelivered::Offline, _)) if queues_kind => {
                     let mut queues = self.queue.lock().unwrap_or_else(|e| e.into_inner());

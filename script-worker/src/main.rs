@@ -19,7 +19,11 @@ async fn main() -> ExitCode {
     if let Err(error) = config.validate() {
         return usage_error("script-worker", error);
     }
-    tcpc_observe::init_logging(config.log_format);
+    // Flushes the last spans when `main` returns.
+    let _telemetry = match tcpc_observe::telemetry::init("script-worker", config.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => return usage_error("script-worker", error),
+    };
     let result = match bind(&config).await {
         Ok(listeners) => script_worker::run(config, listeners, tcpc_observe::shutdown_signal()).await,
         Err(error) => Err(WorkerError::Bind(error)),

@@ -1,15 +1,34 @@
 //! The worker's Prometheus metrics (served by `tcpc_observe::router`). No device id is
-//! ever a label.
+//! ever a label. Names follow Prometheus's conventions: the unit in the name, `_total`
+//! on counters (prometheus-client appends it).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
+}
+
+/// Which script function ran: `decode` (uplinks) or `encode` (downlinks).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    pub call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallReasonLabel {
+    pub call: &'static str,
+    pub reason: &'static str,
+}
+
+/// Script calls: 20 µs to 0.33 s (past the default CPU limit of 100 ms).
+fn script_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.00002, 2.0, 15))
 }
 
 /// The worker's metrics.
@@ -38,6 +57,16 @@ pub struct Metrics {
     pub subscription_refusals: Counter,
     /// Edge pods found gone in Kubernetes, their routes handed to the reaper.
     pub edge_pods_purged: Counter,
+    /// Time of one script call on its engine thread, by function.
+    pub script_duration: Family<CallLabel, Histogram>,
+    /// Script calls that failed, by function and cause.
+    pub script_errors: Family<CallReasonLabel, Counter>,
+    /// A downlink's arrival from the broker until its delivery's outcome (the edge's
+    /// answer, or why there was none).
+    pub downlink_duration: Histogram,
+    /// Uplink envelopes in JetStream not yet delivered to this worker's partition
+    /// consumers (the backlog KEDA scales on).
+    pub uplink_pending: Gauge,
 }
 
 impl Metrics {
@@ -87,7 +116,39 @@ impl Metrics {
             "Edge pods gone from Kubernetes whose routes were purged",
             edge_pods_purged.clone(),
         );
+        let script_duration =
+            Family::<CallLabel, Histogram>::new_with_constructor(script_buckets as fn() -> _);
+        registry.register_with_unit(
+            "worker_script_duration",
+            "One script call on its engine thread",
+            Unit::Seconds,
+            script_duration.clone(),
+        );
+        let script_errors = Family::<CallReasonLabel, Counter>::default();
+        registry.register(
+            "worker_script_errors",
+            "Script calls that failed, by cause",
+            script_errors.clone(),
+        );
+        // 0.2 ms to 6.5 s: a delivery takes a millisecond, the answer bound is 4 s.
+        let downlink_duration = Histogram::new(exponential_buckets(0.0002, 2.0, 16));
+        registry.register_with_unit(
+            "worker_downlink_duration",
+            "A downlink's arrival until its delivery's outcome",
+            Unit::Seconds,
+            downlink_duration.clone(),
+        );
+        let uplink_pending = Gauge::default();
+        registry.register(
+            "worker_uplink_pending_messages",
+            "Uplink envelopes in JetStream not yet delivered to this worker's partitions",
+            uplink_pending.clone(),
+        );
         Metrics {
+            script_duration,
+            script_errors,
+            downlink_duration,
+            uplink_pending,
             envelopes,
             published,
             uplink_errors,
@@ -101,5 +162,25 @@ impl Metrics {
             subscription_refusals,
             edge_pods_purged,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_the_chart_scales_and_charts_on() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        metrics.script_duration.get_or_create(&CallLabel { call: "decode" }).observe(0.001);
+        metrics.downlink_duration.observe(0.01);
+        metrics.uplink_pending.set(7);
+        metrics.script_errors.get_or_create(&CallReasonLabel { call: "encode", reason: "timeout" }).inc();
+        let text = tcpc_observe::render(&registry);
+        assert!(text.contains("worker_script_duration_seconds_count{call=\"decode\"} 1"), "{text}");
+        assert!(text.contains("worker_downlink_duration_seconds_count 1"), "{text}");
+        assert!(text.contains("\nworker_uplink_pending_messages 7\n"), "{text}");
+        assert!(text.contains("worker_script_errors_total{call=\"encode\",reason=\"timeout\"} 1"), "{text}");
     }
 }

@@ -20,6 +20,7 @@ use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
 use tcpc_proto::v1::{DeliverRequest, DeliverStatus, DisconnectRequest};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::Instrument as _;
 
 /// Deadline of a route read or an edge call other than a delivery (whose caller
 /// chooses its own, see [`EdgeClients::deliver`]).
@@ -114,6 +115,24 @@ impl RouteLookup for RedisRoutes {
             Ok(taken.is_some())
         })
     }
+}
+
+/// The client span of an EdgeGateway call (RPC semantic conventions); the edge's server
+/// span is its child.
+fn client_span(method: &'static str, route: &Route) -> tracing::Span {
+    let (host, port) = route.grpc_addr.rsplit_once(':').unwrap_or((&route.grpc_addr, ""));
+    tcpc_proto::edge_rpc_span!(
+        "client",
+        method,
+        "server.address" = host,
+        "server.port" = port.parse::<u16>().ok(),
+        "tcpc.device.id" = route.device_id.as_str(),
+        "tcpc.pod" = route.pod.as_str(),
+    )
+}
+
+fn record_status(span: &tracing::Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i32);
 }
 
 /// One gRPC channel per edge pod, made on first use and kept. Each call bounds its own
@@ -234,12 +253,14 @@ impl EdgeClients {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
     }
 
-    /// A request carrying the token, when there is one.
+    /// A request carrying the token, when there is one, and the current span's trace
+    /// context (the call's client span: the callers run this in it).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         if let Some(token) = &self.token {
             request.metadata_mut().insert("authorization", token.clone());
         }
+        tcpc_proto::trace::inject_metadata(request.metadata_mut());
         request
     }
 
@@ -261,6 +282,7 @@ impl EdgeClients {
         tp_cmd: u32,
         timeout: Duration,
     ) -> Result<(DeliverStatus, String), String> {
+        let span = client_span("Deliver", route);
         let mut client = self.client(&route.grpc_addr)?;
         let request = DeliverRequest {
             device_id: route.device_id.clone(),
@@ -271,11 +293,15 @@ impl EdgeClients {
             // platform heard "offline" for must not reach the device afterwards.
             timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
         };
-        let reply = tokio::time::timeout(timeout, client.deliver(self.request(request)))
+        let call = async { tokio::time::timeout(timeout, client.deliver(self.request(request))).await };
+        let reply = call
+            .instrument(span.clone())
             .await
             .map_err(|_| "no answer in time".to_owned())?
+            .inspect_err(|status| record_status(&span, status.code()))
             .map_err(|e| e.message().to_owned())?
             .into_inner();
+        record_status(&span, tonic::Code::Ok);
         Ok((reply.status(), reply.message))
     }
 
@@ -284,6 +310,7 @@ impl EdgeClients {
     /// # Errors
     /// The edge pod cannot be reached.
     pub async fn disconnect(&self, route: &Route, reason: &str) -> Result<u32, String> {
+        let span = client_span("Disconnect", route);
         let mut client = self.client(&route.grpc_addr)?;
         let request = DisconnectRequest {
             device_id: route.device_id.clone(),
@@ -291,10 +318,14 @@ impl EdgeClients {
             reason: reason.to_owned(),
         };
         // Bounded here for the same reason as `deliver`.
-        let reply = tokio::time::timeout(DEADLINE, client.disconnect(self.request(request)))
+        let call = async { tokio::time::timeout(DEADLINE, client.disconnect(self.request(request))).await };
+        let reply = call
+            .instrument(span.clone())
             .await
             .map_err(|_| format!("edge {}: no answer within {DEADLINE:?}", route.pod))?
+            .inspect_err(|status| record_status(&span, status.code()))
             .map_err(|e| format!("edge {}: {}", route.pod, e.message()))?;
+        record_status(&span, tonic::Code::Ok);
         Ok(reply.into_inner().closed)
     }
 }

@@ -13,7 +13,7 @@ use tcpc_proto::names;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, DownlinkSubscription, Settings};
@@ -155,7 +155,8 @@ impl Worker {
                 library,
                 settings.script_threads(),
             )
-            .map_err(WorkerError::Scripts)?,
+            .map_err(WorkerError::Scripts)?
+            .measured(metrics.clone()),
         );
         let downlinks = Arc::new(Downlinks::new(
             settings.topic_prefix(),
@@ -414,7 +415,10 @@ async fn dispatch_downlinks(
         tokio::select! {
             _ = stop.cancelled() => return,
             delivery = deliveries.recv() => match delivery {
-                Some(downlink) => downlinks.handle(downlink).await,
+                Some(downlink) => {
+                    let span = downlink.span.clone();
+                    downlinks.handle(downlink).instrument(span).await
+                }
                 None => return,
             },
         }

@@ -32,6 +32,16 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// A short name of the failure (a span's `error.type`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            SinkError::ConnectionLost => "connection_lost",
+            SinkError::Stopped => "stopped",
+            SinkError::Stdout(_) => "stdout",
+            SinkError::Refused(_) => "refused",
+        }
+    }
+
     /// Whether retrying the same message cannot succeed (it is dead-lettered instead).
     pub fn is_permanent(&self) -> bool {
         matches!(self, SinkError::Refused(_))

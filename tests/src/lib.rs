@@ -3,7 +3,8 @@
 //! (JetStream, Redis Cluster, Sentinel), edges run
 //! in-process on pre-bound listeners, workers as processes (their real main), a fake
 //! ThingsPanel backend, a fake Kubernetes API server, an auth responder double, a JetStream reader of uplink
-//! envelopes, an MQTT watcher, device clients, and test certificates with TLS clients.
+//! envelopes, an MQTT watcher, device clients, test certificates with TLS clients, and
+//! an OTLP collector.
 //!
 //! Every fixture returns only when ready; every wait has a deadline.
 
@@ -13,6 +14,7 @@ pub mod device;
 pub mod edge;
 pub mod kube;
 pub mod mqtt;
+pub mod otlp;
 pub mod platform;
 pub mod servers;
 pub mod stream;

@@ -149,4 +149,10 @@ impl EdgeProcess {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// SIGTERM, and wait until the edge has drained and exited.
+    pub async fn stop(&mut self) {
+        self.process.terminate();
+        wait_until("the edge to drain and exit", || std::future::ready(self.process.exited())).await;
+    }
 }

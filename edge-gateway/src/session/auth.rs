@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use tcpc_proto::names;
 use tcpc_proto::v1::{AuthReply, AuthRequest, Protocol, SessionState};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument as _, field, info, warn};
 
 use super::{Close, Inbound, Session};
 use crate::codec::{self, Frame, FrameType, TpCodec};
@@ -56,6 +56,47 @@ impl Session {
             .await
             .map_err(|_| Close::AuthUnavailable)?
             .map_err(|_| Close::AuthUnavailable)?;
+        // A connection's authentication is one trace: the request to the workers (never
+        // the token), their answer, the route and the online event.
+        let span = tcpc_proto::nats_span!(
+            "authenticate",
+            "client",
+            "send",
+            "send",
+            names::AUTH_SUBJECT,
+            "client.address" = %peer.ip(),
+            "tcpc.connection.id" = %self.id,
+            "tcpc.listener" = super::listener_label(self.protocol),
+            "tcpc.device.id" = field::Empty,
+            "tcpc.auth.outcome" = field::Empty,
+        );
+        let outcome = match self.ask_workers(token, peer, deadline, slot).instrument(span.clone()).await {
+            Ok(reply) => {
+                // The session's span (current here, outside the authentication's).
+                tracing::Span::current().record("device_id", reply.device_id.as_str());
+                span.record("tcpc.device.id", reply.device_id.as_str());
+                self.authenticated(reply, peer).instrument(span.clone()).await
+            }
+            Err(close) => Err(close),
+        };
+        span.record(
+            "tcpc.auth.outcome",
+            match &outcome {
+                Ok(()) => "ok",
+                Err(close) => close.label(),
+            },
+        );
+        outcome
+    }
+
+    /// Asks the workers who the token is: their answer that it is a device, or why not.
+    async fn ask_workers(
+        &mut self,
+        token: String,
+        peer: SocketAddr,
+        deadline: Instant,
+        slot: tokio::sync::SemaphorePermit<'_>,
+    ) -> Result<AuthReply, Close> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let request = AuthRequest {
             protocol: self.protocol.into(),
@@ -83,7 +124,7 @@ impl Session {
             Ok(Ok(reply)) => reply,
         };
         drop(slot);
-        self.authenticated(reply, peer).await
+        Ok(reply)
     }
 
     /// Reads the PROXY protocol header a load balancer puts first; the client address
@@ -113,6 +154,7 @@ impl Session {
             }
             tokio::time::timeout_at(deadline, self.read_some()).await.map_err(|_| Close::AuthTimeout)??;
         };
+        self.shared.metrics.listener(self.protocol).frames_received.inc();
         if frame.frame_type != FrameType::Data || frame.cmd != codec::cmd::AUTH {
             return Err(Close::Protocol("the first frame must be auth (TYPE 0, CMD 0)".to_owned()));
         }
@@ -170,7 +212,6 @@ impl Session {
             }
         }
         let shared = self.shared.clone();
-        tracing::Span::current().record("device_id", reply.device_id.as_str());
         let handle = Arc::new(SessionHandle::new(&reply.device_id, self.id, self.protocol));
         shared.registry.insert(handle.clone());
         self.handle = Some(handle);

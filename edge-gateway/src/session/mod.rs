@@ -114,6 +114,7 @@ pub(crate) async fn serve(
     let listener = listener_label(protocol);
     let gauge = shared.metrics.connections.get_or_create(&ListenerLabel { listener }).clone();
     gauge.inc();
+    shared.metrics.listener(protocol).accepted.inc();
     let id = shared.ids.next();
     // Two fields only: a span's formatted fields live as long as the session does.
     let span = tracing::info_span!("session", conn = %id, device_id = field::Empty);
@@ -191,7 +192,8 @@ impl Session {
         }
         match self.stream.try_read_buf(&mut self.buf) {
             Ok(0) => Err(Close::PeerClosed),
-            Ok(_) => {
+            Ok(read) => {
+                self.shared.metrics.listener(self.protocol).received_bytes.inc_by(read as u64);
                 self.last_input = Instant::now();
                 Ok(())
             }
@@ -211,11 +213,15 @@ impl Session {
         }
     }
 
+    /// Writes one frame to the device, within the write timeout.
     async fn write(&mut self, bytes: &[u8]) -> Result<(), Close> {
         match tokio::time::timeout(self.shared.config.limits.write_timeout, self.stream.write_all(bytes))
             .await
         {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.count_sent(bytes.len());
+                Ok(())
+            }
             Ok(Err(e)) => {
                 debug!(error = %e, "write failed");
                 Err(Close::WriteFailed)
@@ -225,6 +231,12 @@ impl Session {
                 Err(Close::WriteFailed)
             }
         }
+    }
+
+    fn count_sent(&self, bytes: usize) {
+        let traffic = self.shared.metrics.listener(self.protocol);
+        traffic.frames_sent.inc();
+        traffic.sent_bytes.inc_by(bytes as u64);
     }
 
     fn session_event(&self, state: SessionState, reason: &str, owned_route: bool) -> uplink_envelope::Body {
@@ -256,8 +268,9 @@ impl Session {
     }
 
     fn on_ack(&mut self, result: Result<(), crate::uplink::BusError>) {
-        if self.window.on_ack(result) {
+        if let Some(took) = self.window.on_ack(result) {
             self.shared.metrics.uplinks.inc();
+            self.shared.metrics.publish_duration.observe(took.as_secs_f64());
         }
     }
 
@@ -387,6 +400,7 @@ impl Session {
                         Ok(None) => return Ok(Decoded::Drained),
                         Err(error) => return Err(Close::Protocol(error.to_string())),
                     };
+                    self.shared.metrics.listener(self.protocol).frames_received.inc();
                     self.on_message(UplinkKind::Raw, message).await;
                 }
             }
@@ -394,6 +408,7 @@ impl Session {
     }
 
     async fn on_frame(&mut self, frame: Frame, closing: bool) -> Result<(), Close> {
+        self.shared.metrics.listener(self.protocol).frames_received.inc();
         if frame.frame_type == FrameType::Heartbeat {
             // A heartbeat costs a token like any frame: a flood of them is a flood.
             self.spend_rate();
@@ -422,6 +437,18 @@ impl Session {
     async fn on_message(&mut self, kind: UplinkKind, payload: Bytes) {
         self.spend_rate();
         let handle = self.handle.as_ref().expect("messages after authentication");
+        // One uplink, one trace: this span is its root (the session's span is in logs
+        // only). At DEBUG: without export it is not created at the default log level.
+        let span = tracing::debug_span!(
+            "receive",
+            "otel.kind" = "server",
+            "network.transport" = "tcp",
+            "tcpc.listener" = listener_label(self.protocol),
+            "tcpc.device.id" = %handle.device_id,
+            "tcpc.connection.id" = %self.id,
+            "tcpc.uplink.kind" = kind.as_str_name(),
+            "messaging.message.body.size" = payload.len(),
+        );
         let uplink = Uplink {
             device_id: handle.device_id.to_string(),
             connection_id: self.id.to_string(),
@@ -431,7 +458,7 @@ impl Session {
             received_at_ms: tcpc_proto::now_ms(),
             sequence: self.sequence,
         };
-        self.publish(uplink_envelope::Body::Uplink(uplink)).await;
+        self.publish(uplink_envelope::Body::Uplink(uplink)).instrument(span).await;
     }
 
     /// Writes the queued downlinks whose callers still wait; takes a close order.
@@ -447,7 +474,8 @@ impl Session {
                 // Dropped unanswered: the caller reads "offline".
                 continue;
             }
-            let result = self.write(&outbound.bytes).await;
+            // The span of this write, a child of the worker's Deliver call.
+            let result = self.write(&outbound.bytes).instrument(outbound.span.clone()).await;
             let _ = outbound.done.send(result.clone().map_err(|_| "write to the device failed".to_owned()));
             result?;
         }
@@ -490,7 +518,11 @@ impl Session {
         }
         if let Some(message) = close.device_message() {
             let bytes = error_bytes(self.protocol, self.handle.is_none(), &message);
-            let _ = tokio::time::timeout(ERROR_FRAME_DEADLINE, self.stream.write_all(&bytes)).await;
+            if let Ok(Ok(())) =
+                tokio::time::timeout(ERROR_FRAME_DEADLINE, self.stream.write_all(&bytes)).await
+            {
+                self.count_sent(bytes.len());
+            }
         }
         let _ = tokio::time::timeout(ERROR_FRAME_DEADLINE, self.stream.shutdown()).await;
         let Some(handle) = self.handle.take() else { return };

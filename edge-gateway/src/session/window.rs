@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tcpc_proto::names;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use crate::registry::ConnectionId;
 use crate::uplink::{AckFuture, BusError, UplinkBus};
@@ -44,6 +44,10 @@ struct InFlight {
     envelope: Bytes,
     /// None until (re)published.
     ack: Option<AckFuture>,
+    /// When it was first handed to the bus (the publish latency's start).
+    since: Instant,
+    /// Its publish span, ended by the acknowledgement (or the session giving up on it).
+    span: tracing::Span,
 }
 
 /// The unacknowledged envelopes of one session.
@@ -75,9 +79,19 @@ impl Window {
     /// Appends an envelope and publishes it, unless a re-send is pending (then it goes
     /// out with the re-send, in order).
     pub async fn publish(&mut self, outlet: Outlet<'_>, sequence: u64, envelope: Bytes) {
-        let mut entry = InFlight { sequence, envelope, ack: None };
+        let span = tcpc_proto::nats_span!(
+            "publish",
+            "producer",
+            "send",
+            "publish",
+            names::uplink_subject(outlet.partition),
+            "messaging.message.id" = %names::uplink_message_id(&outlet.connection.to_string(), sequence),
+            "messaging.message.body.size" = envelope.len(),
+        );
+        let mut entry = InFlight { sequence, envelope, ack: None, since: Instant::now(), span };
         if self.resend_at.is_none() {
-            match publish_one(outlet, sequence, entry.envelope.clone()).await {
+            let publish = publish_one(outlet, sequence, entry.envelope.clone());
+            match publish.instrument(entry.span.clone()).await {
                 Some(ack) => entry.ack = Some(ack),
                 None => self.schedule_resend(),
             }
@@ -103,8 +117,9 @@ impl Window {
         }
         self.resend_at = None;
         for index in 0..self.entries.len() {
-            let (sequence, envelope) = (self.entries[index].sequence, self.entries[index].envelope.clone());
-            match publish_one(outlet, sequence, envelope).await {
+            let entry = &self.entries[index];
+            let publish = publish_one(outlet, entry.sequence, entry.envelope.clone());
+            match publish.instrument(entry.span.clone()).await {
                 Some(ack) => self.entries[index].ack = Some(ack),
                 None => {
                     self.schedule_resend();
@@ -124,22 +139,23 @@ impl Window {
         }
     }
 
-    /// Applies the head's acknowledgement; true when an envelope was stored.
-    pub fn on_ack(&mut self, result: Result<(), BusError>) -> bool {
+    /// Applies the head's acknowledgement; when an envelope was stored, how long it took
+    /// from its first publish.
+    pub fn on_ack(&mut self, result: Result<(), BusError>) -> Option<Duration> {
         match result {
             Ok(()) => {
-                self.entries.pop_front();
+                let stored = self.entries.pop_front()?;
                 self.failures = 0;
                 if self.entries.is_empty() {
                     // Give back the window's storage: idle sessions hold none.
                     self.entries = VecDeque::new();
                 }
-                true
+                Some(stored.since.elapsed())
             }
             Err(error) => {
                 debug!(%error, "uplink not acknowledged; re-sending the window");
                 self.schedule_resend();
-                false
+                None
             }
         }
     }
@@ -239,7 +255,7 @@ mod tests {
     /// Awaits the head's acknowledgement and applies it; whether it stored.
     async fn settle(window: &mut Window) -> bool {
         let ack = window.head_ack().await;
-        window.on_ack(ack)
+        window.on_ack(ack).is_some()
     }
 
     #[tokio::test(start_paused = true)]
@@ -271,7 +287,7 @@ mod tests {
         let mut delays = Vec::new();
         for _ in 0..4 {
             let failed = window.head_ack().await;
-            assert!(!window.on_ack(failed));
+            assert!(window.on_ack(failed).is_none());
             let due = window.resend_at().unwrap();
             delays.push(due - Instant::now());
             tokio::time::sleep_until(due).await;

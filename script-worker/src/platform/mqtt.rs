@@ -134,6 +134,26 @@ pub struct Downlink {
     pub topic: String,
     pub payload: bytes::Bytes,
     pub received: Instant,
+    /// Its receive span: the root of the downlink's trace, which its handling runs in.
+    pub span: tracing::Span,
+}
+
+impl Downlink {
+    /// A downlink that arrived now, on `topic`.
+    pub fn arrived(topic: String, payload: bytes::Bytes) -> Self {
+        // The broker speaks MQTT 3.1.1 to us (no user properties): a downlink's trace
+        // starts here.
+        let span = tracing::debug_span!(
+            "receive",
+            "otel.kind" = "consumer",
+            "messaging.system" = "mqtt",
+            "messaging.operation.type" = "receive",
+            "messaging.destination.name" = topic.as_str(),
+            "messaging.message.body.size" = payload.len(),
+            "tcpc.outcome" = tracing::field::Empty,
+        );
+        Downlink { topic, payload, received: Instant::now(), span }
+    }
 }
 
 /// The answer to a downlink the dispatcher has no room for, if its topic wants one.
@@ -247,11 +267,28 @@ impl PlatformSink for MqttSink {
     }
 
     fn publish(&self, message: PlatformMessage, epoch: Epoch) -> BoxFuture<'_, Result<Delivered, SinkError>> {
+        // From the hand-over to the broker's PUBACK. MQTT 3.1.1 has no user properties:
+        // the platform side of the trace ends here.
+        let span = tracing::debug_span!(
+            "publish",
+            "otel.kind" = "producer",
+            "messaging.system" = "mqtt",
+            "messaging.operation.type" = "send",
+            "messaging.operation.name" = "publish",
+            "messaging.destination.name" = message.topic.as_str(),
+            "messaging.message.body.size" = message.payload.len(),
+            "error.type" = tracing::field::Empty,
+        );
         Box::pin(async move {
             let (done, acked) = oneshot::channel();
             self.requests.send(Request { message, epoch, done }).await.map_err(|_| SinkError::Stopped)?;
-            let delivered: Delivered =
-                Box::pin(async move { acked.await.unwrap_or(Err(SinkError::ConnectionLost)) });
+            let delivered: Delivered = Box::pin(async move {
+                let acked = acked.await.unwrap_or(Err(SinkError::ConnectionLost));
+                if let Err(error) = &acked {
+                    span.record("error.type", error.label());
+                }
+                acked
+            });
             Ok(delivered)
         })
     }
@@ -420,8 +457,7 @@ async fn run(
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(subscription) = &subscription {
-                        let downlink =
-                            Downlink { topic: publish.topic, payload: publish.payload, received: Instant::now() };
+                        let downlink = Downlink::arrived(publish.topic, publish.payload);
                         // Never `send().await` here (see the module doc): a full queue refuses.
                         if let Err(error) = subscription.deliveries.try_send(downlink) {
                             connection.refuse(&subscription.refuse, &error.into_inner().topic);

@@ -20,13 +20,16 @@ pub mod quickjs;
 pub mod v8;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::metrics::{CallLabel, CallReasonLabel, Metrics};
 
 pub use library::Library;
 
@@ -138,6 +141,23 @@ pub enum ScriptError {
     NotLoaded,
 }
 
+impl ScriptError {
+    /// The metric label (`worker_script_errors_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ScriptError::Timeout => "timeout",
+            ScriptError::OutOfMemory => "memory",
+            ScriptError::Thrown { .. } => "thrown",
+            ScriptError::Missing(_) => "missing_function",
+            ScriptError::Output(_) => "output",
+            ScriptError::Quarantined => "quarantined",
+            ScriptError::Library(_) => "library",
+            ScriptError::Engine(_) | ScriptError::NotLoaded => "engine",
+            ScriptError::Busy => "busy",
+        }
+    }
+}
+
 /// A JavaScript engine holding compiled scripts by hash. Lives on one thread.
 pub trait ScriptEngine {
     /// Compiles `source` unless a script with this hash is ready.
@@ -225,6 +245,14 @@ pub enum Call {
 }
 
 impl Call {
+    /// The script function it runs (the metric label).
+    fn function(&self) -> &'static str {
+        match self {
+            Call::Decode { .. } => "decode",
+            Call::Encode { .. } => "encode",
+        }
+    }
+
     fn device_id(&self) -> &str {
         match self {
             Call::Decode { context, .. } | Call::Encode { context, .. } => &context.device_id,
@@ -242,7 +270,8 @@ pub enum Output {
 struct Job {
     script: library::Resolved,
     call: Call,
-    answer: oneshot::Sender<Result<Output, ScriptError>>,
+    /// The result, and how long the engine took for it.
+    answer: oneshot::Sender<(Result<Output, ScriptError>, Duration)>,
 }
 
 /// Failures in a row that quarantine a script.
@@ -273,6 +302,8 @@ pub struct Scripts {
     cpu_time: Duration,
     library: Library,
     health: Mutex<HashMap<HealthKey, Health>>,
+    /// Where call times and failures are counted, once [`Scripts::measured`].
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Scripts {
@@ -289,7 +320,12 @@ impl Scripts {
         let shards = (0..threads.max(1))
             .map(|shard| Self::start_engine(kind, limits, shard))
             .collect::<std::io::Result<_>>()?;
-        Ok(Scripts { shards, cpu_time: limits.cpu_time, library, health: Mutex::default() })
+        Ok(Scripts { shards, cpu_time: limits.cpu_time, library, health: Mutex::default(), metrics: None })
+    }
+
+    /// Counts call times and failures in `metrics`.
+    pub fn measured(self, metrics: Arc<Metrics>) -> Self {
+        Scripts { metrics: Some(metrics), ..self }
     }
 
     fn start_engine(kind: EngineKind, limits: Limits, shard: usize) -> std::io::Result<mpsc::Sender<Job>> {
@@ -306,6 +342,7 @@ impl Scripts {
                     continue;
                 }
                 let script = &job.script;
+                let started = std::time::Instant::now();
                 let run = std::panic::AssertUnwindSafe(|| {
                     run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call)
                 });
@@ -316,7 +353,7 @@ impl Scripts {
                     engine = kind.build(limits);
                     Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
                 });
-                let _ = job.answer.send(result);
+                let _ = job.answer.send((result, started.elapsed()));
             }
         })?;
         Ok(jobs)
@@ -334,6 +371,27 @@ impl Scripts {
     /// # Errors
     /// The script is missing, quarantined, or failed.
     pub async fn run(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
+        let function = call.function();
+        let span = tracing::debug_span!(
+            "script",
+            "otel.name" = %format_args!("script {function}"),
+            "tcpc.script.function" = function,
+            "tcpc.device.id" = call.device_id(),
+            "error.type" = tracing::field::Empty,
+        );
+        let result = self.run_measured(reference, call).instrument(span.clone()).await;
+        if let Err(error) = &result {
+            span.record("error.type", error.label());
+            if let Some(metrics) = &self.metrics {
+                let label = CallReasonLabel { call: function, reason: error.label() };
+                metrics.script_errors.get_or_create(&label).inc();
+            }
+        }
+        result
+    }
+
+    async fn run_measured(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
+        let function = call.function();
         let script = self.library.resolve(reference)?;
         let key = (script.hash.clone(), call.device_id().to_owned());
         if self.quarantined(&key) {
@@ -343,7 +401,14 @@ impl Scripts {
         let stopped = || ScriptError::Engine("the script thread stopped".to_owned());
         let queued = async {
             self.shard_of(&script.hash).send(Job { script, call, answer }).await.map_err(|_| stopped())?;
-            result.await.map_err(|_| stopped())?
+            let (result, took) = result.await.map_err(|_| stopped())?;
+            if let Some(metrics) = &self.metrics {
+                metrics
+                    .script_duration
+                    .get_or_create(&CallLabel { call: function })
+                    .observe(took.as_secs_f64());
+            }
+            result
         };
         // Past the deadline the engine skips the job (its answer channel is closed).
         let result =
