@@ -102,7 +102,7 @@ fn options(settings: &BrokerSettings) -> Result<MqttOptions, Error> {
 async fn subscribed(events: &mut EventLoop, topics: &[&str]) -> Result<(), Error> {
     let mut granted = 0;
     while granted < topics.len() {
-        match events.poll().await.map_err(Error::Broker)? {
+        match events.poll().await.map_err(|e| Error::Broker(Box::new(e)))? {
             Event::Incoming(Packet::SubAck(ack)) => {
                 for code in ack.return_codes {
                     if code == SubscribeReasonCode::Failure {

@@ -19,7 +19,7 @@ pub enum Error {
         source: rumqttc::OptionError,
     },
     #[error("the MQTT broker")]
-    Broker(#[source] rumqttc::ConnectionError),
+    Broker(#[source] Box<rumqttc::ConnectionError>),
     #[error("the MQTT broker did not acknowledge the subscriptions within {0:?}")]
     SubscriptionTimeout(std::time::Duration),
     #[error("the MQTT broker refused the subscription to {0}")]

@@ -47,7 +47,7 @@ struct Command<'a> {
 impl Stamp {
     /// The JSON object, padded to `size` bytes when that is longer than the stamp and
     /// an empty pad (7 bytes).
-    pub fn to_json(&self, run: &str, size: usize) -> String {
+    pub fn to_json(self, run: &str, size: usize) -> String {
         let Stamp { device, seq, sent_us } = self;
         let mut json = format!(r#"{{"{RUN_KEY}":"{run}","d":{device},"s":{seq},"t":{sent_us}"#);
         const PAD: &str = ",\"p\":\"";
@@ -63,7 +63,7 @@ impl Stamp {
     }
 
     /// The command published to a device: `{"method":"tcpc_load","params":<stamp>}`.
-    pub fn to_command(&self, run: &str) -> String {
+    pub fn to_command(self, run: &str) -> String {
         format!(r#"{{"method":"{RUN_KEY}","params":{}}}"#, self.to_json(run, 0))
     }
 
