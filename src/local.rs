@@ -11,7 +11,7 @@ use edge_gateway::uplink::{AckFuture, BusError, UplinkBus};
 use futures::future::BoxFuture;
 use script_worker::auth::Authenticator;
 use script_worker::pipeline::Pipeline;
-use script_worker::routes::RouteLookup;
+use script_worker::routes::{RouteLookup, RouteLookupError};
 use tcpc_proto::v1::{AuthReply, AuthRequest};
 
 /// Envelopes go straight to the pipeline; the edge's acknowledgement is the platform
@@ -30,7 +30,9 @@ impl UplinkBus for LocalBus {
         envelope: Bytes,
     ) -> BoxFuture<'_, Result<AckFuture, BusError>> {
         Box::pin(async move {
-            let handled = self.pipeline.handle(envelope).await.map_err(|e| BusError::Publish(e.into()))?;
+            let epoch = self.pipeline.sink.epoch();
+            let handled =
+                self.pipeline.handle(envelope, epoch).await.map_err(|e| BusError::Publish(e.into()))?;
             let ack: AckFuture = Box::pin(async move { handled.await.map_err(|e| BusError::Ack(e.into())) });
             Ok(ack)
         })
@@ -137,22 +139,22 @@ impl RouteStore for LocalRoutes {
 }
 
 impl RouteLookup for LocalRoutes {
-    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>> {
+    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>> {
         let route = self.lock().get(device_id).map(|(route, _)| route.clone());
         Box::pin(async move { Ok(route) })
     }
 
-    fn pod_alive<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+    fn pod_alive<'a>(&'a self, _pod: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
         // The only pod is this process.
         Box::pin(async { Ok(true) })
     }
 
-    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>> {
         let removed = RouteStore::remove(self, &route.device_id, &route.connection_id, &route.pod);
-        Box::pin(async move { removed.await.map(drop).map_err(|e| e.to_string()) })
+        Box::pin(async move { removed.await.map(drop).map_err(|e| RouteLookupError::Local(Box::new(e))) })
     }
 
-    fn claim_downlink<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+    fn claim_downlink<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
         // One process sees each downlink once.
         Box::pin(async { Ok(true) })
     }

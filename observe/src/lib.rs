@@ -88,6 +88,26 @@ impl GrpcSecurity {
     }
 }
 
+/// Shows an error with its causes, `outer: inner: root` (errors here name their step
+/// and keep the cause as their `source`, which `Display` alone would drop).
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + Send + Sync + 'a));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            // Some errors already show their cause in their own message.
+            let text = error.to_string();
+            if !shown.ends_with(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            cause = error.source();
+        }
+        f.write_str(&shown)
+    }
+}
+
 /// Installs the global subscriber: level from `RUST_LOG` (default info), to stderr so
 /// that stdout stays free for data (the all-in-one's JSON lines).
 pub fn init_logging(format: LogFormat) {
@@ -224,6 +244,20 @@ mod tests {
         let status = response.status();
         let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn a_chain_shows_every_cause() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("route lookup")]
+        struct Outer(#[source] std::io::Error);
+        let error = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(Chain(&error).to_string(), "route lookup: connection refused");
+        #[derive(Debug, thiserror::Error)]
+        #[error("read the resume point: {0}")]
+        struct Inline(#[source] std::io::Error);
+        let error = Inline(std::io::Error::other("timed out"));
+        assert_eq!(Chain(&error).to_string(), "read the resume point: timed out", "not twice");
     }
 
     #[tokio::test]

@@ -150,6 +150,7 @@ async fn device_list() -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::RouteLookupError;
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
@@ -159,16 +160,19 @@ mod tests {
         fn route<'a>(
             &'a self,
             _: &'a str,
-        ) -> BoxFuture<'a, Result<Option<tcpc_proto::route::Route>, String>> {
+        ) -> BoxFuture<'a, Result<Option<tcpc_proto::route::Route>, RouteLookupError>> {
             Box::pin(async { Ok(None) })
         }
-        fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
             Box::pin(async { Ok(true) })
         }
-        fn purge<'a>(&'a self, _: &'a tcpc_proto::route::Route) -> BoxFuture<'a, Result<(), String>> {
+        fn purge<'a>(
+            &'a self,
+            _: &'a tcpc_proto::route::Route,
+        ) -> BoxFuture<'a, Result<(), RouteLookupError>> {
             Box::pin(async { Ok(()) })
         }
-        fn claim_downlink<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        fn claim_downlink<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
             Box::pin(async { Ok(true) })
         }
     }

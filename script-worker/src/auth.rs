@@ -2,6 +2,7 @@
 //! exactly one worker answers each) from the device source.
 
 use std::sync::Arc;
+use tcpc_observe::Chain;
 
 use futures::StreamExt;
 use prost::Message as _;
@@ -81,7 +82,7 @@ impl Authenticator {
             }
             Ok(Lookup::Unknown(message)) => (refusal(&message), "unknown"),
             Err(error) => {
-                warn!(token = %Redacted(&request.access_token), %error, "device lookup failed");
+                warn!(token = %Redacted(&request.access_token), error = %Chain(&error), "device lookup failed");
                 (refusal("authentication unavailable, retry later"), "unavailable")
             }
         };

@@ -137,7 +137,7 @@ pub struct Settings {
     /// back (comma-separated: telemetry-control, attribute-set, attribute-get, command;
     /// none by default).
     #[arg(long, env = "OFFLINE_QUEUE", value_delimiter = ',')]
-    pub offline_queue: Vec<crate::downlink::DownlinkKind>,
+    pub offline_queue: Vec<crate::platform::topics::DownlinkKind>,
     /// Queued downlinks per device at most (the oldest goes first).
     #[arg(long, env = "OFFLINE_QUEUE_MAX", default_value_t = 32)]
     pub offline_queue_max: usize,

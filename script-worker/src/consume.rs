@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tcpc_observe::Chain;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -487,12 +488,14 @@ impl Partitions {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
             // Retry the batch until the platform took all of it: nothing is acked before.
             // Only transient failures come back here (permanent ones were dead-lettered).
+            // A retry resumes at the first envelope the platform did not take.
+            let mut from = 0;
             loop {
                 // A batch under way is finished and acknowledged even when asked to
                 // stop (shutdown, hand-over): what the platform already has must not
                 // come again from the next owner. The caller bounds the wait (see
                 // `release`) and aborts past it; a lost lease aborts at once.
-                match self.handle_batch(&messages, &expired).await {
+                match self.handle_batch(&messages[from..], &expired).await {
                     // Unacknowledged: whoever holds the lease now takes the batch again.
                     Ok(()) if expired() => return,
                     Ok(()) => {
@@ -510,16 +513,17 @@ impl Partitions {
                         }
                         break;
                     }
-                    Err(HandleError::LeaseExpired) => return,
-                    Err(error) if stop.is_cancelled() => {
+                    Err((_, HandleError::LeaseExpired)) => return,
+                    Err((_, error)) if stop.is_cancelled() => {
                         // Not retried when stopping: unacknowledged, the next owner takes it.
-                        warn!(partition, %error, "batch not delivered while stopping");
+                        warn!(partition, error = %Chain(&error), "batch not delivered while stopping");
                         return;
                     }
-                    Err(error) => {
+                    Err((taken, error)) => {
+                        from += taken;
                         let retry_in = backoff.next_delay();
                         self.pipeline.metrics.retries.inc();
-                        warn!(partition, %error, ?retry_in, "batch not delivered to the platform");
+                        warn!(partition, error = %Chain(&error), ?retry_in, "batch not delivered to the platform");
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(retry_in) => {}
@@ -530,21 +534,39 @@ impl Partitions {
         }
     }
 
-    /// Hands a batch to the pipeline, message by message while the lease is held;
-    /// resolves when the platform took all of it.
+    /// Hands a batch to the pipeline, message by message while the lease is held, all
+    /// for the sink's current connection; resolves when the platform took all of it, or
+    /// with how many of the first envelopes it took before the failure.
+    ///
+    /// What failed is a suffix: one connection acknowledges in order, and a lost one
+    /// fails every later message of its epoch.
     async fn handle_batch(
         &self,
         messages: &[jetstream::Message],
         expired: &impl Fn() -> bool,
-    ) -> Result<(), HandleError> {
+    ) -> Result<(), (usize, HandleError)> {
+        let epoch = self.pipeline.sink.epoch();
         let mut handled = Vec::with_capacity(messages.len());
+        let mut queued = Ok(());
         for message in messages {
             if expired() {
-                return Err(HandleError::LeaseExpired);
+                queued = Err(HandleError::LeaseExpired);
+                break;
             }
-            handled.push(self.pipeline.handle(message.payload.clone()).await?);
+            match self.pipeline.handle(message.payload.clone(), epoch).await {
+                Ok(acknowledged) => handled.push(acknowledged),
+                Err(error) => {
+                    queued = Err(error);
+                    break;
+                }
+            }
         }
-        futures::future::try_join_all(handled).await.map(drop)
+        let results = futures::future::join_all(handled).await;
+        if let Some(failed) = results.iter().position(Result::is_err) {
+            let error = results.into_iter().nth(failed).and_then(Result::err).expect("found above");
+            return Err((failed, error));
+        }
+        queued.map_err(|error| (results.len(), error))
     }
 }
 

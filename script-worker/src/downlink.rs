@@ -1,6 +1,6 @@
 //! Downlinks: from the platform's MQTT topics to the socket that holds the device.
 //!
-//! - [`parse_topic`] reads the four downlink topics under the plugin's prefix; the
+//! - [`topics::parse_downlink`] reads the four downlink topics under the plugin's prefix; the
 //!   `{device}` segment is a device number (backend ≥ v1.1.10) or id (older): both are
 //!   resolved, sub-devices to their gateway and address.
 //! - [`Downlinks::handle`] encodes (a TP frame with CMD 0x10–0x13 and the message_id in
@@ -26,6 +26,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tcpc_observe::Chain;
 
 use bytes::Bytes;
 use serde_json::{Map, Value as Json};
@@ -38,7 +39,7 @@ use tracing::{debug, info, warn};
 use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::platform::mqtt::{Downlink, Refusal};
-use crate::platform::topics;
+use crate::platform::topics::{self, DownlinkKind, DownlinkTopic};
 use crate::routes::{EdgeClients, RouteLookup};
 use crate::scripts::{Call, CallContext, Output, Scripts};
 use crate::sink::{PlatformMessage, PlatformSink};
@@ -59,7 +60,7 @@ const MIN_DELIVER: Duration = Duration::from_millis(100);
 /// lookups that are backed up.
 pub fn busy_refusal(prefix: String, metrics: Arc<Metrics>) -> Refusal {
     Arc::new(move |topic: &str| {
-        let parsed = parse_topic(&prefix, topic)?;
+        let parsed = topics::parse_downlink(&prefix, topic)?;
         metrics.downlinks.get_or_create(&ReasonLabel { reason: "busy" }).inc();
         answer_message(&parsed, &parsed.device, &Undelivered::Busy)
     })
@@ -70,75 +71,6 @@ fn answer_message(parsed: &DownlinkTopic, device_id: &str, why: &Undelivered) ->
     let topic = parsed.message_id.as_deref().and_then(|id| parsed.kind.response_topic(id))?;
     let values = serde_json::json!({ "result": 1, "message": why.to_string() });
     Some(topics::envelope(topic, device_id, values.to_string().as_bytes()))
-}
-
-/// The four downlinks and their TP CMD.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, clap::ValueEnum)]
-pub enum DownlinkKind {
-    TelemetryControl,
-    AttributeSet,
-    AttributeGet,
-    Command,
-}
-
-impl DownlinkKind {
-    pub fn tp_cmd(self) -> u32 {
-        match self {
-            DownlinkKind::TelemetryControl => 0x10,
-            DownlinkKind::AttributeSet => 0x11,
-            DownlinkKind::Command => 0x12,
-            DownlinkKind::AttributeGet => 0x13,
-        }
-    }
-
-    /// The name scripts see as `ctx.kind`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DownlinkKind::TelemetryControl => "telemetry_control",
-            DownlinkKind::AttributeSet => "attribute_set",
-            DownlinkKind::AttributeGet => "attribute_get",
-            DownlinkKind::Command => "command",
-        }
-    }
-
-    /// Where the platform waits for the answer, if it does.
-    fn response_topic(self, message_id: &str) -> Option<String> {
-        match self {
-            DownlinkKind::Command => Some(topics::command_response(message_id)),
-            DownlinkKind::AttributeSet => Some(topics::attribute_set_response(message_id)),
-            _ => None,
-        }
-    }
-}
-
-/// A downlink topic, read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DownlinkTopic {
-    pub kind: DownlinkKind,
-    /// Device number or id, as the platform wrote it.
-    pub device: String,
-    pub message_id: Option<String>,
-}
-
-/// Reads a downlink topic under `prefix` (which ends with `/`).
-pub fn parse_topic(prefix: &str, topic: &str) -> Option<DownlinkTopic> {
-    let rest = topic.strip_prefix(prefix)?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let (kind, device, message_id) = match parts.as_slice() {
-        ["devices", "telemetry", "control", device] => (DownlinkKind::TelemetryControl, device, None),
-        ["devices", "attributes", "set", device, id] => (DownlinkKind::AttributeSet, device, Some(id)),
-        ["devices", "attributes", "get", device] => (DownlinkKind::AttributeGet, device, None),
-        ["devices", "command", device, id] => (DownlinkKind::Command, device, Some(id)),
-        _ => return None,
-    };
-    if device.is_empty() {
-        return None;
-    }
-    Some(DownlinkTopic {
-        kind,
-        device: (*device).to_owned(),
-        message_id: message_id.map(|id| (*id).to_owned()),
-    })
 }
 
 /// The platform payload as the device gets it: sub-device downlinks wrapped for their
@@ -282,7 +214,7 @@ impl Downlinks {
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
     pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
-        let Some(parsed) = parse_topic(&self.prefix, &downlink.topic) else {
+        let Some(parsed) = topics::parse_downlink(&self.prefix, &downlink.topic) else {
             debug!(topic = %downlink.topic, "not a downlink topic");
             return;
         };
@@ -311,7 +243,7 @@ impl Downlinks {
                 return;
             }
             // Without the store a duplicate is possible, a loss is not.
-            Err(error) => debug!(%error, "downlink not claimed; handling it anyway"),
+            Err(error) => debug!(error = %Chain(&error), "downlink not claimed; handling it anyway"),
         }
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
@@ -343,7 +275,8 @@ impl Downlinks {
                 None
             }
             Ok(Err(error)) if (self.handles)(&parsed.device) => {
-                self.answer(parsed, &parsed.device, Undelivered::OfflineBecause(error.to_string())).await;
+                self.answer(parsed, &parsed.device, Undelivered::OfflineBecause(Chain(&error).to_string()))
+                    .await;
                 None
             }
             Ok(Ok(None) | Err(_)) => None,
@@ -384,7 +317,7 @@ impl Downlinks {
         self.tasks.spawn(async move {
             // Resolved when they arrived: their due time may be past, their device not.
             for (target, downlink) in mine {
-                if let Some(parsed) = parse_topic(&this.prefix, &downlink.topic) {
+                if let Some(parsed) = topics::parse_downlink(&this.prefix, &downlink.topic) {
                     this.handle_owned(parsed, target, downlink).await;
                 }
             }
@@ -471,7 +404,9 @@ impl Downlinks {
             match self.routes.route(&target.carrier.id).await {
                 Ok(Some(route)) => Ok((encoded, route)),
                 Ok(None) => Err(Undelivered::Offline),
-                Err(error) => Err(Undelivered::OfflineBecause(format!("route store unavailable ({error})"))),
+                Err(error) => {
+                    Err(Undelivered::OfflineBecause(format!("route store unavailable ({})", Chain(&error))))
+                }
             }
         })
         .await;
@@ -505,7 +440,9 @@ impl Downlinks {
             self.edges.forget(&route.grpc_addr);
             match self.routes.purge(route).await {
                 Ok(()) => info!(device_id = %route.device_id, pod = %route.pod, "route of a dead pod purged"),
-                Err(error) => warn!(device_id = %route.device_id, %error, "dead route not purged"),
+                Err(error) => {
+                    warn!(device_id = %route.device_id, error = %Chain(&error), "dead route not purged")
+                }
             }
         }
     }
@@ -523,7 +460,7 @@ impl Downlinks {
         let Some(message) = answer_message(parsed, device_id, &why) else { return };
         // Not awaited: the acknowledgement needs the broker connection, which may be
         // waiting for this very dispatcher to take the next downlink.
-        if let Ok(delivered) = self.sink.publish(message).await {
+        if let Ok(delivered) = self.sink.publish(message, self.sink.epoch()).await {
             self.tasks.spawn(async move {
                 if let Err(error) = delivered.await {
                     warn!(%error, "failure answer not acknowledged by the broker");
@@ -596,7 +533,7 @@ impl Downlinks {
                     }
                 }
             };
-            let Some(parsed) = parse_topic(&self.prefix, &item.topic) else { continue };
+            let Some(parsed) = topics::parse_downlink(&self.prefix, &item.topic) else { continue };
             let queues_kind = self.queues(parsed.kind);
             if queues_kind && item.expires <= Instant::now() {
                 self.count("queue_expired");
@@ -625,32 +562,6 @@ impl Downlinks {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn topics_of_both_backend_generations() {
-        let parse = |t: &str| parse_topic("plugin/TCP/", t);
-        assert_eq!(
-            parse("plugin/TCP/devices/command/D001/4d5e6f70"),
-            Some(DownlinkTopic {
-                kind: DownlinkKind::Command,
-                device: "D001".into(),
-                message_id: Some("4d5e6f70".into())
-            })
-        );
-        assert_eq!(
-            parse("plugin/TCP/devices/telemetry/control/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10")
-                .unwrap()
-                .device,
-            "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10"
-        );
-        assert_eq!(
-            parse("plugin/TCP/devices/attributes/set/G001/2b3c").unwrap().kind,
-            DownlinkKind::AttributeSet
-        );
-        assert_eq!(parse("plugin/TCP/devices/attributes/get/D001").unwrap().message_id, None);
-        assert_eq!(parse("plugin/TCP/devices/command/D001"), None);
-        assert_eq!(parse("other/devices/command/D001/1"), None);
-    }
 
     use crate::devices::{Device, DeviceKind};
 

@@ -10,6 +10,7 @@
 //! is transient, and fails the envelope so that the source retries it, holding the ack.
 
 use std::sync::Arc;
+use tcpc_observe::Chain;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, join_all};
@@ -19,7 +20,7 @@ use tracing::warn;
 
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::sink::{PlatformSink, SinkError};
+use crate::sink::{Epoch, PlatformSink, SinkError};
 use crate::uplink::{MapError, Mapper};
 
 /// Resolves when every message of an envelope was acknowledged (or the envelope was
@@ -52,14 +53,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Maps an encoded envelope and queues its messages; returns once they are queued
+    /// Maps an encoded envelope and queues its messages for the sink's connection of
+    /// `epoch` (see [`PlatformSink::publish`]); returns once they are queued
     /// (so that the next envelope's messages queue after them), with a future of their
     /// acknowledgement.
     ///
     /// # Errors
     /// A transient failure: the lookups behind the mapping could not be made, or the
     /// sink cannot take messages (stopped).
-    pub async fn handle(&self, encoded: Bytes) -> Result<Handled, HandleError> {
+    pub async fn handle(&self, encoded: Bytes, epoch: Epoch) -> Result<Handled, HandleError> {
         self.metrics.envelopes.inc();
         let envelope = match UplinkEnvelope::decode(&encoded[..]) {
             Ok(envelope) => envelope,
@@ -76,11 +78,11 @@ impl Pipeline {
         let messages = match self.mapper.map(&envelope).await {
             Ok(messages) => messages,
             Err(error) if error.is_transient() => return Err(HandleError::Map(error)),
-            Err(error) => return Ok(self.dead_letter(encoded, error.to_string(), error.label())),
+            Err(error) => return Ok(self.dead_letter(encoded, Chain(&error).to_string(), error.label())),
         };
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in messages {
-            deliveries.push(self.sink.publish(message).await.map_err(HandleError::Queue)?);
+            deliveries.push(self.sink.publish(message, epoch).await.map_err(HandleError::Queue)?);
         }
         let (letters, metrics) = (self.dead_letters.clone(), self.metrics.clone());
         Ok(Box::pin(async move {

@@ -25,17 +25,28 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// chooses its own, see [`EdgeClients::deliver`]).
 const DEADLINE: Duration = Duration::from_secs(3);
 
+/// A route store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteLookupError {
+    #[error("route store did not answer within {DEADLINE:?}")]
+    Timeout,
+    #[error("route store")]
+    Store(#[source] redis::RedisError),
+    #[error("in-process route table")]
+    Local(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
 /// Reads device routes.
 pub trait RouteLookup: Send + Sync + 'static {
     /// The device's current route, if it has one.
-    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>>;
+    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>>;
     /// Whether an edge pod is alive (its liveness key exists).
-    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>>;
+    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>>;
     /// Removes `route` if it is still the device's route (compare-and-delete).
-    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>>;
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>>;
     /// Claims the downlink named `digest` for this worker: true for the first claim (for
     /// [`names::DOWNLINK_CLAIM_TTL`]), false when another worker has it.
-    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>>;
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>>;
 }
 
 /// Routes in Redis.
@@ -50,29 +61,29 @@ impl RedisRoutes {
 }
 
 impl RouteLookup for RedisRoutes {
-    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, String>> {
+    fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let fields: HashMap<String, String> =
                 tokio::time::timeout(DEADLINE, connection.hgetall(names::route_key(device_id)))
                     .await
-                    .map_err(|_| "route store did not answer".to_owned())?
-                    .map_err(|e| format!("route store: {e}"))?;
+                    .map_err(|_| RouteLookupError::Timeout)?
+                    .map_err(RouteLookupError::Store)?;
             Ok(Route::from_fields(device_id, &fields))
         })
     }
 
-    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+    fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             tokio::time::timeout(DEADLINE, connection.exists(names::pod_liveness_key(pod)))
                 .await
-                .map_err(|_| "route store did not answer".to_owned())?
-                .map_err(|e| format!("route store: {e}"))
+                .map_err(|_| RouteLookupError::Timeout)?
+                .map_err(RouteLookupError::Store)
         })
     }
 
-    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), String>> {
+    fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let script = redis::Script::new(names::ROUTE_REMOVE_SCRIPT);
@@ -80,13 +91,13 @@ impl RouteLookup for RedisRoutes {
             invocation.arg(&route.connection_id);
             tokio::time::timeout(DEADLINE, invocation.invoke_async::<i64>(&mut connection))
                 .await
-                .map_err(|_| "route store did not answer".to_owned())?
+                .map_err(|_| RouteLookupError::Timeout)?
                 .map(drop)
-                .map_err(|e| format!("route store: {e}"))
+                .map_err(RouteLookupError::Store)
         })
     }
 
-    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             let mut claim = redis::cmd("SET");
@@ -98,8 +109,8 @@ impl RouteLookup for RedisRoutes {
                 .arg(names::DOWNLINK_CLAIM_TTL.as_millis() as u64);
             let taken: Option<String> = tokio::time::timeout(DEADLINE, claim.query_async(&mut connection))
                 .await
-                .map_err(|_| "route store did not answer".to_owned())?
-                .map_err(|e| format!("route store: {e}"))?;
+                .map_err(|_| RouteLookupError::Timeout)?
+                .map_err(RouteLookupError::Store)?;
             Ok(taken.is_some())
         })
     }

@@ -38,11 +38,21 @@ impl SinkError {
     }
 }
 
+/// Counts the sink's broker connections: a message is published only on the connection
+/// of the epoch its batch started in.
+pub type Epoch = u64;
+
 /// Where platform-bound messages go.
 pub trait PlatformSink: Send + Sync + 'static {
     /// Queues `message` (QoS 1, no retain) after every message queued before it;
-    /// returns once queued, with a future that resolves on its acknowledgement.
-    fn publish(&self, message: PlatformMessage) -> BoxFuture<'_, Result<Delivered, SinkError>>;
+    /// returns once queued, with a future that resolves on its acknowledgement. A
+    /// message of an `epoch` whose connection was lost fails (`ConnectionLost`) instead
+    /// of going out on the next connection ahead of its batch's retry, which would
+    /// reorder a device's messages.
+    fn publish(&self, message: PlatformMessage, epoch: Epoch) -> BoxFuture<'_, Result<Delivered, SinkError>>;
+
+    /// The current epoch: a batch takes it before its first message.
+    fn epoch(&self) -> Epoch;
 }
 
 /// Platform messages as JSON lines on stdout: `{"topic":…,"payload":…}`, the payload
@@ -61,7 +71,16 @@ impl JsonLines {
 }
 
 impl PlatformSink for JsonLines {
-    fn publish(&self, message: PlatformMessage) -> BoxFuture<'_, Result<Delivered, SinkError>> {
+    fn epoch(&self) -> Epoch {
+        // Stdout has no connection to lose.
+        0
+    }
+
+    fn publish(
+        &self,
+        message: PlatformMessage,
+        _epoch: Epoch,
+    ) -> BoxFuture<'_, Result<Delivered, SinkError>> {
         let line = Self::line(&message);
         Box::pin(async move {
             let mut stdout = std::io::stdout().lock();

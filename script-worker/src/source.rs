@@ -20,10 +20,22 @@ pub enum Lookup {
     Unknown(String),
 }
 
-/// A device source step failed (the platform is down, rate-limited, …).
+/// A device could not be looked up now; every case is transient (asked again later).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub String);
+pub enum SourceError {
+    /// The platform failed recently: calls back off.
+    #[error("platform unavailable, retrying")]
+    BackingOff,
+    /// This worker asked for the same voucher less than 3 s ago.
+    #[error("asked the platform less than 3 s ago")]
+    RateGated,
+    /// Another worker is asking for the same voucher; its answer was not shared in time.
+    #[error("another worker asked the platform less than 3 s ago")]
+    AnotherWorker,
+    /// The platform call failed and nothing is cached.
+    #[error("device config")]
+    Platform(#[source] crate::platform::client::PlatformError),
+}
 
 /// Who devices are.
 pub trait DeviceSource: Send + Sync + 'static {

@@ -19,6 +19,7 @@
 //! made) retried.
 
 use std::sync::Arc;
+use tcpc_observe::Chain;
 
 use serde_json::{Map, Value as Json};
 use tcpc_proto::v1::{SessionEvent, SessionState, Uplink, UplinkEnvelope, UplinkKind, uplink_envelope};
@@ -27,18 +28,20 @@ use tracing::{debug, warn};
 use crate::devices::{Cmd1Mapping, Device, DeviceKind};
 use crate::metrics::Metrics;
 use crate::platform::topics;
-use crate::routes::RouteLookup;
+use crate::routes::{RouteLookup, RouteLookupError};
 use crate::scripts::{Call, CallContext, Output, ScriptError, Scripts};
 use crate::sink::PlatformMessage;
-use crate::source::DeviceSource;
+use crate::source::{DeviceSource, SourceError};
 
 /// Why an uplink was not delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
     #[error("not a device the platform knows")]
     UnknownDevice,
-    #[error("device lookup: {0}")]
-    Lookup(String),
+    #[error("device lookup")]
+    Device(#[source] SourceError),
+    #[error("route lookup")]
+    Route(#[source] RouteLookupError),
     #[error("payload is not JSON: {0}")]
     NotJson(String),
     #[error("response without a message_id")]
@@ -56,7 +59,7 @@ impl MapError {
     pub fn label(&self) -> &'static str {
         match self {
             MapError::UnknownDevice => "unknown_device",
-            MapError::Lookup(_) => "lookup",
+            MapError::Device(_) | MapError::Route(_) => "lookup",
             MapError::NotJson(_) => "not_json",
             MapError::NoMessageId => "no_message_id",
             MapError::BadMessageId => "bad_message_id",
@@ -73,7 +76,7 @@ impl MapError {
     /// route store answers again, the script engines catch up); every other error would
     /// repeat.
     pub fn is_transient(&self) -> bool {
-        matches!(self, MapError::Lookup(_) | MapError::Script(ScriptError::Busy))
+        matches!(self, MapError::Device(_) | MapError::Route(_) | MapError::Script(ScriptError::Busy))
     }
 }
 
@@ -103,7 +106,7 @@ impl Mapper {
                 .uplink_errors
                 .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
                 .inc();
-            warn!(device_id = %device_id, %error, "uplink not mapped to the platform");
+            warn!(device_id = %device_id, error = %Chain(error), "uplink not mapped to the platform");
         }
         result
     }
@@ -123,7 +126,7 @@ impl Mapper {
                 Ok(Vec::new())
             }
             Ok(_) => Ok(vec![topics::status(&event.device_id, false)]),
-            Err(error) => Err(MapError::Lookup(error)),
+            Err(error) => Err(MapError::Route(error)),
         }
     }
 
@@ -132,7 +135,7 @@ impl Mapper {
             .devices
             .by_id(&uplink.device_id)
             .await
-            .map_err(|e| MapError::Lookup(e.to_string()))?
+            .map_err(MapError::Device)?
             .ok_or(MapError::UnknownDevice)?;
         if uplink.kind() == UplinkKind::Raw {
             return self.custom(&device, uplink).await;

@@ -76,7 +76,12 @@ async fn a_stuck_downlink_consumer_does_not_stop_the_connection() {
             topic: "devices/telemetry".into(),
             payload: Bytes::from(format!(r#"{{"n":{n}}}"#)),
         };
-        acks.push(tokio::time::timeout(DEADLINE, sink.publish(message)).await.expect("queued").unwrap());
+        acks.push(
+            tokio::time::timeout(DEADLINE, sink.publish(message, sink.epoch()))
+                .await
+                .expect("queued")
+                .unwrap(),
+        );
     }
     for (n, ack) in acks.into_iter().enumerate() {
         tokio::time::timeout(DEADLINE, ack)
@@ -119,7 +124,12 @@ async fn a_message_the_broker_would_refuse_fails_alone() {
     ];
     let mut acks = Vec::new();
     for message in sent {
-        acks.push(tokio::time::timeout(DEADLINE, sink.publish(message)).await.expect("queued").unwrap());
+        acks.push(
+            tokio::time::timeout(DEADLINE, sink.publish(message, sink.epoch()))
+                .await
+                .expect("queued")
+                .unwrap(),
+        );
     }
     let mut outcomes = Vec::new();
     for ack in acks {
@@ -147,7 +157,7 @@ async fn a_shutdown_disconnects_cleanly() {
     let sink = MqttSink::start(config, None, stop.clone(), &tasks);
     wait_until("the connection", || async { sink.is_ready() }).await;
     let message = PlatformMessage { topic: "devices/telemetry".into(), payload: Bytes::from_static(b"{}") };
-    let ack = sink.publish(message).await.unwrap();
+    let ack = sink.publish(message, sink.epoch()).await.unwrap();
     tokio::time::timeout(DEADLINE, ack).await.expect("a PUBACK").unwrap();
     stop.cancel();
     tasks.close();
@@ -191,5 +201,36 @@ async fn a_refused_downlink_subscription_is_not_ready_and_asked_again() {
     wait_until("the subscription to be asked again and granted", || std::future::ready(sink.is_ready()))
         .await;
     until_downlinks_flow(&watcher, &mut queue).await;
+    stop.cancel();
+}
+
+/// A message queued for a connection that was lost fails instead of going out on the
+/// next one, where it would overtake its batch's retry; the retry (taking the new
+/// epoch) goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_of_a_lost_connection_fails_instead_of_overtaking_its_retry() {
+    tcpc_tests::init_logging();
+    let mut broker = Mosquitto::spawn().await;
+    let config = MqttConfig::from_url(&broker.url(), "worker-epochs", "plugin", "plugin".into()).unwrap();
+    let stop = CancellationToken::new();
+    let sink = MqttSink::start(config, None, stop.clone(), &TaskTracker::new());
+    wait_until("the connection", || async { sink.is_ready() }).await;
+    let before = sink.epoch();
+    broker.stop().await;
+    wait_until("the connection to be lost", || async { sink.epoch() > before }).await;
+    broker.start().await;
+    wait_until("the connection again", || async { sink.is_ready() }).await;
+    let mut watcher = Watcher::subscribe(&broker, &["devices/#"]).await;
+
+    let message = |n: u32| PlatformMessage {
+        topic: "devices/telemetry".into(),
+        payload: Bytes::from(format!(r#"{{"n":{n}}}"#)),
+    };
+    let stale = sink.publish(message(1), before).await.unwrap();
+    assert_eq!(stale.await, Err(script_worker::sink::SinkError::ConnectionLost));
+    let retried = sink.publish(message(2), sink.epoch()).await.unwrap();
+    assert_eq!(retried.await, Ok(()));
+    let received = watcher.next().await;
+    assert_eq!(&received.payload[..], br#"{"n":2}"#, "only the retry reached the broker");
     stop.cancel();
 }

@@ -41,8 +41,6 @@ const MAX_CACHED: usize = 100_000;
 const PER_VOUCHER: Duration = Duration::from_secs(3);
 /// Longest back-off while the platform is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Why a call was not made: another worker is making it (its answer will be shared).
-const ANOTHER_WORKER: &str = "another worker asked the platform less than 3 s ago";
 /// How often the shared cache is looked at while another worker asks the platform.
 const SHARED_POLL: Duration = Duration::from_millis(50);
 
@@ -199,13 +197,13 @@ impl PlatformDevices {
         {
             let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
             if outage.until.is_some_and(|until| Instant::now() < until) {
-                return Err(SourceError("platform unavailable, retrying".to_owned()));
+                return Err(SourceError::BackingOff);
             }
         }
         {
             let mut memory = self.memory();
             if memory.last_call.get(digest).is_some_and(|at| at.elapsed() < PER_VOUCHER) {
-                return Err(SourceError("asked the platform less than 3 s ago".to_owned()));
+                return Err(SourceError::RateGated);
             }
             memory.last_call.retain(|_, at| at.elapsed() < PER_VOUCHER);
             memory.last_call.insert(digest.to_owned(), Instant::now());
@@ -225,7 +223,7 @@ impl PlatformDevices {
             // Redis down: the local gate above still holds; the platform's own limit
             // answers 201003 to the rare second caller.
             if let Ok(Ok(None)) = taken {
-                return Err(SourceError(ANOTHER_WORKER.to_owned()));
+                return Err(SourceError::AnotherWorker);
             }
         }
         Ok(())
@@ -293,7 +291,7 @@ impl PlatformDevices {
         }
         let stale = self.cached(digest).or(shared);
         if let Err(gated) = self.may_call(digest).await {
-            if gated.0 == ANOTHER_WORKER {
+            if matches!(gated, SourceError::AnotherWorker) {
                 // Its answer lands in the shared cache within the call's deadline.
                 let deadline = Instant::now() + PER_VOUCHER;
                 while Instant::now() < deadline {
@@ -317,7 +315,7 @@ impl PlatformDevices {
                 self.remember(digest, device.clone(), Instant::now());
                 Ok(Cached { device, fetched: Instant::now() })
             }
-            Err(error) => stale.ok_or_else(|| SourceError(error.to_string())),
+            Err(error) => stale.ok_or(SourceError::Platform(error)),
         }
     }
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::sink::{Delivered, PlatformMessage, PlatformSink, SinkError};
+use crate::sink::{Delivered, Epoch, PlatformMessage, PlatformSink, SinkError};
 
 /// Publishes handed to the client and not yet acknowledged, at most. Below rumqttc's
 /// request channel capacity, so that handing one over never waits.
@@ -158,6 +158,7 @@ const RESUBSCRIBE_MAX: Duration = Duration::from_secs(10);
 
 struct Request {
     message: PlatformMessage,
+    epoch: Epoch,
     done: oneshot::Sender<Result<(), SinkError>>,
 }
 
@@ -170,6 +171,8 @@ pub struct MqttSink {
     /// Milliseconds from `started` to the event loop's last turn.
     last_turn: Arc<AtomicU64>,
     started: Instant,
+    /// Raised on every lost connection.
+    epoch: Arc<AtomicU64>,
 }
 
 impl MqttSink {
@@ -187,9 +190,15 @@ impl MqttSink {
         let (last_turn, started) = (Arc::new(AtomicU64::new(0)), Instant::now());
         let progress = Progress { last_turn: last_turn.clone(), started };
         let subscribed = subscription.as_ref().map(|_| Arc::new(AtomicBool::new(false)));
-        let state = State { connected: connected.clone(), subscribed: subscribed.clone(), progress };
+        let epoch = Arc::new(AtomicU64::new(0));
+        let state = State {
+            connected: connected.clone(),
+            subscribed: subscribed.clone(),
+            progress,
+            epoch: epoch.clone(),
+        };
         tasks.spawn(run(config, queue, subscription, state, shutdown));
-        MqttSink { requests, connected, subscribed, last_turn, started }
+        MqttSink { requests, connected, subscribed, last_turn, started, epoch }
     }
 
     /// Readiness: the broker connection is up, the downlink subscription (if any)
@@ -209,6 +218,7 @@ struct State {
     connected: Arc<AtomicBool>,
     subscribed: Option<Arc<AtomicBool>>,
     progress: Progress,
+    epoch: Arc<AtomicU64>,
 }
 
 impl State {
@@ -232,10 +242,14 @@ impl Progress {
 }
 
 impl PlatformSink for MqttSink {
-    fn publish(&self, message: PlatformMessage) -> BoxFuture<'_, Result<Delivered, SinkError>> {
+    fn epoch(&self) -> Epoch {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn publish(&self, message: PlatformMessage, epoch: Epoch) -> BoxFuture<'_, Result<Delivered, SinkError>> {
         Box::pin(async move {
             let (done, acked) = oneshot::channel();
-            self.requests.send(Request { message, done }).await.map_err(|_| SinkError::Stopped)?;
+            self.requests.send(Request { message, epoch, done }).await.map_err(|_| SinkError::Stopped)?;
             let delivered: Delivered =
                 Box::pin(async move { acked.await.unwrap_or(Err(SinkError::ConnectionLost)) });
             Ok(delivered)
@@ -357,7 +371,12 @@ async fn run(
                 return;
             }
             request = queue.recv(), if accepting => {
-                let Some(Request { message, done }) = request else { return };
+                let Some(Request { message, epoch, done }) = request else { return };
+                if epoch != state.epoch.load(Ordering::Acquire) {
+                    // Queued for a connection that is gone: its batch is retried whole.
+                    let _ = done.send(Err(SinkError::ConnectionLost));
+                    continue;
+                }
                 if let Err(refused) = check(&message) {
                     let _ = done.send(Err(refused));
                     continue;
@@ -412,6 +431,7 @@ async fn run(
                 Ok(event) => connection.note(event),
                 Err(error) => {
                     connected.store(false, Ordering::Relaxed);
+                    state.epoch.fetch_add(1, Ordering::AcqRel);
                     state.set_subscribed(false);
                     // Asked again on the next connection's CONNACK.
                     resubscribe = None;

@@ -1,4 +1,5 @@
-//! The platform's uplink topics and the message envelope (THINGSPANEL.md, MQTT).
+//! The platform's topics: the uplink ones and the message envelope we build, the
+//! downlink ones we read (THINGSPANEL.md, MQTT).
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -54,9 +55,104 @@ pub fn valid_message_id(id: &str) -> bool {
         && !id.contains(char::is_control)
 }
 
+/// The four downlinks and their TP CMD.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, clap::ValueEnum)]
+pub enum DownlinkKind {
+    TelemetryControl,
+    AttributeSet,
+    AttributeGet,
+    Command,
+}
+
+impl DownlinkKind {
+    pub fn tp_cmd(self) -> u32 {
+        match self {
+            DownlinkKind::TelemetryControl => 0x10,
+            DownlinkKind::AttributeSet => 0x11,
+            DownlinkKind::Command => 0x12,
+            DownlinkKind::AttributeGet => 0x13,
+        }
+    }
+
+    /// The name scripts see as `ctx.kind`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DownlinkKind::TelemetryControl => "telemetry_control",
+            DownlinkKind::AttributeSet => "attribute_set",
+            DownlinkKind::AttributeGet => "attribute_get",
+            DownlinkKind::Command => "command",
+        }
+    }
+
+    /// Where the platform waits for the answer, if it does.
+    pub fn response_topic(self, message_id: &str) -> Option<String> {
+        match self {
+            DownlinkKind::Command => Some(command_response(message_id)),
+            DownlinkKind::AttributeSet => Some(attribute_set_response(message_id)),
+            _ => None,
+        }
+    }
+}
+
+/// A downlink topic, read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DownlinkTopic {
+    pub kind: DownlinkKind,
+    /// Device number or id, as the platform wrote it.
+    pub device: String,
+    pub message_id: Option<String>,
+}
+
+/// Reads a downlink topic under `prefix` (which ends with `/`).
+pub fn parse_downlink(prefix: &str, topic: &str) -> Option<DownlinkTopic> {
+    let rest = topic.strip_prefix(prefix)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (kind, device, message_id) = match parts.as_slice() {
+        ["devices", "telemetry", "control", device] => (DownlinkKind::TelemetryControl, device, None),
+        ["devices", "attributes", "set", device, id] => (DownlinkKind::AttributeSet, device, Some(id)),
+        ["devices", "attributes", "get", device] => (DownlinkKind::AttributeGet, device, None),
+        ["devices", "command", device, id] => (DownlinkKind::Command, device, Some(id)),
+        _ => return None,
+    };
+    if device.is_empty() {
+        return None;
+    }
+    Some(DownlinkTopic {
+        kind,
+        device: (*device).to_owned(),
+        message_id: message_id.map(|id| (*id).to_owned()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topics_of_both_backend_generations() {
+        let parse = |t: &str| parse_downlink("plugin/TCP/", t);
+        assert_eq!(
+            parse("plugin/TCP/devices/command/D001/4d5e6f70"),
+            Some(DownlinkTopic {
+                kind: DownlinkKind::Command,
+                device: "D001".into(),
+                message_id: Some("4d5e6f70".into())
+            })
+        );
+        assert_eq!(
+            parse("plugin/TCP/devices/telemetry/control/6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10")
+                .unwrap()
+                .device,
+            "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10"
+        );
+        assert_eq!(
+            parse("plugin/TCP/devices/attributes/set/G001/2b3c").unwrap().kind,
+            DownlinkKind::AttributeSet
+        );
+        assert_eq!(parse("plugin/TCP/devices/attributes/get/D001").unwrap().message_id, None);
+        assert_eq!(parse("plugin/TCP/devices/command/D001"), None);
+        assert_eq!(parse("other/devices/command/D001/1"), None);
+    }
 
     #[test]
     fn the_fixture_envelope() {
