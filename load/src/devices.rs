@@ -77,6 +77,15 @@ enum Phase {
     Stop,
 }
 
+/// What the run tells its devices, in this process or a shard's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Start sending.
+    Start,
+    /// Stop sending and keep the connections (what is on its way still arrives).
+    Drain,
+}
+
 /// Counters of a process's devices, summed across processes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -176,13 +185,16 @@ impl Shared {
     }
 
     fn progress(&self) -> Progress {
+        // Finished first: a device counts its last uplink before it counts itself
+        // finished (Release), so every device finished here has its uplinks in `sent`.
+        let finished = self.finished.load(Ordering::Acquire);
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Progress {
             settled: get(&self.settled),
             authenticated: get(&self.authenticated),
             connected: get(&self.connected),
             sent: get(&self.sent),
-            finished: get(&self.finished),
+            finished,
             downlinks: get(&self.downlinks),
             errors: get(&self.errors),
         }
@@ -226,20 +238,22 @@ impl Fleet {
         self.shared.progress()
     }
 
-    /// The devices start sending.
-    pub fn begin_traffic(&self) {
-        self.phase.send_replace(Phase::Traffic(Instant::now()));
-    }
-
-    /// The devices stop sending and keep their connections.
-    pub fn drain(&self) {
-        self.phase.send_if_modified(|phase| {
-            let changed = !matches!(phase, Phase::Drain | Phase::Stop);
-            if changed {
-                *phase = Phase::Drain;
+    /// Moves the devices on in the run.
+    pub fn order(&self, order: Order) {
+        match order {
+            Order::Start => {
+                self.phase.send_replace(Phase::Traffic(Instant::now()));
             }
-            changed
-        });
+            Order::Drain => {
+                self.phase.send_if_modified(|phase| {
+                    let changed = !matches!(phase, Phase::Drain | Phase::Stop);
+                    if changed {
+                        *phase = Phase::Drain;
+                    }
+                    changed
+                });
+            }
+        }
     }
 
     /// Closes every connection; what the devices did.
@@ -331,7 +345,7 @@ async fn device(shared: Arc<Shared>, local: usize, mut phase: watch::Receiver<Ph
         Ok(link) => link,
         Err(error) => {
             shared.error(error);
-            shared.finished.fetch_add(1, Ordering::Relaxed);
+            shared.finished.fetch_add(1, Ordering::Release);
             return end;
         }
     };
@@ -360,6 +374,14 @@ async fn device(shared: Arc<Shared>, local: usize, mut phase: watch::Receiver<Ph
         None => {}
     }
     end
+}
+
+/// Waits until `deadline`; at once when it has passed (as fast as possible, every
+/// message is due now: no timer for each).
+async fn at(deadline: Instant) {
+    if deadline > Instant::now() {
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 /// How a device's connection was lost.
@@ -551,14 +573,15 @@ impl Session<'_> {
                     Some(Ok(Incoming::Closing(reason))) => closing = Some(Lost::Closed(reason)),
                     Some(Ok(Incoming::Refused(reason))) => closing = Some(Lost::Refused(reason)),
                     Some(Ok(Incoming::Nothing)) => {}
-                    Some(Err(error)) => return Some(Lost::Closed(format!("closed: {error}"))),
+                    // The edge's reason, when it gave one before the socket failed.
+                    Some(Err(error)) => return Some(closing.unwrap_or(Lost::Closed(format!("closed: {error}")))),
                     None => return Some(closing.unwrap_or_else(|| Lost::Closed("closed by the edge".to_owned()))),
                 },
                 written = self.link.writer.write(&self.link.out), if !self.link.out.is_empty() => match written {
                     Ok(n) => self.link.out.advance(n),
-                    Err(error) => return Some(Lost::Closed(format!("closed: {error}"))),
+                    Err(error) => return Some(closing.unwrap_or(Lost::Closed(format!("closed: {error}")))),
                 },
-                () = tokio::time::sleep_until(send_at.unwrap_or(next_heartbeat)), if may_send => {
+                () = at(send_at.unwrap_or(next_heartbeat)), if may_send => {
                     self.send_next();
                     next_heartbeat = Instant::now() + heartbeat;
                 }
@@ -598,7 +621,7 @@ impl Session<'_> {
     fn finish_sending(&mut self) {
         self.sender = None;
         if std::mem::replace(&mut self.sending, false) {
-            self.shared.finished.fetch_add(1, Ordering::Relaxed);
+            self.shared.finished.fetch_add(1, Ordering::Release);
         }
     }
 

@@ -182,9 +182,10 @@ impl fmt::Display for Report {
             Protocol::Custom => "custom",
         };
         let last = self.first + self.devices.saturating_sub(1);
+        let phase = if self.uplink.is_none() && self.downlink.is_none() { "held" } else { "of traffic" };
         writeln!(
             f,
-            "run {}: {} {protocol} devices ({}..={last}) in {} process(es), {:.1} s of traffic",
+            "run {}: {} {protocol} devices ({}..={last}) in {} process(es), {:.1} s {phase}",
             self.run,
             thousands(self.devices),
             self.first,

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::args::{Args, Traffic};
 use crate::broker::{Broker, BrokerSettings};
-use crate::devices::{DevicePlan, Fleet, Progress, ShardReport};
+use crate::devices::{DevicePlan, Fleet, Order, Progress, ShardReport};
 use crate::downlink::{self, Answers};
 use crate::error::Error;
 use crate::report::{Parts, Report};
@@ -72,7 +72,7 @@ pub async fn run_with_program(args: Args, program: &Path) -> Result<Report, Erro
     // Traffic.
     let start = Instant::now();
     let traffic_start_us = now_us();
-    fleet.begin_traffic().await?;
+    fleet.order(Order::Start).await?;
     let published = Arc::new(AtomicU64::new(0));
     let stop_publishing = CancellationToken::new();
     let publisher = match (&traffic.downlink, &broker) {
@@ -112,7 +112,7 @@ pub async fn run_with_program(args: Args, program: &Path) -> Result<Report, Erro
         }
         tokio::time::sleep(TICK).await;
     }
-    fleet.drain().await?;
+    fleet.order(Order::Drain).await?;
     stop_publishing.cancel();
     let published = match publisher {
         Some(task) => Some(task.await.expect("the publisher does not panic")?),
@@ -202,23 +202,13 @@ impl Shards {
         }
     }
 
-    async fn begin_traffic(&mut self) -> Result<(), Error> {
+    async fn order(&mut self, order: Order) -> Result<(), Error> {
         match self {
             Shards::Local(fleet) => {
-                fleet.begin_traffic();
+                fleet.order(order);
                 Ok(())
             }
-            Shards::Processes(children) => children.begin_traffic().await,
-        }
-    }
-
-    async fn drain(&mut self) -> Result<(), Error> {
-        match self {
-            Shards::Local(fleet) => {
-                fleet.drain();
-                Ok(())
-            }
-            Shards::Processes(children) => children.drain().await,
+            Shards::Processes(children) => children.order(order).await,
         }
     }
 

@@ -17,7 +17,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::task::JoinHandle;
 
 use crate::args::{Args, Traffic};
-use crate::devices::{DevicePlan, Fleet, Progress, ShardReport};
+use crate::devices::{DevicePlan, Fleet, Order, Progress, ShardReport};
 use crate::error::Error;
 
 /// What a shard tells its parent.
@@ -31,6 +31,13 @@ enum Event {
 const START: &str = "start";
 const DRAIN: &str = "drain";
 const STOP: &str = "stop";
+
+fn order_line(order: Order) -> &'static str {
+    match order {
+        Order::Start => START,
+        Order::Drain => DRAIN,
+    }
+}
 
 /// How often a shard reports its progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -113,12 +120,12 @@ impl Children {
         Ok(sum)
     }
 
-    pub async fn begin_traffic(&mut self) -> Result<(), Error> {
-        self.tell(START).await
-    }
-
-    pub async fn drain(&mut self) -> Result<(), Error> {
-        self.tell(DRAIN).await
+    /// Tells every shard.
+    ///
+    /// # Errors
+    /// A shard's stdin is closed (it died).
+    pub async fn order(&mut self, order: Order) -> Result<(), Error> {
+        self.tell(order_line(order)).await
     }
 
     async fn tell(&mut self, command: &str) -> Result<(), Error> {
@@ -173,8 +180,8 @@ pub async fn serve(args: Args) -> Result<(), Error> {
         tokio::select! {
             _ = ticks.tick() => tell(&mut out, &Event::Progress(fleet.progress())).await?,
             line = commands.next_line() => match line.map_err(Error::Parent)?.as_deref() {
-                Some(START) => fleet.begin_traffic(),
-                Some(DRAIN) => fleet.drain(),
+                Some(START) => fleet.order(Order::Start),
+                Some(DRAIN) => fleet.order(Order::Drain),
                 Some(STOP) | None => break,
                 Some(_) => {}
             },

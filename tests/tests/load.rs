@@ -46,22 +46,16 @@ fn assert_everything_arrived_once_in_order(report: &Report) {
     assert!(report.errors.is_empty(), "{report}");
     assert_eq!(report.connect.authenticated, DEVICES, "{report}");
     assert_eq!(report.connect.connected_at_end, DEVICES, "{report}");
-    let up = report.uplink.as_ref().expect("uplinks measured");
-    let sent = DEVICES * UPLINKS_EACH;
-    assert_eq!(
-        (up.sent, up.received, up.lost, up.duplicates, up.out_of_order, up.misattributed),
-        (sent, sent, 0, 0, 0, 0),
-        "{report}"
-    );
-    assert!(up.latency.is_some(), "{report}");
-    let down = report.downlink.as_ref().expect("downlinks measured");
-    let published = DEVICES * DOWNLINKS_EACH;
-    assert_eq!(
-        (down.sent, down.received, down.lost, down.duplicates, down.out_of_order, down.misattributed),
-        (published, published, 0, 0, 0, 0),
-        "{report}"
-    );
-    assert!(down.latency.is_some(), "{report}");
+    for (flow, each) in [(&report.uplink, UPLINKS_EACH), (&report.downlink, DOWNLINKS_EACH)] {
+        let flow = flow.as_ref().expect("both directions measured");
+        let sent = DEVICES * each;
+        assert_eq!(
+            (flow.sent, flow.received, flow.lost, flow.duplicates, flow.out_of_order, flow.misattributed),
+            (sent, sent, 0, 0, 0, 0),
+            "{report}"
+        );
+        assert!(flow.latency.is_some(), "{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
