@@ -46,11 +46,13 @@ pub struct Config {
     pub advertise_addr: Option<String>,
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
-    /// NATS JetStream instead of the in-process bus (needs REDIS_URL as well).
-    #[arg(long, env = "NATS_URL")]
+    /// NATS JetStream instead of the in-process bus (needs REDIS_URL as well): one URL,
+    /// or several of a cluster, comma-separated.
+    #[arg(long, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
-    /// Redis instead of the in-process route table.
-    #[arg(long, env = "REDIS_URL")]
+    /// Redis instead of the in-process route table: one URL; several, comma-separated,
+    /// for a Redis Cluster; or redis+sentinel://host:26379,host2:26379/<master-name>.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// The platform's MQTT broker; without it platform messages are JSON lines on stdout.
     #[arg(long, env = "MQTT_URL")]
@@ -122,6 +124,7 @@ impl Config {
             pod_deletion_cost: edge_gateway::config::KubeSwitch::Off,
             pod_namespace: None,
             uplink_partitions: self.worker.uplink_partitions,
+            stream_replicas: self.worker.stream_replicas,
             limits: self.limits.clone(),
             log_format: self.log_format,
         }
@@ -140,6 +143,14 @@ impl Config {
         }
         if self.platform_url.is_some() && self.devices.is_some() {
             return Err(AllInOneError::Config("give PLATFORM_URL or --devices, not both".into()));
+        }
+        if let Some(urls) = &self.nats_url {
+            tcpc_proto::connect::nats_servers(urls)
+                .map_err(|error| AllInOneError::Config(format!("NATS_URL: {error}")))?;
+        }
+        if let Some(url) = &self.redis_url {
+            tcpc_proto::connect::check_redis_url(url)
+                .map_err(|error| AllInOneError::Config(format!("REDIS_URL: {error}")))?;
         }
         self.edge("validate").validate().map_err(|e| AllInOneError::Config(e.to_string()))
     }
@@ -198,12 +209,8 @@ pub async fn run(
     // On NATS (then with Redis: validated) the worker's side is the service's: it owns
     // uplink partitions among the other replicas and answers auth requests.
     let bus = match (&config.nats_url, redis) {
-        (Some(url), Some(redis)) => {
-            let nats = async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect(url)
-                .await
-                .map_err(script_worker::WorkerError::Nats)?;
+        (Some(urls), Some(redis)) => {
+            let nats = script_worker::nats(urls, "tcpc-all-in-one").await?;
             Some(script_worker::Bus { nats, redis, worker: pod.clone(), edge_pods: None })
         }
         _ => None,
@@ -231,9 +238,13 @@ pub async fn run(
     let edge_bus: Arc<dyn UplinkBus> = match shared_bus {
         Some(url) => {
             let bus = Arc::new(
-                edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout)
-                    .await
-                    .map_err(edge_gateway::EdgeError::from)?,
+                edge_gateway::uplink::NatsBus::connect(
+                    url,
+                    config.limits.publish_timeout,
+                    settings.stream_replicas,
+                )
+                .await
+                .map_err(edge_gateway::EdgeError::from)?,
             );
             stream_keeper.spawn({
                 let (bus, stop) = (bus.clone(), ensure_stream.clone());

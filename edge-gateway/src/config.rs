@@ -27,9 +27,12 @@ pub struct Config {
     /// This pod's name: the owner recorded in routes (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// One NATS URL, or several of a cluster, comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", hide_env_values = true)]
     pub nats_url: String,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// One Redis URL; several, comma-separated, for a Redis Cluster; or
+    /// redis+sentinel://host:26379,host2:26379/<master-name>.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// Prometheus metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_LISTEN", default_value = "0.0.0.0:9100")]
@@ -46,6 +49,10 @@ pub struct Config {
     /// EDGE_UPLINK_PARTITIONS is still read, with a warning.
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
+    /// Copies JetStream keeps of the uplink stream when this pod creates it (3 on a
+    /// JetStream cluster; 1 on a single server). Must equal the workers'.
+    #[arg(long, env = "UPLINK_STREAM_REPLICAS", default_value_t = tcpc_proto::stream::DEFAULT_REPLICAS)]
+    pub stream_replicas: usize,
     #[command(flatten)]
     pub limits: Limits,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
@@ -243,6 +250,9 @@ impl Config {
         if self.uplink_partitions == 0 {
             return fail("--uplink-partitions must be at least 1");
         }
+        if !(1..=tcpc_proto::stream::MAX_REPLICAS).contains(&self.stream_replicas) {
+            return fail("--stream-replicas must be between 1 and 5");
+        }
         if self.limits.auth_timeout.is_zero() || self.limits.idle_timeout.is_zero() {
             return fail("--auth-timeout and --idle-timeout must be positive");
         }
@@ -267,6 +277,17 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Checks the NATS and Redis URLs (the service's; the all-in-one checks its own).
+    ///
+    /// # Errors
+    /// A URL that cannot be used.
+    pub fn check_urls(&self) -> Result<(), ConfigError> {
+        tcpc_proto::connect::nats_servers(&self.nats_url)
+            .map_err(|error| ConfigError(format!("--nats-url: {error}")))?;
+        tcpc_proto::connect::check_redis_url(&self.redis_url)
+            .map_err(|error| ConfigError(format!("--redis-url: {error}")))
     }
 
     /// Parses flags and env. The second value is a warning to log once logging is set
@@ -348,7 +369,9 @@ mod tests {
         assert_eq!(config.limits.max_frame, 64 * 1024);
         assert_eq!(config.limits.auth_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(180));
+        assert_eq!(config.stream_replicas, 1);
         config.validate().unwrap();
+        config.check_urls().unwrap();
         assert_eq!(config.advertised("0.0.0.0:50051".parse().unwrap()), "127.0.0.1:50051");
     }
 
@@ -364,6 +387,11 @@ mod tests {
         let none = ["edge-gateway", "--official-listen", "", "--custom-listen", ""];
         let config = Config::try_parse_from(none).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("no device listener"));
+        let config = Config::try_parse_from(["edge-gateway", "--stream-replicas", "6"]).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("--stream-replicas"));
+        let config =
+            Config::try_parse_from(["edge-gateway", "--redis-url", "redis://a:1,mysql://b"]).unwrap();
+        assert!(config.check_urls().unwrap_err().to_string().contains("--redis-url: URL 2 of 2"));
     }
 
     #[test]

@@ -186,7 +186,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EdgeError> {
     config.validate()?;
-    let bus = Arc::new(NatsBus::connect(&config.nats_url, config.limits.publish_timeout).await?);
+    config.check_urls()?;
+    let bus = Arc::new(
+        NatsBus::connect(&config.nats_url, config.limits.publish_timeout, config.stream_replicas).await?,
+    );
     let routes = Arc::new(RedisRoutes::connect(&config.redis_url, config.limits.publish_timeout)?);
     let ensure = CancellationToken::new();
     let stream_task = tokio::spawn({

@@ -9,7 +9,7 @@ use tcpc_observe::{exit_status, usage_error};
 #[tokio::main]
 async fn main() -> ExitCode {
     let (config, warning) = Config::load();
-    if let Err(error) = config.validate() {
+    if let Err(error) = config.validate().and_then(|()| config.check_urls()) {
         return usage_error("edge-gateway", error);
     }
     // Flushes the last spans when `main` returns.

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tcpc_proto::connect::{Batch, Lua, RedisConnection, UrlError};
 use tcpc_proto::names;
 
 pub use tcpc_proto::route::Route;
@@ -68,8 +68,8 @@ pub enum RouteError {
     Liveness(#[source] redis::RedisError),
     #[error("route store did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("route store: {0}")]
-    Connect(#[source] redis::RedisError),
+    #[error("route store URL: {0}")]
+    Url(#[source] UrlError),
     #[error("re-assert routes: {0}")]
     Reassert(#[source] redis::RedisError),
     #[error("reap a dead pod's routes: {0}")]
@@ -122,12 +122,14 @@ pub trait RouteStore: Send + Sync + 'static {
     fn reaped<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>>;
 }
 
-/// Routes in Redis (`tcpc:route:<device>` hashes, `tcpc:pod:<pod>` liveness keys).
+/// Routes in Redis (`tcpc:route:<device>` hashes, `tcpc:pod:<pod>` liveness keys), on
+/// one server, a Redis Cluster or behind Sentinel: each script touches one key, and
+/// pipelines are [`Batch`]es (grouped by slot on a cluster).
 pub struct RedisRoutes {
-    connection: ConnectionManager,
-    register: redis::Script,
-    reassert: redis::Script,
-    remove: redis::Script,
+    connection: RedisConnection,
+    register: Lua,
+    reassert: Lua,
+    remove: Lua,
     timeout: Duration,
 }
 
@@ -141,18 +143,11 @@ impl RedisRoutes {
     /// # Errors
     /// The URL is invalid.
     pub fn connect(url: &str, timeout: Duration) -> Result<Self, RouteError> {
-        let client = redis::Client::open(url).map_err(RouteError::Connect)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(RouteError::Connect)?;
         Ok(RedisRoutes {
-            connection,
-            register: redis::Script::new(names::ROUTE_REGISTER_SCRIPT),
-            reassert: redis::Script::new(names::ROUTE_REASSERT_SCRIPT),
-            remove: redis::Script::new(names::ROUTE_REMOVE_SCRIPT),
+            connection: RedisConnection::open(url, timeout).map_err(RouteError::Url)?,
+            register: Lua::new(names::ROUTE_REGISTER_SCRIPT),
+            reassert: Lua::new(names::ROUTE_REASSERT_SCRIPT),
+            remove: Lua::new(names::ROUTE_REMOVE_SCRIPT),
             timeout,
         })
     }
@@ -197,23 +192,26 @@ impl RouteStore for RedisRoutes {
             let mut connection = self.connection.clone();
             let mut outcomes = Vec::with_capacity(claims.len());
             for batch in claims.chunks(BATCH) {
-                let mut pipe = redis::pipe();
-                // Loaded with every batch: after a Redis restart, what the re-assert is for,
-                // the script is gone and EVALSHA alone would fail.
-                pipe.load_script(&self.reassert).ignore();
+                // The pod's set first (one key, one command): a route written without
+                // its entry there would escape the reaper; an entry without a route is
+                // reaped as an orphan.
+                for (pod, devices) in by_pod(batch.iter().map(|claim| &claim.route)) {
+                    let mut index = redis::cmd("SADD");
+                    index.arg(names::pod_routes_key(pod)).arg(devices);
+                    self.bounded(index.query_async::<()>(&mut connection), RouteError::Reassert).await?;
+                }
+                let mut scripts = Batch::new();
                 for Claim { route, epoch } in batch {
-                    let mut invocation = self.reassert.key(names::route_key(&route.device_id));
-                    invocation
+                    scripts
+                        .script(&self.reassert, &[names::route_key(&route.device_id)])
                         .arg(&route.connection_id)
                         .arg(&route.pod)
                         .arg(&route.grpc_addr)
                         .arg(tcpc_proto::now_ms())
                         .arg(epoch);
-                    pipe.invoke_script(&invocation);
-                    pipe.cmd("SADD").arg(names::pod_routes_key(&route.pod)).arg(&route.device_id).ignore();
                 }
                 let codes: Vec<i64> =
-                    self.bounded(pipe.query_async(&mut connection), RouteError::Reassert).await?;
+                    self.bounded(scripts.query(&self.connection), RouteError::Reassert).await?;
                 outcomes.extend(codes.into_iter().map(|code| match code {
                     1 => Reasserted::Held,
                     2 => Reasserted::Restored,
@@ -249,12 +247,11 @@ impl RouteStore for RedisRoutes {
 
     fn keep_alive<'a>(&'a self, pod: &'a str, grpc_addr: &'a str) -> BoxFuture<'a, Result<(), RouteError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
             let ttl = names::POD_LIVENESS_TTL.as_secs();
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET").arg(names::pod_liveness_key(pod)).arg(grpc_addr).arg("EX").arg(ttl).ignore();
-            pipe.cmd("SADD").arg(names::EDGE_PODS_KEY).arg(pod).ignore();
-            self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Liveness).await
+            let mut batch = Batch::new();
+            batch.command("SET", &names::pod_liveness_key(pod)).arg(grpc_addr).arg("EX").arg(ttl);
+            batch.command("SADD", names::EDGE_PODS_KEY).arg(pod);
+            self.bounded(batch.query::<()>(&self.connection), RouteError::Liveness).await.map(drop)
         })
     }
 
@@ -281,11 +278,11 @@ impl RouteStore for RedisRoutes {
             if pods.is_empty() {
                 return Ok(pods);
             }
-            let mut pipe = redis::pipe();
+            let mut batch = Batch::new();
             for pod in &pods {
-                pipe.cmd("EXISTS").arg(names::pod_liveness_key(pod));
+                batch.command("EXISTS", &names::pod_liveness_key(pod));
             }
-            let alive: Vec<bool> = self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
+            let alive: Vec<bool> = self.bounded(batch.query(&self.connection), RouteError::Reap).await?;
             let mut claimed = Vec::new();
             for (pod, _) in pods.into_iter().zip(alive).filter(|(_, alive)| !alive) {
                 let mut claim = redis::cmd("SET");
@@ -314,12 +311,12 @@ impl RouteStore for RedisRoutes {
                 self.bounded(members.query_async(&mut connection), RouteError::Reap).await?;
             let mut leftovers = Leftovers::default();
             for batch in devices.chunks(BATCH) {
-                let mut pipe = redis::pipe();
+                let mut reads = Batch::new();
                 for device in batch {
-                    pipe.cmd("HGETALL").arg(names::route_key(device));
+                    reads.command("HGETALL", &names::route_key(device));
                 }
                 let hashes: Vec<std::collections::HashMap<String, String>> =
-                    self.bounded(pipe.query_async(&mut connection), RouteError::Reap).await?;
+                    self.bounded(reads.query(&self.connection), RouteError::Reap).await?;
                 let mut moved = Vec::new();
                 for (device, fields) in batch.iter().zip(hashes) {
                     match Route::from_fields(device, &fields) {
@@ -349,15 +346,18 @@ impl RouteStore for RedisRoutes {
         Box::pin(async move {
             let mut connection = self.connection.clone();
             for batch in routes.chunks(BATCH) {
-                let mut pipe = redis::pipe();
-                pipe.load_script(&self.remove).ignore();
+                let mut removals = Batch::new();
                 for route in batch {
-                    let mut invocation = self.remove.key(names::route_key(&route.device_id));
-                    invocation.arg(&route.connection_id);
-                    pipe.invoke_script(&invocation).ignore();
-                    pipe.cmd("SREM").arg(names::pod_routes_key(pod)).arg(&route.device_id).ignore();
+                    removals
+                        .script(&self.remove, &[names::route_key(&route.device_id)])
+                        .arg(&route.connection_id);
                 }
-                self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Reap).await?;
+                self.bounded(removals.query::<()>(&self.connection), RouteError::Reap).await?;
+                // Out of the pod's set once their routes are gone (one key, one command).
+                let devices: Vec<&str> = batch.iter().map(|route| route.device_id.as_str()).collect();
+                let mut srem = redis::cmd("SREM");
+                srem.arg(names::pod_routes_key(pod)).arg(devices);
+                self.bounded(srem.query_async::<()>(&mut connection), RouteError::Reap).await?;
             }
             for batch in orphans.chunks(BATCH) {
                 let mut srem = redis::cmd("SREM");
@@ -375,14 +375,26 @@ impl RouteStore for RedisRoutes {
             count.arg(names::pod_routes_key(pod));
             let left: u64 = self.bounded(count.query_async(&mut connection), RouteError::Reap).await?;
             if left == 0 {
-                let mut pipe = redis::pipe();
-                pipe.cmd("SREM").arg(names::EDGE_PODS_KEY).arg(pod).ignore();
-                pipe.cmd("DEL").arg(names::pod_reap_key(pod)).ignore();
-                self.bounded(pipe.query_async::<()>(&mut connection), RouteError::Reap).await?;
+                let mut batch = Batch::new();
+                batch.command("SREM", names::EDGE_PODS_KEY).arg(pod);
+                batch.command("DEL", &names::pod_reap_key(pod));
+                self.bounded(batch.query::<()>(&self.connection), RouteError::Reap).await?;
             }
             Ok(())
         })
     }
+}
+
+/// The devices of `routes` by the pod that routes them, in the order met.
+fn by_pod<'r>(routes: impl Iterator<Item = &'r Route>) -> Vec<(&'r str, Vec<&'r str>)> {
+    let mut pods: Vec<(&str, Vec<&str>)> = Vec::new();
+    for route in routes {
+        match pods.iter_mut().find(|(pod, _)| *pod == route.pod) {
+            Some((_, devices)) => devices.push(&route.device_id),
+            None => pods.push((&route.pod, vec![&route.device_id])),
+        }
+    }
+    pods
 }
 
 /// Keeps this pod's liveness key alive until `shutdown`, then deletes it.

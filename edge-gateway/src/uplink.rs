@@ -12,6 +12,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use prost::Message as _;
 use tcpc_proto::names;
+use tcpc_proto::stream::StreamCheck;
 use tcpc_proto::v1::{AuthReply, AuthRequest};
 
 /// Resolves once the bus has stored the envelope durably.
@@ -23,6 +24,8 @@ pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 /// A bus step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    #[error("NATS URL: {0}")]
+    Url(#[source] tcpc_proto::connect::UrlError),
     #[error("connect to NATS: {0}")]
     Connect(#[source] async_nats::ConnectError),
     #[error("publish uplink: {0}")]
@@ -76,6 +79,8 @@ const STREAM_PROBE: Duration = Duration::from_secs(5);
 pub struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// The uplink stream as this pod creates it.
+    stream: StreamCheck,
     /// JetStream answered the last probe and has the uplink stream.
     stream_ready: AtomicBool,
     /// Deadline of one probe.
@@ -83,16 +88,23 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects in the background: the edge starts and stays up while NATS is down,
-    /// refusing connections until it is back (see [`UplinkBus::is_ready`]).
+    /// Connects in the background to `urls` (one server, or several of a cluster,
+    /// comma-separated): the edge starts and stays up while NATS is down, refusing
+    /// connections until it is back (see [`UplinkBus::is_ready`]). The uplink stream is
+    /// created with `stream_replicas` copies unless it exists.
     ///
     /// # Errors
-    /// The URL is invalid.
-    pub async fn connect(url: &str, publish_timeout: Duration) -> Result<Self, BusError> {
+    /// A URL is invalid.
+    pub async fn connect(
+        urls: &str,
+        publish_timeout: Duration,
+        stream_replicas: usize,
+    ) -> Result<Self, BusError> {
+        let servers = tcpc_proto::connect::nats_servers(urls).map_err(BusError::Url)?;
         let client = async_nats::ConnectOptions::new()
             .name("tcpc-edge-gateway")
             .retry_on_initial_connect()
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(BusError::Connect)?;
         let jetstream = jetstream::ContextBuilder::new()
@@ -105,21 +117,23 @@ impl NatsBus {
         Ok(NatsBus {
             client,
             jetstream,
+            stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream_replicas)),
             stream_ready: AtomicBool::new(false),
             probe_timeout: publish_timeout,
         })
     }
 
     /// Probes JetStream until `shutdown`: the uplink stream is created if it is missing
-    /// (a NATS restarted without its storage), and readiness follows the answer. A
+    /// (a NATS restarted without its storage), checked if not (one this edge cannot work
+    /// with counts as unavailable), and readiness follows the answer. A
     /// probe every few seconds, backing off (jittered) while JetStream does not answer.
     pub async fn keep_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
         let mut backoff =
             tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
-            let probe = tcpc_proto::stream::ensure_uplink_stream(&self.jetstream);
+            let probe = self.stream.ensure(&self.jetstream);
             let answer = match tokio::time::timeout(self.probe_timeout, probe).await {
-                Ok(answer) => answer.map(drop),
+                Ok(answer) => answer.map(drop).map_err(|error| error.to_string()),
                 Err(_) => Err("timed out".to_owned()),
             };
             let delay = match answer {

@@ -4,13 +4,17 @@
 //! - [`names`]: NATS subjects, stream and queue names, Redis keys and the route scripts.
 //! - [`route`]: a device route as stored in Redis.
 //! - [`trace`]: W3C trace-context propagation over NATS headers and gRPC metadata.
-//! - [`stream`]: the uplink JetStream stream definition.
+//! - [`stream`]: the JetStream streams' definitions (uplinks, dead letters), and how an
+//!   existing stream that differs is reported.
+//! - [`connect`]: the NATS and Redis URLs (one server or a cluster) and the Redis
+//!   connection both services use.
 //! - [`secret`]: how AccessTokens and vouchers are shown in logs (never whole).
 //! - [`backoff`]: the jittered exponential back-off every retry loop of both services uses.
 //!
 //! Edge and worker both depend on this crate and on nothing of each other.
 
 pub mod backoff;
+pub mod connect;
 pub mod names;
 pub mod route;
 pub mod secret;

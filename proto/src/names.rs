@@ -229,6 +229,18 @@ mod tests {
     }
 
     #[test]
+    fn a_partitions_keys_share_a_redis_cluster_slot() {
+        // TAKE_LEASE touches the lease and the generation in one script: on a Redis
+        // Cluster both must hash to one slot, which the partition in braces does.
+        use redis::cluster_routing::Slot;
+        for partition in [0, 7, 15, 1000] {
+            let slot = Slot::for_key(partition_lease_key(partition));
+            assert_eq!(Slot::for_key(partition_generation_key(partition)), slot);
+            assert_eq!(Slot::for_key(partition_resume_key(partition)), slot);
+        }
+    }
+
+    #[test]
     fn partition_consumers_are_told_apart() {
         assert!(is_partition_consumer(&partition_consumer(1, 7), 1));
         assert!(is_partition_consumer("tcpc-p1", 1), "the consumer before generations");

@@ -46,9 +46,12 @@ pub struct TryArgs {
 /// The worker's service flags.
 #[derive(Clone, Debug, Args)]
 pub struct Config {
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// One NATS URL, or several of a cluster, comma-separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", hide_env_values = true)]
     pub nats_url: String,
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// One Redis URL; several, comma-separated, for a Redis Cluster; or
+    /// redis+sentinel://host:26379,host2:26379/<master-name>.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// The platform's MQTT broker (user `plugin`).
     #[arg(long, env = "MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
@@ -82,6 +85,18 @@ pub struct Config {
     pub grpc_tls_server_name: String,
     #[command(flatten)]
     pub settings: Settings,
+}
+
+impl Config {
+    /// The settings' checks, and the NATS and Redis URLs'.
+    ///
+    /// # Errors
+    /// What cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        self.settings.validate()?;
+        tcpc_proto::connect::nats_servers(&self.nats_url).map_err(|error| format!("--nats-url: {error}"))?;
+        tcpc_proto::connect::check_redis_url(&self.redis_url).map_err(|error| format!("--redis-url: {error}"))
+    }
 }
 
 /// Flags the worker shares with the all-in-one.
@@ -127,6 +142,11 @@ pub struct Settings {
     /// Device partitions of the uplink stream (must match the edges').
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
+    /// Copies JetStream keeps of the uplink and dead-letter streams when this process
+    /// creates them (3 on a JetStream cluster; 1 on a single server). Must equal the
+    /// edges'.
+    #[arg(long, env = "UPLINK_STREAM_REPLICAS", default_value_t = tcpc_proto::stream::DEFAULT_REPLICAS)]
+    pub stream_replicas: usize,
     /// How downlinks are shared among workers: `owner` — every worker subscribes and the
     /// owner of the device's uplink partition handles it (each device's downlinks in
     /// order); `shared` — an MQTT shared subscription hands each downlink to one
@@ -208,6 +228,9 @@ impl Settings {
         if self.uplink_partitions == 0 {
             return Err("--uplink-partitions must be at least 1".to_owned());
         }
+        if !(1..=tcpc_proto::stream::MAX_REPLICAS).contains(&self.stream_replicas) {
+            return Err("--stream-replicas must be between 1 and 5".to_owned());
+        }
         if self.script_cpu_time.is_zero() || self.script_heap_mib == 0 || self.script_output_kib == 0 {
             return Err("script limits must be positive".to_owned());
         }
@@ -252,7 +275,8 @@ mod tests {
         assert_eq!(settings.topic_prefix(), "plugin/TCP/");
         assert_eq!(settings.http_listen.to_string(), "0.0.0.0:8098");
         assert_eq!(settings.script_limits().heap, 16 << 20);
-        settings.validate().unwrap();
+        assert_eq!(settings.stream_replicas, 1);
+        cli.config.validate().unwrap();
         assert_eq!(settings.downlink_filter(), "plugin/TCP/#");
         assert!(settings.queue_policy().is_none());
         let cli = Cli::try_parse_from([
@@ -285,6 +309,31 @@ mod tests {
             Err("--script-output-kib 768 does not fit an MQTT packet of 1048576 bytes once base64-encoded"
                 .into())
         );
+    }
+
+    #[test]
+    fn urls_and_replicas_are_checked() {
+        let validate = |args: &[&str]| {
+            let mut all = vec!["script-worker"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().config.validate()
+        };
+        assert_eq!(
+            validate(&["--nats-url", "nats://a:4222,nats://b:4222", "--redis-url", "redis://a,redis://b"]),
+            Ok(())
+        );
+        assert_eq!(validate(&["--redis-url", "redis+sentinel://s1,s2/main"]), Ok(()));
+        assert!(
+            validate(&["--nats-url", "nats://a:4222,nats://b:x"])
+                .unwrap_err()
+                .starts_with("--nats-url: URL 2 of 2")
+        );
+        assert!(
+            validate(&["--redis-url", "redis+sentinel://s1"])
+                .unwrap_err()
+                .starts_with("--redis-url: no master name")
+        );
+        assert!(validate(&["--stream-replicas", "0"]).unwrap_err().contains("--stream-replicas"));
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //!   2 s). Partition `p` belongs to the `p mod n`-th live worker in name order; each
 //!   worker takes the leases of its partitions (`SET NX PX`), renews them, and lets go
 //!   of partitions that now belong to another (the other waits for the release or the
-//!   expiry). A worker that cannot renew a lease stops consuming that partition.
+//!   expiry). A worker that cannot renew a lease stops consuming that partition once
+//!   the lease could have expired.
 //! - Inside a partition, envelopes are handled in stream order: a batch's messages are
 //!   handed to the platform sink in order (one MQTT connection keeps that order), and
 //!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
 //!   broker acknowledged every message. A failure retries the batch: at-least-once.
-//! - Each take of a lease increments the partition's generation; the taker consumes
+//! - Each take of a lease raises the partition's generation; the taker consumes
 //!   through a consumer of its own, named by that generation, created to start right
 //!   after the previous consumer's ack floor and only then is the previous one deleted.
 //!   Whatever the previous owner had fetched but not acknowledged is delivered again
@@ -32,9 +33,10 @@ use tcpc_observe::Chain;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
 use tcpc_proto::backoff::Backoff;
+use tcpc_proto::connect::{Batch, Lua, RedisConnection};
 use tcpc_proto::names;
+use tcpc_proto::stream::{StreamCheck, StreamError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,15 +56,28 @@ const BATCH: usize = 256;
 /// Takes the lease (a new generation) or renews ours; the generation we hold, 0 if
 /// none. A generation gone while its lease is held (evicted, deleted) is replaced by a
 /// new one, which the holder takes as a new take: renewing with none would keep a
-/// lease nobody consumes under. `KEYS`: the lease, its generation; `ARGV`: worker, ms.
+/// lease nobody consumes under. A new generation is above the last one and not below
+/// Redis's clock in ms: a replica promoted in a failover may not have the last take
+/// (replication is asynchronous), and counting on from what it has would hand out a
+/// generation again, two owners sharing one consumer. `KEYS`: the lease, its
+/// generation; `ARGV`: worker, ms.
 const TAKE_LEASE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+local function new_generation()
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local generation = string.format('%d', math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now))
+  redis.call('SET', KEYS[2], generation)
+  return tonumber(generation)
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return new_generation() end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2])) or redis.call('INCR', KEYS[2])
+  return tonumber(redis.call('GET', KEYS[2])) or new_generation()
 end
 return 0
 "#;
+/// [`TAKE_LEASE`], as batches send it (by digest).
+static TAKE_LEASE_SCRIPT: std::sync::LazyLock<Lua> = std::sync::LazyLock::new(|| Lua::new(TAKE_LEASE));
 /// Renews this worker's membership on Redis's clock (one clock decides who is alive,
 /// not each worker's), drops expired members, and lists the live ones. `KEYS[1]`: the
 /// workers' sorted set; `ARGV`: worker, ms.
@@ -125,7 +140,9 @@ pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>
 /// The partition owner.
 pub struct Partitions {
     pub jetstream: jetstream::Context,
-    pub redis: ConnectionManager,
+    /// The uplink stream as this worker creates it.
+    pub stream: StreamCheck,
+    pub redis: RedisConnection,
     /// Who holds the leases: [`boot_identity`].
     pub worker: String,
     pub partitions: u32,
@@ -149,7 +166,7 @@ struct Owned {
 #[derive(Debug, thiserror::Error)]
 pub enum TakeOverError {
     #[error("ensure the uplink stream: {0}")]
-    Stream(String),
+    Stream(#[source] StreamError),
     #[error("list the partition's consumers: {0}")]
     ListConsumers(#[source] jetstream::stream::ConsumersError),
     #[error("read the partition's resume point: {0}")]
@@ -204,19 +221,27 @@ impl Partitions {
             // Every lease of ours renewed (or taken) in one round trip, first: a round
             // never outlives a lease because of how many partitions it holds, nor
             // because of a hand-over below.
+            // A partition whose lease Redis did not answer for (down, slow, its Redis
+            // Cluster node failing over) is neither renewed nor given up: its consumer
+            // goes on while the lease it holds cannot have expired (`Lease::is_held`) and
+            // stops by itself past that; those whose node answered are unaffected.
             let sent = Instant::now();
-            let held = match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
-                Ok(Ok(held)) => held,
-                Ok(Err(error)) => {
-                    warn!(%error, "leases not renewed");
-                    vec![None; desired.len()]
-                }
-                Err(_) => {
-                    warn!("leases not renewed in time");
-                    vec![None; desired.len()]
-                }
-            };
-            for (&partition, generation) in desired.iter().zip(held) {
+            let held: Vec<Option<Option<u64>>> =
+                match tokio::time::timeout(TICK, this.take_leases(&desired)).await {
+                    Ok(answers) => {
+                        let failed = answers.iter().filter(|answer| answer.is_err()).count();
+                        if let Some(Err(error)) = answers.iter().find(|answer| answer.is_err()) {
+                            warn!(%error, partitions = failed, "leases not renewed");
+                        }
+                        answers.into_iter().map(Result::ok).collect()
+                    }
+                    Err(_) => {
+                        warn!("leases not renewed in time");
+                        vec![None; desired.len()]
+                    }
+                };
+            for (&partition, answer) in desired.iter().zip(held) {
+                let Some(generation) = answer else { continue };
                 if let Some(current) = owned.get(&partition) {
                     if Some(current.generation) == generation {
                         current.lease.renewed(sent);
@@ -290,21 +315,20 @@ impl Partitions {
     }
 
     /// Takes or renews the leases of `partitions` in one round trip (one script per
-    /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster);
-    /// the generation of each that is ours.
-    async fn take_leases(&self, partitions: &[u32]) -> Result<Vec<Option<u64>>, redis::RedisError> {
-        let mut pipe = redis::pipe();
+    /// partition, whose keys share a slot, so that each runs in it on a Redis Cluster,
+    /// where the batch is one pipeline per slot, sent at once); for each, the generation
+    /// if it is ours, or the failure to learn it.
+    async fn take_leases(&self, partitions: &[u32]) -> Vec<Result<Option<u64>, redis::RedisError>> {
+        let mut batch = Batch::new();
         for &partition in partitions {
-            pipe.cmd("EVAL")
-                .arg(TAKE_LEASE)
-                .arg(2)
-                .arg(names::partition_lease_key(partition))
-                .arg(names::partition_generation_key(partition))
-                .arg(&self.worker)
-                .arg(LEASE.as_millis() as u64);
+            let keys = [names::partition_lease_key(partition), names::partition_generation_key(partition)];
+            batch.script(&TAKE_LEASE_SCRIPT, &keys).arg(&self.worker).arg(LEASE.as_millis() as u64);
         }
-        let held: Vec<u64> = pipe.query_async(&mut self.redis.clone()).await?;
-        Ok(held.into_iter().map(|generation| (generation > 0).then_some(generation)).collect())
+        // Half a round per node: the round goes on with the nodes that answered.
+        let held: Vec<Result<u64, _>> = batch.query_each(&self.redis, TICK / 2).await;
+        held.into_iter()
+            .map(|generation| generation.map(|generation| (generation > 0).then_some(generation)))
+            .collect()
     }
 
     /// Keeps the shared set of owned partitions exact: a partition leaves it before its
@@ -346,8 +370,7 @@ impl Partitions {
         generation: u64,
     ) -> Result<consumer::PullConsumer, TakeOverError> {
         // Whichever starts first, edge or worker, creates the stream.
-        let mut stream =
-            tcpc_proto::stream::ensure_uplink_stream(&self.jetstream).await.map_err(TakeOverError::Stream)?;
+        let mut stream = self.stream.ensure(&self.jetstream).await.map_err(TakeOverError::Stream)?;
         let name = names::partition_consumer(partition, generation);
         let mut previous = Vec::new();
         let mut ours = false;

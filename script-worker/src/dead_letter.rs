@@ -7,16 +7,14 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tcpc_proto::names;
+use tcpc_proto::stream::{StreamCheck, StreamError};
 use tokio::sync::OnceCell;
 use tracing::error;
 
-/// How long dead letters are kept, and how much of them, at most (the oldest go first).
-const KEEP_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
-const KEEP_BYTES: i64 = 1 << 30;
 /// Deadline of the dead-letter publish and its acknowledgement.
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -24,7 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
     #[error("create the dead-letter stream: {0}")]
-    Stream(#[source] jetstream::context::CreateStreamError),
+    Stream(#[source] StreamError),
     #[error("publish the dead letter: {0}")]
     Publish(#[source] jetstream::context::PublishError),
     #[error("no acknowledgement of the dead letter within {DEADLINE:?}")]
@@ -40,28 +38,25 @@ pub trait DeadLetters: Send + Sync + 'static {
 /// Dead letters in JetStream.
 pub struct JetStreamDeadLetters {
     jetstream: jetstream::Context,
-    /// Created on the first dead letter (most deployments never have one).
+    check: StreamCheck,
+    /// Created (or checked) on the first dead letter: most deployments never have one.
     stream: OnceCell<()>,
 }
 
 impl JetStreamDeadLetters {
-    pub fn new(nats: async_nats::Client) -> Self {
-        JetStreamDeadLetters { jetstream: jetstream::new(nats), stream: OnceCell::new() }
+    /// Dead letters on `nats`, their stream created with `replicas` copies unless it
+    /// exists.
+    pub fn new(nats: async_nats::Client, replicas: usize) -> Self {
+        JetStreamDeadLetters {
+            jetstream: jetstream::new(nats),
+            check: StreamCheck::new(tcpc_proto::stream::dead_letter_stream_config(replicas)),
+            stream: OnceCell::new(),
+        }
     }
 
     async fn ensure_stream(&self) -> Result<(), DeadLetterError> {
-        let create = || async {
-            let config = stream::Config {
-                name: names::DEAD_LETTER_STREAM.to_owned(),
-                subjects: vec![names::DEAD_LETTER_SUBJECT.to_owned()],
-                storage: stream::StorageType::File,
-                max_age: KEEP_FOR,
-                max_bytes: KEEP_BYTES,
-                discard: stream::DiscardPolicy::Old,
-                ..Default::default()
-            };
-            self.jetstream.get_or_create_stream(config).await.map(drop).map_err(DeadLetterError::Stream)
-        };
+        let create =
+            || async { self.check.ensure(&self.jetstream).await.map(drop).map_err(DeadLetterError::Stream) };
         self.stream.get_or_try_init(create).await.map(drop)
     }
 }

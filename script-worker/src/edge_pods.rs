@@ -24,7 +24,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::watcher::{self, Event};
-use redis::aio::ConnectionManager;
+use tcpc_proto::connect::RedisConnection;
 use tcpc_proto::names;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ pub async fn purge_gone_edge_pods(
     client: kube::Client,
     namespace: &str,
     selector: &str,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
@@ -123,7 +123,7 @@ pub async fn purge_gone_edge_pods(
 /// Follows the watch's `events` (the watcher re-lists and backs off by itself).
 async fn follow(
     events: impl Stream<Item = Result<Event<Pod>, watcher::Error>>,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
@@ -156,7 +156,7 @@ async fn follow(
 }
 
 /// Deletes a gone pod's liveness key: its routes now belong to a dead pod.
-async fn purge(redis: &ConnectionManager, pod: &str, metrics: &Metrics) {
+async fn purge(redis: &RedisConnection, pod: &str, metrics: &Metrics) {
     let deleted: redis::RedisResult<u32> =
         redis::AsyncCommands::del(&mut redis.clone(), names::pod_liveness_key(pod)).await;
     match deleted {

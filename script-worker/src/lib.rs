@@ -36,4 +36,4 @@ pub mod sink;
 pub mod source;
 pub mod uplink;
 
-pub use service::{Bus, EdgePodWatch, Listeners, Seams, Worker, WorkerError, redis, run, run_with};
+pub use service::{Bus, EdgePodWatch, Listeners, Seams, Worker, WorkerError, nats, redis, run, run_with};

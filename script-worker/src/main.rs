@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         return try_script(&args);
     }
     let config = cli.config;
-    if let Err(error) = config.settings.validate() {
+    if let Err(error) = config.validate() {
         return usage_error("script-worker", error);
     }
     // Flushes the last spans when `main` returns.

@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 use tcpc_observe::{GrpcSecurity, GrpcTlsFiles};
+use tcpc_proto::connect::RedisConnection;
 use tcpc_proto::names;
 use tcpc_proto::route::Route;
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
@@ -52,11 +52,11 @@ pub trait RouteLookup: Send + Sync + 'static {
 
 /// Routes in Redis.
 pub struct RedisRoutes {
-    connection: ConnectionManager,
+    connection: RedisConnection,
 }
 
 impl RedisRoutes {
-    pub fn new(connection: ConnectionManager) -> Self {
+    pub fn new(connection: RedisConnection) -> Self {
         RedisRoutes { connection }
     }
 }

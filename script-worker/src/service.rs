@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tcpc_observe::{Health, MetricsRegistry};
+use tcpc_proto::connect::{RedisConnection, UrlError};
 use tcpc_proto::names;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,9 @@ pub enum WorkerError {
     #[error("start the script engine")]
     Scripts(#[source] std::io::Error),
     #[error("redis URL")]
-    Redis(#[source] redis::RedisError),
+    RedisUrl(#[source] UrlError),
+    #[error("NATS URL")]
+    NatsUrl(#[source] UrlError),
     #[error("connect to NATS")]
     Nats(#[source] async_nats::ConnectError),
     #[error("bind the worker's listeners")]
@@ -69,7 +71,7 @@ pub struct Seams {
 pub struct Bus {
     pub nats: async_nats::Client,
     /// Partition leases.
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     /// This worker's name among the others (leases, the broker's client id).
     pub worker: String,
     /// Kubernetes runs the edges: watch them, purge the routes of those gone.
@@ -141,7 +143,7 @@ impl Worker {
             _ => Arc::new(|_| true),
         };
         let dead_letters: Arc<dyn DeadLetters> = match &bus {
-            Some(bus) => Arc::new(JetStreamDeadLetters::new(bus.nats.clone())),
+            Some(bus) => Arc::new(JetStreamDeadLetters::new(bus.nats.clone(), settings.stream_replicas)),
             None => Arc::new(LoggedDeadLetters),
         };
 
@@ -189,6 +191,9 @@ impl Worker {
             tasks.spawn(forget_changed_configs(bus.nats.clone(), devices.clone(), stop.clone()));
             let partitions = consume::Partitions {
                 jetstream: async_nats::jetstream::new(bus.nats.clone()),
+                stream: tcpc_proto::stream::StreamCheck::new(tcpc_proto::stream::uplink_stream_config(
+                    settings.stream_replicas,
+                )),
                 redis: bus.redis.clone(),
                 worker: consume::boot_identity(&bus.worker),
                 partitions: settings.uplink_partitions,
@@ -350,16 +355,11 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    config.validate().map_err(WorkerError::Config)?;
     let settings = &config.settings;
-    settings.validate().map_err(WorkerError::Config)?;
     let worker = config.pod_name.clone().unwrap_or_else(crate::config::host_name);
     let redis = redis(&config.redis_url)?;
-    let nats = async_nats::ConnectOptions::new()
-        .name("tcpc-script-worker")
-        .retry_on_initial_connect()
-        .connect(&config.nats_url)
-        .await
-        .map_err(WorkerError::Nats)?;
+    let nats = nats(&config.nats_url, "tcpc-script-worker").await?;
     let broker = MqttConfig::from_url(
         &config.mqtt_url,
         // Two processes with one POD_NAME must not take each other's broker session.
@@ -425,17 +425,28 @@ async fn dispatch_downlinks(
     }
 }
 
-/// A lazily connecting, self-reconnecting Redis connection.
+/// A lazily connecting, self-reconnecting Redis connection: one server, a Redis
+/// Cluster or Sentinel's master (see `tcpc_proto::connect`).
 ///
 /// # Errors
 /// The URL is invalid.
-pub fn redis(url: &str) -> Result<ConnectionManager, WorkerError> {
-    let client = redis::Client::open(url).map_err(WorkerError::Redis)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(WorkerError::Redis)
+pub fn redis(url: &str) -> Result<RedisConnection, WorkerError> {
+    RedisConnection::open(url, Duration::from_secs(2)).map_err(WorkerError::RedisUrl)
+}
+
+/// A NATS client named `name` on `urls` (one server, or a cluster's, comma-separated),
+/// connecting in the background: the worker starts while NATS is down.
+///
+/// # Errors
+/// A URL is invalid.
+pub async fn nats(urls: &str, name: &str) -> Result<async_nats::Client, WorkerError> {
+    let servers = tcpc_proto::connect::nats_servers(urls).map_err(WorkerError::NatsUrl)?;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .map_err(WorkerError::Nats)
 }
 
 /// Purges the routes of edge pods gone from Kubernetes until `stop`; without a
@@ -443,7 +454,7 @@ pub fn redis(url: &str) -> Result<ConnectionManager, WorkerError> {
 async fn watch_edge_pods(
     namespace: Option<String>,
     selector: String,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {

@@ -46,6 +46,13 @@ impl TpDevice {
         self.framed.send(frame).await.expect("send a frame");
     }
 
+    /// Sends numbered telemetry frames, `{"n":<n>}` for each `n` of `range`, in order.
+    pub async fn send_numbered(&mut self, range: std::ops::Range<u32>) {
+        for n in range {
+            self.send(Frame::data(cmd::TELEMETRY, Bytes::from(format!(r#"{{"n":{n}}}"#)))).await;
+        }
+    }
+
     /// The socket, to read or write bytes past the framing (only while the framing
     /// has nothing buffered, e.g. between frames).
     pub fn stream_mut(&mut self) -> &mut TcpStream {

@@ -8,7 +8,7 @@ use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
 use tokio::sync::oneshot;
 
 use crate::auth::AuthDouble;
-use crate::servers::{NatsServer, RedisServer};
+use crate::servers::{Endpoint, NatsServer, RedisServer};
 use crate::wait_until;
 
 /// What an edge test runs on: real nats-server and redis-server, and the workers' auth
@@ -54,8 +54,8 @@ impl TestEdge {
     /// Starts an edge named `pod`; `tweak` adjusts its configuration (short timeouts).
     /// Returns once it reports ready.
     pub async fn spawn(
-        nats: &NatsServer,
-        redis: &RedisServer,
+        nats: &dyn Endpoint,
+        redis: &dyn Endpoint,
         pod: &str,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {

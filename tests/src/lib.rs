@@ -1,5 +1,6 @@
 //! Fixtures of the end-to-end tests: real `redis-server`, `nats-server -js` and
-//! `mosquitto` on free loopback ports (killed on drop, restartable), edges run
+//! `mosquitto` on free loopback ports (killed on drop, restartable), clusters of them
+//! (JetStream, Redis Cluster, Sentinel), edges run
 //! in-process on pre-bound listeners, workers as processes (their real main), a fake
 //! ThingsPanel backend, a fake Kubernetes API server, an auth responder double, a JetStream reader of uplink
 //! envelopes, an MQTT watcher, device clients, test certificates with TLS clients, and
@@ -8,6 +9,7 @@
 //! Every fixture returns only when ready; every wait has a deadline.
 
 pub mod auth;
+pub mod clusters;
 pub mod device;
 pub mod edge;
 pub mod kube;
@@ -36,6 +38,12 @@ where
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The values in the order each was first seen (duplicates left out).
+pub fn first_seen(seen: &[u64]) -> Vec<u64> {
+    let mut counted = std::collections::HashSet::new();
+    seen.iter().copied().filter(|n| counted.insert(*n)).collect()
 }
 
 /// A series' value in a Prometheus exposition (0 when absent), e.g.

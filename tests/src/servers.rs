@@ -1,4 +1,6 @@
-//! Real `redis-server` and `nats-server` processes on free loopback ports.
+//! Real `redis-server` and `nats-server` processes on free loopback ports: single
+//! servers, and clusters of them (a JetStream cluster, a Redis Cluster, Redis behind
+//! Sentinel, see `clusters`).
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -7,9 +9,20 @@ use std::time::Duration;
 
 use crate::wait_until;
 
+/// Where the services under test find a NATS or a Redis: its `NATS_URL` or `REDIS_URL`,
+/// one server's or a cluster's.
+pub trait Endpoint {
+    fn url(&self) -> String;
+}
+
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A temporary directory of this test process, named after `what` and a port.
+pub(crate) fn temp_dir(what: &str, port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("tcpc-{what}-{}-{port}", std::process::id()))
 }
 
 async fn accepts(port: u16) -> bool {
@@ -77,12 +90,19 @@ impl Drop for Process {
 /// A `redis-server` that keeps nothing on disk (a restart comes back empty).
 pub struct RedisServer {
     pub port: u16,
+    /// Arguments beyond the standalone server's (cluster mode, replication).
+    extra: Vec<String>,
     process: Process,
 }
 
 impl RedisServer {
     pub async fn spawn() -> Self {
-        let mut server = RedisServer { port: free_port(), process: Process::default() };
+        Self::spawn_with(free_port(), Vec::new()).await
+    }
+
+    /// A server on `port` with `extra` arguments; returns once it accepts connections.
+    pub(crate) async fn spawn_with(port: u16, extra: Vec<String>) -> Self {
+        let mut server = RedisServer { port, extra, process: Process::default() };
         server.start().await;
         server
     }
@@ -90,7 +110,7 @@ impl RedisServer {
     async fn start(&mut self) {
         let port = self.port.to_string();
         // DEBUG SLEEP lets a test make Redis slow (a loaded server, a failover).
-        let args = [
+        let mut args = [
             "--port",
             &port,
             "--bind",
@@ -102,9 +122,16 @@ impl RedisServer {
             "--enable-debug-command",
             "local",
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        args.extend(self.extra.iter().cloned());
         self.process = Process::start("redis-server", &args);
         wait_until("redis-server to accept connections", || accepts(self.port)).await;
+    }
+
+    /// SIGKILL: the server dies (a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        self.process.kill();
     }
 
     /// Kills the server (SIGKILL) and starts it again on the same port, empty: what a
@@ -128,21 +155,32 @@ impl RedisServer {
     }
 }
 
+impl Endpoint for RedisServer {
+    fn url(&self) -> String {
+        RedisServer::url(self)
+    }
+}
+
 /// A `nats-server -js` with its own store directory; can be stopped and started again
 /// on the same port with the same store.
 pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
+    /// Arguments beyond a lone server's (its name and routes in a cluster).
+    extra: Vec<String>,
     process: Process,
 }
 
 impl NatsServer {
     pub async fn spawn() -> Self {
-        let port = free_port();
-        let store = std::env::temp_dir().join(format!("tcpc-nats-{}-{port}", std::process::id()));
-        let mut server = NatsServer { port, store, process: Process::default() };
+        let mut server = Self::new(free_port(), Vec::new());
         server.start().await;
         server
+    }
+
+    /// A server not yet started, on `port` with `extra` arguments.
+    pub(crate) fn new(port: u16, extra: Vec<String>) -> Self {
+        NatsServer { port, store: temp_dir("nats", port), extra, process: Process::default() }
     }
 
     pub fn url(&self) -> String {
@@ -151,7 +189,14 @@ impl NatsServer {
 
     /// Starts the server (again) and waits until JetStream answers.
     pub async fn start(&mut self) {
-        let args = [
+        self.launch();
+        self.wait_for_jetstream().await;
+    }
+
+    /// Starts the process without waiting: a cluster's JetStream answers only once a
+    /// majority of its servers runs.
+    pub(crate) fn launch(&mut self) {
+        let mut args = [
             "-a",
             "127.0.0.1",
             "-p",
@@ -160,15 +205,25 @@ impl NatsServer {
             "-sd",
             &self.store.display().to_string(),
         ]
-        .map(String::from);
+        .map(String::from)
+        .to_vec();
+        args.extend(self.extra.iter().cloned());
         self.process = Process::start("nats-server", &args);
+    }
+
+    /// Waits until JetStream answers without an error (in a cluster: a meta leader is
+    /// elected).
+    pub(crate) async fn wait_for_jetstream(&self) {
         let url = self.url();
         wait_until("nats-server JetStream to answer", || {
             let url = url.clone();
             async move {
                 let Ok(client) = async_nats::connect(&url).await else { return false };
                 // The raw API call: its reply shape differs across server versions.
-                client.request("$JS.API.INFO", "".into()).await.is_ok_and(|reply| !reply.payload.is_empty())
+                client.request("$JS.API.INFO", "".into()).await.is_ok_and(|reply| {
+                    !reply.payload.is_empty()
+                        && !String::from_utf8_lossy(&reply.payload).contains("\"error\"")
+                })
             }
         })
         .await;
@@ -186,6 +241,12 @@ impl NatsServer {
             .connect(self.url())
             .await
             .expect("nats connection")
+    }
+}
+
+impl Endpoint for NatsServer {
+    fn url(&self) -> String {
+        NatsServer::url(self)
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use crate::mqtt::Mosquitto;
 use crate::platform::FakePlatform;
-use crate::servers::{NatsServer, Process, RedisServer, free_port};
+use crate::servers::{Endpoint, Process, free_port};
 use crate::wait_until;
 
 /// A free loopback address.
@@ -35,8 +35,8 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts a worker named `name`; `extra` flags are appended. Returns once ready.
     pub async fn spawn(
-        nats: &NatsServer,
-        redis: &RedisServer,
+        nats: &dyn Endpoint,
+        redis: &dyn Endpoint,
         broker: &Mosquitto,
         platform: &FakePlatform,
         name: &str,
@@ -47,8 +47,8 @@ impl WorkerProcess {
 
     /// [`WorkerProcess::spawn`] with environment variables set for the process.
     pub async fn spawn_with_env(
-        nats: &NatsServer,
-        redis: &RedisServer,
+        nats: &dyn Endpoint,
+        redis: &dyn Endpoint,
         broker: &Mosquitto,
         platform: &FakePlatform,
         name: &str,
@@ -115,14 +115,14 @@ pub struct EdgeProcess {
 
 impl EdgeProcess {
     /// Starts an edge named `pod`; `extra` flags are appended. Returns once ready.
-    pub async fn spawn(nats: &NatsServer, redis: &RedisServer, pod: &str, extra: &[&str]) -> Self {
+    pub async fn spawn(nats: &dyn Endpoint, redis: &dyn Endpoint, pod: &str, extra: &[&str]) -> Self {
         Self::spawn_with_env(nats, redis, pod, extra, &[]).await
     }
 
     /// [`EdgeProcess::spawn`] with environment variables set for the process.
     pub async fn spawn_with_env(
-        nats: &NatsServer,
-        redis: &RedisServer,
+        nats: &dyn Endpoint,
+        redis: &dyn Endpoint,
         pod: &str,
         extra: &[&str],
         env: &[(&str, String)],

@@ -1,17 +1,17 @@
 //! Everything a worker test needs: real nats-server, redis-server and mosquitto, and
-//! the fake ThingsPanel backend.
+//! the fake ThingsPanel backend; NATS or Redis may be clusters instead (`clusters`).
 
 use serde_json::Value;
 
 use crate::edge::TestEdge;
 use crate::mqtt::Mosquitto;
 use crate::platform::{FakePlatform, direct_device};
-use crate::servers::{NatsServer, RedisServer};
+use crate::servers::{Endpoint, NatsServer, RedisServer};
 use crate::worker::{EdgeProcess, WorkerProcess};
 
-pub struct World {
-    pub nats: NatsServer,
-    pub redis: RedisServer,
+pub struct World<N = NatsServer, R = RedisServer> {
+    pub nats: N,
+    pub redis: R,
     pub broker: Mosquitto,
     pub platform: FakePlatform,
 }
@@ -22,6 +22,14 @@ impl World {
         let (nats, redis, broker) =
             tokio::join!(NatsServer::spawn(), RedisServer::spawn(), Mosquitto::spawn());
         World { nats, redis, broker, platform: FakePlatform::spawn().await }
+    }
+}
+
+impl<N: Endpoint, R: Endpoint> World<N, R> {
+    /// A world on the NATS and Redis given (clusters).
+    pub async fn on(nats: N, redis: R) -> Self {
+        crate::init_logging();
+        World { nats, redis, broker: Mosquitto::spawn().await, platform: FakePlatform::spawn().await }
     }
 
     /// A worker process with extra flags.

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use tcpc_proto::v1::{UplinkEnvelope, uplink_envelope};
 use tcpc_tests::device::{RawDevice, TpDevice};
 use tcpc_tests::mqtt::Watcher;
-use tcpc_tests::wait_until;
 use tcpc_tests::world::{World, partition_owner, wait_for_partitions};
+use tcpc_tests::{first_seen, wait_until};
 
 async fn world() -> World {
     World::start().await
@@ -219,13 +219,6 @@ abc
     let _ = std::fs::remove_dir_all(&library);
 }
 
-/// Sends `count` numbered telemetry frames from one TP device.
-async fn send_numbered(device: &mut TpDevice, range: std::ops::Range<u32>) {
-    for n in range {
-        device.send(Frame::data(cmd::TELEMETRY, Bytes::from(format!(r#"{{"n":{n}}}"#)))).await;
-    }
-}
-
 /// Reads `device_id`'s numbered telemetry after `seen` until each of `0..count` was seen;
 /// every value read, in arrival order (duplicates included).
 async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u64>, count: u64) -> Vec<u64> {
@@ -236,12 +229,6 @@ async fn read_until_all(watcher: &mut Watcher, device_id: &str, mut seen: Vec<u6
         seen.push(n);
     }
     seen
-}
-
-/// The values in the order each was first seen.
-fn first_seen(seen: &[u64]) -> Vec<u64> {
-    let mut counted = std::collections::HashSet::new();
-    seen.iter().copied().filter(|n| counted.insert(*n)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -255,7 +242,7 @@ async fn two_workers_keep_a_device_in_order() {
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "counter").await;
     let started = Instant::now();
-    send_numbered(&mut device, 0..1000).await;
+    device.send_numbered(0..1000).await;
     let mut seen = Vec::new();
     while seen.len() < 1000 {
         seen.push(watcher.next().await.values("dev-counter")["n"].as_u64().unwrap());
@@ -277,7 +264,7 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
     wait_for_partitions(&[&workers[0], &workers[1]]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "steady").await;
-    send_numbered(&mut device, 0..300).await;
+    device.send_numbered(0..300).await;
     let mut seen = Vec::new();
     while seen.len() < 100 {
         seen.push(watcher.next().await.values("dev-steady")["n"].as_u64().unwrap());
@@ -286,7 +273,7 @@ async fn a_worker_killed_mid_stream_loses_nothing() {
     let victim = partition_owner(&w, &workers, "dev-steady").await;
     let owner = workers[victim].name.clone();
     workers[victim].kill();
-    send_numbered(&mut device, 300..1000).await;
+    device.send_numbered(300..1000).await;
     let seen = read_until_all(&mut watcher, "dev-steady", seen, 1000).await;
     let duplicates = seen.len() - 1000;
     assert_eq!(first_seen(&seen), (0..1000).collect::<Vec<_>>(), "every message, first seen in order");
@@ -417,12 +404,12 @@ async fn poison_frames_are_dead_lettered_and_the_device_goes_on() {
     let long = "9".repeat(200);
     let poisons = ["#", "+", "a\\u0000b", long.as_str()];
     for (n, id) in poisons.iter().enumerate() {
-        send_numbered(&mut device, n as u32..n as u32 + 1).await;
+        device.send_numbered(n as u32..n as u32 + 1).await;
         let response = format!(r#"{{"message_id":"{id}","result":0}}"#);
         device.send(Frame::data(cmd::COMMAND_RESPONSE, Bytes::from(response))).await;
     }
     device.send(Frame::data(cmd::COMMAND_RESPONSE, &br#"{"message_id":"ok1","result":0}"#[..])).await;
-    send_numbered(&mut device, 4..5).await;
+    device.send_numbered(4..5).await;
     for n in 0..4 {
         let message = watcher.next().await;
         assert_eq!(
@@ -465,7 +452,7 @@ async fn uplinks_wait_out_a_platform_outage_instead_of_being_dropped() {
     wait_for_partitions(&[&first]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "outage").await;
-    send_numbered(&mut device, 0..1).await;
+    device.send_numbered(0..1).await;
     assert_eq!(watcher.next().await.values("dev-outage"), json!({"n": 0}));
 
     // A worker that never saw the device takes over, with nothing cached to read, while
@@ -478,7 +465,7 @@ async fn uplinks_wait_out_a_platform_outage_instead_of_being_dropped() {
     w.platform.set_down(true);
     let second = w.worker("worker-b", &[]).await;
     wait_for_partitions(&[&second]).await;
-    send_numbered(&mut device, 1..4).await;
+    device.send_numbered(1..4).await;
     wait_until("the lookup to fail and be retried", || async {
         second.metric("worker_uplink_retries_total").await >= 1.0
     })
@@ -506,7 +493,7 @@ async fn a_worker_stopped_mid_stream_hands_over_without_duplicates() {
     let mut device = TpDevice::online(edge.official, "steady").await;
     // Sent while the worker stops, so that it stops in the middle of a batch.
     let sender = tokio::spawn(async move {
-        send_numbered(&mut device, 0..COUNT as u32).await;
+        device.send_numbered(0..COUNT as u32).await;
         device
     });
     let mut seen = Vec::new();
@@ -533,7 +520,7 @@ async fn two_processes_with_one_pod_name_share_no_partition() {
     wait_for_partitions(&[&a, &b]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "counter").await;
-    send_numbered(&mut device, 0..200).await;
+    device.send_numbered(0..200).await;
     let mut seen = Vec::new();
     while seen.len() < 200 {
         seen.push(watcher.next().await.values("dev-twin")["n"].as_u64().unwrap());
@@ -553,20 +540,20 @@ async fn a_broker_restart_loses_nothing_and_keeps_the_order() {
     wait_for_partitions(&[&worker]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "restart").await;
-    send_numbered(&mut device, 0..100).await;
+    device.send_numbered(0..100).await;
     let mut seen = Vec::new();
     while seen.len() < 100 {
         seen.push(watcher.next().await.values("dev-restart")["n"].as_u64().unwrap());
     }
     // The broker goes away: uplinks keep coming, the worker holds their acks and retries.
     w.broker.stop().await;
-    send_numbered(&mut device, 100..300).await;
+    device.send_numbered(100..300).await;
     wait_until("a batch to fail and be retried", || async {
         worker.metric("worker_uplink_retries_total").await >= 1.0
     })
     .await;
     w.broker.start().await;
-    send_numbered(&mut device, 300..COUNT as u32).await;
+    device.send_numbered(300..COUNT as u32).await;
     let seen = read_until_all(&mut watcher, "dev-restart", seen, COUNT).await;
     assert_eq!(first_seen(&seen), (0..COUNT).collect::<Vec<_>>(), "nothing missing, first seen in order");
     println!("broker restarted mid-stream: {COUNT} arrived, {} duplicates", seen.len() as u64 - COUNT);
@@ -585,7 +572,7 @@ async fn a_worker_frozen_past_its_lease_does_not_act_on_resume() {
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "frozen").await;
     let sender = tokio::spawn(async move {
-        send_numbered(&mut device, 0..COUNT as u32).await;
+        device.send_numbered(0..COUNT as u32).await;
         device
     });
     let mut seen = Vec::new();
@@ -653,7 +640,7 @@ async fn a_partition_whose_consumer_is_gone_resumes_after_what_was_delivered() {
     wait_for_partitions(&[&first]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "resume").await;
-    send_numbered(&mut device, 0..100).await;
+    device.send_numbered(0..100).await;
     let seen = read_until_all(&mut watcher, "dev-resume", Vec::new(), 100).await;
     first.stop().await;
     // The consumers are lost (an operator's cleanup, a JetStream that lost its consumer
@@ -667,7 +654,7 @@ async fn a_partition_whose_consumer_is_gone_resumes_after_what_was_delivered() {
     }
     let second = w.worker("worker-b", &[]).await;
     wait_for_partitions(&[&second]).await;
-    send_numbered(&mut device, 100..200).await;
+    device.send_numbered(100..200).await;
     let seen = read_until_all(&mut watcher, "dev-resume", seen, 200).await;
     assert_eq!(seen, (0..200).collect::<Vec<_>>(), "all, once, in order: nothing replayed");
     // One consumer per partition now, the successor's generation.
@@ -699,7 +686,7 @@ async fn a_hand_over_moves_the_partition_to_a_new_consumer_and_deletes_the_old()
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "moving").await;
     let sender = tokio::spawn(async move {
-        send_numbered(&mut device, 0..COUNT as u32).await;
+        device.send_numbered(0..COUNT as u32).await;
         device
     });
     let mut seen = Vec::new();
@@ -750,7 +737,7 @@ async fn a_lease_generation_lost_while_held_is_replaced() {
     wait_for_partitions(&[&worker]).await;
     let edge = w.edge().await;
     let mut device = TpDevice::online(edge.official, "generation").await;
-    send_numbered(&mut device, 0..100).await;
+    device.send_numbered(0..100).await;
     let seen = read_until_all(&mut watcher, "dev-generation", Vec::new(), 100).await;
     // The generations go (evicted under memory pressure, deleted by hand) while the
     // leases stay held: the worker must go on consuming, under new generations.
@@ -763,7 +750,7 @@ async fn a_lease_generation_lost_while_held_is_replaced() {
         worker.metric("worker_lease_rounds_total").await >= rounds + 2.0
     })
     .await;
-    send_numbered(&mut device, 100..200).await;
+    device.send_numbered(100..200).await;
     let seen = read_until_all(&mut watcher, "dev-generation", seen, 200).await;
     assert_eq!(first_seen(&seen), (0..200).collect::<Vec<_>>(), "nothing missing, first seen in order");
 }

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tcpc_proto::backoff::Backoff;
+use tcpc_proto::connect::{Batch, RedisConnection};
 use tcpc_proto::names;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -101,7 +101,7 @@ pub struct PlatformDevices {
     /// Itself, for refreshes that outlive the lookup that started them.
     me: Weak<PlatformDevices>,
     client: PlatformClient,
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConnection>,
     /// Digests being refreshed behind their callers.
     refreshing: Mutex<HashSet<String>>,
     memory: Mutex<Memory>,
@@ -111,7 +111,7 @@ pub struct PlatformDevices {
 
 impl PlatformDevices {
     /// Without `redis` the caches and the rate gate are this process's only.
-    pub fn new(client: PlatformClient, redis: Option<ConnectionManager>) -> Arc<Self> {
+    pub fn new(client: PlatformClient, redis: Option<RedisConnection>) -> Arc<Self> {
         Arc::new_cyclic(|me| PlatformDevices {
             me: me.clone(),
             client,
@@ -174,19 +174,20 @@ impl PlatformDevices {
     }
 
     async fn shared_put(&self, digest: &str, device: Option<&Device>) {
-        let Some(mut redis) = self.redis.clone() else { return };
+        let Some(redis) = &self.redis else { return };
         let shared = Shared { device: device.cloned(), fetched_ms: tcpc_proto::now_ms() };
         let Ok(text) = serde_json::to_string(&shared) else { return };
         // A known device's entry is kept a day (stale, it still authenticates the device
         // in an outage); an unknown token's only as long as it counts as unknown.
         let ttl = if device.is_some() { 24 * 3600 } else { NEGATIVE_TTL.as_secs() };
-        let mut pipe = redis::pipe();
-        pipe.set_ex(names::device_config_key(digest), text, ttl).ignore();
+        // Two keys of two slots: a batch, which a Redis Cluster takes apart.
+        let mut batch = Batch::new();
+        batch.command("SET", &names::device_config_key(digest)).arg(text).arg("EX").arg(ttl);
         if let Some(device) = device {
-            pipe.set_ex(names::device_voucher_key(&device.id), digest, 24 * 3600).ignore();
+            batch.command("SET", &names::device_voucher_key(&device.id)).arg(digest).arg("EX").arg(24 * 3600);
         }
-        let stored = tokio::time::timeout(REDIS_DEADLINE, pipe.query_async::<()>(&mut redis)).await;
-        if !matches!(stored, Ok(Ok(()))) {
+        let stored = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
+        if !matches!(stored, Ok(Ok(_))) {
             debug!("device config not shared in Redis");
         }
     }
