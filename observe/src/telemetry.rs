@@ -299,6 +299,11 @@ mod tests {
         }
     }
 
+    /// Tracing caches each callsite's interest across every subscriber alive in the
+    /// process: tests that install subscribers run one at a time, or one test's
+    /// subscriber decides whether another's spans are made.
+    static ONE_SUBSCRIBER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
     impl Lines {
         fn json(&self) -> Vec<serde_json::Value> {
             let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
@@ -308,6 +313,7 @@ mod tests {
 
     #[test]
     fn json_lines_carry_the_ids_of_the_span_they_are_written_in() {
+        let _alone = ONE_SUBSCRIBER_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let provider = SdkTracerProvider::builder().build();
         let lines = Lines::default();
         let writer = lines.clone();
@@ -331,6 +337,7 @@ mod tests {
 
     #[test]
     fn a_connection_span_is_never_an_opentelemetry_span_and_without_export_message_spans_are_not_made() {
+        let _alone = ONE_SUBSCRIBER_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let provider = SdkTracerProvider::builder().build();
         let exporting = subscriber(Some(provider.tracer("test")), LogFormat::Pretty, std::io::sink);
         tracing::subscriber::with_default(exporting, || {
