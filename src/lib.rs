@@ -124,7 +124,7 @@ impl Config {
             pod_deletion_cost: edge_gateway::config::KubeSwitch::Off,
             pod_namespace: None,
             uplink_partitions: self.worker.uplink_partitions,
-            stream_replicas: self.worker.stream_replicas,
+            stream: self.worker.stream,
             limits: self.limits.clone(),
             log_format: self.log_format,
         }
@@ -238,13 +238,9 @@ pub async fn run(
     let edge_bus: Arc<dyn UplinkBus> = match shared_bus {
         Some(url) => {
             let bus = Arc::new(
-                edge_gateway::uplink::NatsBus::connect(
-                    url,
-                    config.limits.publish_timeout,
-                    settings.stream_replicas,
-                )
-                .await
-                .map_err(edge_gateway::EdgeError::from)?,
+                edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout, settings.stream)
+                    .await
+                    .map_err(edge_gateway::EdgeError::from)?,
             );
             stream_keeper.spawn({
                 let (bus, stop) = (bus.clone(), ensure_stream.clone());

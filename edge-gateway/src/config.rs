@@ -49,10 +49,9 @@ pub struct Config {
     /// EDGE_UPLINK_PARTITIONS is still read, with a warning.
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
-    /// Copies JetStream keeps of the uplink stream when this pod creates it (3 on a
-    /// JetStream cluster; 1 on a single server). Must equal the workers'.
-    #[arg(long, env = "UPLINK_STREAM_REPLICAS", default_value_t = tcpc_proto::stream::DEFAULT_REPLICAS)]
-    pub stream_replicas: usize,
+    /// The uplink stream, when this pod creates it (must equal the workers').
+    #[command(flatten)]
+    pub stream: tcpc_proto::stream::StreamSettings,
     #[command(flatten)]
     pub limits: Limits,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "json")]
@@ -250,8 +249,8 @@ impl Config {
         if self.uplink_partitions == 0 {
             return fail("--uplink-partitions must be at least 1");
         }
-        if !(1..=tcpc_proto::stream::MAX_REPLICAS).contains(&self.stream_replicas) {
-            return fail("--stream-replicas must be between 1 and 5");
+        if let Err(error) = self.stream.validate() {
+            return fail(&error);
         }
         if self.limits.auth_timeout.is_zero() || self.limits.idle_timeout.is_zero() {
             return fail("--auth-timeout and --idle-timeout must be positive");
@@ -369,7 +368,7 @@ mod tests {
         assert_eq!(config.limits.max_frame, 64 * 1024);
         assert_eq!(config.limits.auth_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(180));
-        assert_eq!(config.stream_replicas, 1);
+        assert_eq!(config.stream, tcpc_proto::stream::StreamSettings::default());
         config.validate().unwrap();
         config.check_urls().unwrap();
         assert_eq!(config.advertised("0.0.0.0:50051".parse().unwrap()), "127.0.0.1:50051");

@@ -91,14 +91,14 @@ impl NatsBus {
     /// Connects in the background to `urls` (one server, or several of a cluster,
     /// comma-separated): the edge starts and stays up while NATS is down, refusing
     /// connections until it is back (see [`UplinkBus::is_ready`]). The uplink stream is
-    /// created with `stream_replicas` copies unless it exists.
+    /// created with `stream` unless it exists.
     ///
     /// # Errors
     /// A URL is invalid.
     pub async fn connect(
         urls: &str,
         publish_timeout: Duration,
-        stream_replicas: usize,
+        stream: tcpc_proto::stream::StreamSettings,
     ) -> Result<Self, BusError> {
         let servers = tcpc_proto::connect::nats_servers(urls).map_err(BusError::Url)?;
         let client = async_nats::ConnectOptions::new()
@@ -117,7 +117,7 @@ impl NatsBus {
         Ok(NatsBus {
             client,
             jetstream,
-            stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream_replicas)),
+            stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream)),
             stream_ready: AtomicBool::new(false),
             probe_timeout: publish_timeout,
         })

@@ -23,16 +23,83 @@ pub const MAX_REPLICAS: usize = 5;
 pub const DEAD_LETTERS_KEPT_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEAD_LETTERS_KEPT_BYTES: i64 = 1 << 30;
 
-/// The uplink stream: file storage, `replicas` copies, a de-duplication window for
-/// retried publishes, a day of retention for envelopes no worker took.
-pub fn uplink_stream_config(replicas: usize) -> stream::Config {
+/// The uplink stream's bytes unless configured (`UPLINK_STREAM_MAX_BYTES`): JetStream
+/// reserves a stream's `max_bytes` in its store when the stream is created, so the
+/// default must fit a small one (the NATS chart's volume is 10 GiB), with the dead
+/// letters' GiB beside it.
+pub const DEFAULT_MAX_BYTES: &str = "1GiB";
+
+/// The settings of the streams the services create, the same flags on the edge and the
+/// worker: whichever needs a stream first creates it, so they must agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args)]
+pub struct StreamSettings {
+    /// Copies JetStream keeps of the uplink and dead-letter streams when this process
+    /// creates them (3 on a JetStream cluster; 1 on a single server).
+    #[arg(long = "stream-replicas", env = "UPLINK_STREAM_REPLICAS", default_value_t = DEFAULT_REPLICAS)]
+    pub replicas: usize,
+    /// The most bytes the uplink stream keeps (`512MiB`, `10GiB`, `2TiB`, or bytes; 0: no
+    /// limit but JetStream's store): past it the oldest envelopes go, which workers have
+    /// normally long taken. Size it for the longest worker outage to ride out (uplinks/s
+    /// × their size × the outage's seconds); JetStream's store must hold it.
+    #[arg(long = "stream-max-bytes", env = "UPLINK_STREAM_MAX_BYTES", default_value = DEFAULT_MAX_BYTES, value_parser = parse_bytes)]
+    pub max_bytes: u64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings { replicas: DEFAULT_REPLICAS, max_bytes: parse_bytes(DEFAULT_MAX_BYTES).unwrap_or(0) }
+    }
+}
+
+impl StreamSettings {
+    /// # Errors
+    /// A setting JetStream would refuse.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(format!("--stream-replicas must be between 1 and {MAX_REPLICAS}"));
+        }
+        if i64::try_from(self.max_bytes).is_err() {
+            return Err("--stream-max-bytes is beyond what JetStream can hold".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// A byte count: digits, optionally followed by `KiB`, `MiB`, `GiB` or `TiB`.
+///
+/// # Errors
+/// Anything else, or a count past `u64`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (count, unit) = text.split_at(digits);
+    let shift = match unit.trim() {
+        "" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        other => return Err(format!("{other:?}: the units are KiB, MiB, GiB and TiB")),
+    };
+    let count: u64 = count.parse().map_err(|_| format!("{text:?} is not a byte count"))?;
+    count.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// The uplink stream: file storage, its copies, a de-duplication window for retried
+/// publishes, a day of retention (limits retention: the hand-over between lease
+/// generations and a partition's resume point need envelopes kept after they were
+/// taken) within `max_bytes`, past which the oldest go.
+pub fn uplink_stream_config(settings: StreamSettings) -> stream::Config {
     stream::Config {
         name: names::UPLINK_STREAM.to_owned(),
         subjects: vec![names::UPLINK_SUBJECTS.to_owned()],
         storage: stream::StorageType::File,
-        num_replicas: replicas,
+        num_replicas: settings.replicas,
         duplicate_window: names::UPLINK_DUPLICATE_WINDOW,
         max_age: Duration::from_secs(24 * 3600),
+        // Zero is JetStream's "no limit" (-1).
+        max_bytes: i64::try_from(settings.max_bytes).ok().filter(|&bytes| bytes > 0).unwrap_or(-1),
+        discard: stream::DiscardPolicy::Old,
         ..Default::default()
     }
 }
@@ -215,8 +282,22 @@ mod tests {
     }
 
     #[test]
+    fn byte_counts_take_binary_units() {
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes(" 512 MiB "), Ok(512 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("10GB").unwrap_err().contains("KiB, MiB, GiB and TiB"));
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("99999999TiB").is_err());
+        assert_eq!(StreamSettings::default().max_bytes, 1 << 30);
+        let unlimited = uplink_stream_config(StreamSettings { max_bytes: 0, ..StreamSettings::default() });
+        assert_eq!(unlimited.max_bytes, -1);
+    }
+
+    #[test]
     fn differences_are_fatal_only_where_the_services_cannot_work() {
-        let ours = uplink_stream_config(3);
+        let ours = uplink_stream_config(StreamSettings { replicas: 3, ..StreamSettings::default() });
         assert_eq!(compare(&ours, &ours), Comparison::default());
         let theirs = stream::Config {
             num_replicas: 1,
@@ -228,7 +309,7 @@ mod tests {
         let comparison = compare(&ours, &theirs);
         assert!(comparison.fatal.is_empty());
         let fields: Vec<_> = comparison.other.iter().map(|d| d.field).collect();
-        assert_eq!(fields, ["subjects", "storage", "num_replicas"], "an unset limit is no difference");
+        assert_eq!(fields, ["subjects", "storage", "num_replicas", "max_bytes"]);
         assert_eq!(comparison.other[2].to_string(), "num_replicas is 1 (expected 3)");
 
         let theirs = stream::Config {

@@ -142,11 +142,10 @@ pub struct Settings {
     /// Device partitions of the uplink stream (must match the edges').
     #[arg(long, env = "UPLINK_PARTITIONS", default_value_t = tcpc_proto::names::DEFAULT_PARTITIONS)]
     pub uplink_partitions: u32,
-    /// Copies JetStream keeps of the uplink and dead-letter streams when this process
-    /// creates them (3 on a JetStream cluster; 1 on a single server). Must equal the
-    /// edges'.
-    #[arg(long, env = "UPLINK_STREAM_REPLICAS", default_value_t = tcpc_proto::stream::DEFAULT_REPLICAS)]
-    pub stream_replicas: usize,
+    /// The uplink and dead-letter streams, when this process creates them (must equal
+    /// the edges').
+    #[command(flatten)]
+    pub stream: tcpc_proto::stream::StreamSettings,
     /// How downlinks are shared among workers: `owner` — every worker subscribes and the
     /// owner of the device's uplink partition handles it (each device's downlinks in
     /// order); `shared` — an MQTT shared subscription hands each downlink to one
@@ -228,9 +227,7 @@ impl Settings {
         if self.uplink_partitions == 0 {
             return Err("--uplink-partitions must be at least 1".to_owned());
         }
-        if !(1..=tcpc_proto::stream::MAX_REPLICAS).contains(&self.stream_replicas) {
-            return Err("--stream-replicas must be between 1 and 5".to_owned());
-        }
+        self.stream.validate()?;
         if self.script_cpu_time.is_zero() || self.script_heap_mib == 0 || self.script_output_kib == 0 {
             return Err("script limits must be positive".to_owned());
         }
@@ -275,7 +272,7 @@ mod tests {
         assert_eq!(settings.topic_prefix(), "plugin/TCP/");
         assert_eq!(settings.http_listen.to_string(), "0.0.0.0:8098");
         assert_eq!(settings.script_limits().heap, 16 << 20);
-        assert_eq!(settings.stream_replicas, 1);
+        assert_eq!(settings.stream, tcpc_proto::stream::StreamSettings::default());
         cli.config.validate().unwrap();
         assert_eq!(settings.downlink_filter(), "plugin/TCP/#");
         assert!(settings.queue_policy().is_none());

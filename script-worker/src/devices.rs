@@ -264,6 +264,11 @@ impl DeviceSettings {
 pub struct Device {
     pub id: String,
     pub number: String,
+    /// The digest of the device's voucher ([`crate::platform::voucher::digest`]), what
+    /// the platform's rate limit and the config caches key it by; empty when not known
+    /// (a device file, an old cache entry).
+    #[serde(default)]
+    pub voucher_digest: String,
     pub kind: DeviceKind,
     pub sub_devices: Vec<SubDevice>,
     pub settings: DeviceSettings,

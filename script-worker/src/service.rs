@@ -13,7 +13,7 @@ use tcpc_proto::names;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, info, warn};
+use tracing::{info, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, DownlinkSubscription, Settings};
@@ -22,7 +22,7 @@ use crate::downlink::Downlinks;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::platform::client::PlatformClient;
-use crate::platform::mqtt::{DISCONNECT_DEADLINE, Downlink, MqttConfig, MqttSink, Subscription};
+use crate::platform::mqtt::{DISCONNECT_DEADLINE, MqttConfig, MqttSink, Subscription};
 use crate::routes::{EdgeClients, RedisRoutes, RouteLookup};
 use crate::scripts::{Library, Scripts};
 use crate::sink::{JsonLines, PlatformSink};
@@ -99,9 +99,9 @@ pub struct Worker {
     broker_tasks: TaskTracker,
 }
 
-/// Downlinks waiting for the dispatcher, at most; more are refused "busy" at once. A
-/// downlink waits at most [`downlink::ANSWER_WITHIN`] anyway: a longer queue would only
-/// hold answers that are already late.
+/// Downlinks waiting in the lanes, and for the dispatcher, at most (each); more are
+/// refused "busy" at once. A downlink waits at most [`downlink::ANSWER_WITHIN`] anyway:
+/// a longer queue would only hold answers that are already late.
 const DOWNLINK_QUEUE: usize = 1024;
 
 /// How long the consumers and the rest may take to stop before the broker connection
@@ -143,7 +143,7 @@ impl Worker {
             _ => Arc::new(|_| true),
         };
         let dead_letters: Arc<dyn DeadLetters> = match &bus {
-            Some(bus) => Arc::new(JetStreamDeadLetters::new(bus.nats.clone(), settings.stream_replicas)),
+            Some(bus) => Arc::new(JetStreamDeadLetters::new(bus.nats.clone(), settings.stream.replicas)),
             None => Arc::new(LoggedDeadLetters),
         };
 
@@ -180,7 +180,13 @@ impl Worker {
         let pipeline = Arc::new(Pipeline { mapper, sink, dead_letters, metrics: metrics.clone() });
         let authenticator =
             Arc::new(Authenticator { devices: devices.clone(), scripts, metrics: metrics.clone() });
-        tasks.spawn(dispatch_downlinks(downlinks.clone(), downlink_queue, stop.clone()));
+        tasks.spawn(downlink::lanes::dispatch(
+            downlinks.clone(),
+            downlink_queue,
+            downlink::lanes::LANES,
+            DOWNLINK_QUEUE,
+            stop.clone(),
+        ));
         tasks.spawn({
             let (edges, stop) = (edges.clone(), stop.clone());
             async move { edges.keep_tls_current(stop).await }
@@ -192,7 +198,7 @@ impl Worker {
             let partitions = consume::Partitions {
                 jetstream: async_nats::jetstream::new(bus.nats.clone()),
                 stream: tcpc_proto::stream::StreamCheck::new(tcpc_proto::stream::uplink_stream_config(
-                    settings.stream_replicas,
+                    settings.stream,
                 )),
                 redis: bus.redis.clone(),
                 worker: consume::boot_identity(&bus.worker),
@@ -402,27 +408,6 @@ fn owner_handles(owned: consume::OwnedPartitions, partitions: u32) -> Handles {
         let partition = names::partition_of(device_id, partitions);
         owned.read().unwrap_or_else(|e| e.into_inner()).contains(&partition)
     })
-}
-
-/// Handles downlinks from the broker, one at a time in arrival order, until the
-/// channel closes or `stop`.
-async fn dispatch_downlinks(
-    downlinks: Arc<Downlinks>,
-    mut deliveries: tokio::sync::mpsc::Receiver<Downlink>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            delivery = deliveries.recv() => match delivery {
-                Some(downlink) => {
-                    let span = downlink.span.clone();
-                    downlinks.handle(downlink).instrument(span).await
-                }
-                None => return,
-            },
-        }
-    }
 }
 
 /// A lazily connecting, self-reconnecting Redis connection: one server, a Redis

@@ -161,6 +161,7 @@ impl FileDevices {
             let device = Arc::new(Device {
                 id: entry.id.clone(),
                 number: if entry.number.is_empty() { entry.id.clone() } else { entry.number },
+                voucher_digest: String::new(),
                 kind,
                 sub_devices: entry.sub_devices,
                 settings,

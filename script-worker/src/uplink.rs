@@ -286,6 +286,7 @@ mod tests {
         Device {
             id: "d".into(),
             number: "D001".into(),
+            voucher_digest: String::new(),
             kind,
             sub_devices: vec![],
             settings: Default::default(),

@@ -30,6 +30,8 @@ struct Pods {
 struct Shared {
     pods: Mutex<Pods>,
     changed: Notify,
+    /// Watch requests served so far.
+    watches: std::sync::atomic::AtomicUsize,
 }
 
 /// The fake API server; it stops with the test's runtime.
@@ -76,6 +78,12 @@ impl FakeKube {
     /// The pod is removed (as after its containers stopped).
     pub fn delete_pod(&self, name: &str) {
         self.change(name, "DELETED", None);
+    }
+
+    /// Watch requests served so far: a client watches after its first list, so one
+    /// watching has seen every pod added before.
+    pub fn watches(&self) -> usize {
+        self.shared.watches.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// An annotation of a pod, if set.
@@ -143,6 +151,7 @@ async fn list_or_watch(
 
 /// Streams the changes after `from`, one JSON event per line, as the API server does.
 fn watch(shared: Arc<Shared>, from: u64, selector: Option<String>) -> Response {
+    shared.watches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let events = futures::stream::unfold((shared, from), move |(shared, mut cursor)| {
         let selector = selector.clone();
         async move {

@@ -12,7 +12,8 @@ use edge_gateway::codec::{Frame, cmd};
 use serde_json::{Value, json};
 use tcpc_proto::names;
 use tcpc_proto::stream::{
-    Comparison, StreamCheck, StreamError, compare, dead_letter_stream_config, uplink_stream_config,
+    Comparison, StreamCheck, StreamError, StreamSettings, compare, dead_letter_stream_config,
+    uplink_stream_config,
 };
 use tcpc_tests::clusters::{NatsCluster, RedisCluster, RedisSentinels};
 use tcpc_tests::device::TpDevice;
@@ -78,7 +79,7 @@ async fn a_nats_server_killed_mid_stream_loses_no_uplink() {
     wait_for_partitions(&[&worker]).await;
     let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |config| {
         one_address_load(config);
-        config.stream_replicas = 3;
+        config.stream.replicas = 3;
     })
     .await;
     let jetstream = jetstream::new(w.nats.client().await);
@@ -268,13 +269,17 @@ async fn downlinks_come_back_after_sentinel_fails_the_master_over() {
     println!("Sentinel master killed: {cost}");
 }
 
+fn replicas(replicas: usize) -> StreamSettings {
+    StreamSettings { replicas, ..StreamSettings::default() }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_existing_stream_with_other_settings_is_refused_or_reported() {
     let nats = NatsServer::spawn().await;
     let jetstream = jetstream::new(nats.client().await);
     // Created as the services create them, they read back as the same: no difference
     // out of the server's defaults.
-    for config in [uplink_stream_config(1), dead_letter_stream_config(1)] {
+    for config in [uplink_stream_config(replicas(1)), dead_letter_stream_config(1)] {
         let created = StreamCheck::new(config.clone()).ensure(&jetstream).await.expect("created");
         assert_eq!(compare(&config, &created.cached_info().config), Comparison::default(), "{}", config.name);
     }
@@ -282,9 +287,9 @@ async fn an_existing_stream_with_other_settings_is_refused_or_reported() {
     // A work queue deletes what one consumer acknowledged: the services cannot use it.
     jetstream.delete_stream(names::UPLINK_STREAM).await.unwrap();
     let work_queue =
-        stream::Config { retention: stream::RetentionPolicy::WorkQueue, ..uplink_stream_config(1) };
+        stream::Config { retention: stream::RetentionPolicy::WorkQueue, ..uplink_stream_config(replicas(1)) };
     jetstream.create_stream(work_queue).await.unwrap();
-    match StreamCheck::new(uplink_stream_config(1)).ensure(&jetstream).await {
+    match StreamCheck::new(uplink_stream_config(replicas(1))).ensure(&jetstream).await {
         Err(StreamError::Incompatible { differences, .. }) => {
             assert_eq!(differences.iter().map(|d| d.field).collect::<Vec<_>>(), ["retention"]);
         }
@@ -293,10 +298,11 @@ async fn an_existing_stream_with_other_settings_is_refused_or_reported() {
 
     // One replica where three are asked, an hour of retention: used as it is, reported.
     jetstream.delete_stream(names::UPLINK_STREAM).await.unwrap();
-    let shorter = stream::Config { max_age: Duration::from_secs(3600), ..uplink_stream_config(1) };
+    let shorter = stream::Config { max_age: Duration::from_secs(3600), ..uplink_stream_config(replicas(1)) };
     jetstream.create_stream(shorter).await.unwrap();
-    let existing = StreamCheck::new(uplink_stream_config(3)).ensure(&jetstream).await.expect("used");
-    let comparison = compare(&uplink_stream_config(3), &existing.cached_info().config);
+    let existing =
+        StreamCheck::new(uplink_stream_config(replicas(3))).ensure(&jetstream).await.expect("used");
+    let comparison = compare(&uplink_stream_config(replicas(3)), &existing.cached_info().config);
     assert!(comparison.fatal.is_empty());
     let fields: Vec<_> = comparison.other.iter().map(|d| d.field).collect();
     assert_eq!(fields, ["num_replicas", "max_age"]);

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use edge_gateway::codec::{Frame, cmd};
+use script_worker::downlink::lanes::{LANES, lane_of};
 use serde_json::{Value, json};
 use tcpc_proto::names;
 use tcpc_tests::device::{RawDevice, TpDevice};
@@ -12,6 +13,7 @@ use tcpc_tests::wait_until;
 use tcpc_tests::world::{World, partition_owner, wait_for_partitions};
 
 const D001: &str = "6b1f0c9e-2f3a-4d7e-9a51-3c0d2e7b8a10";
+const D002: &str = "0f7c2a1e-5b3d-4c8e-8f6a-2d1b9e4c7a30";
 
 fn frame_json(frame: &Frame) -> Value {
     serde_json::from_slice(&frame.payload).expect("JSON payload")
@@ -100,6 +102,19 @@ async fn commands_and_attributes_reach_the_device_on_the_other_edge_and_answers_
         json!({"sub_device_data": {"3c20c6206": {"switch": 0}}}),
         "unwrapped v1.1.9 form, wrapped for the gateway"
     );
+
+    // D001 was looked up by its token, its number and its id, on both workers: one
+    // platform call (its config answers for all three forms, in Redis for the other).
+    let asked_for_d001: Vec<String> = w
+        .platform
+        .calls()
+        .into_iter()
+        .map(|(key, _)| key)
+        .filter(|key| {
+            [r#"{"access_token":"tp-token"}"#, "number:D001", &format!("id:{D001}")].contains(&key.as_str())
+        })
+        .collect();
+    assert_eq!(asked_for_d001, [r#"{"access_token":"tp-token"}"#], "one call for the device");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -251,12 +266,16 @@ async fn the_offline_queue_delivers_in_order_on_reconnect_and_drops_expired_ones
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_downlink_to_an_edge_that_never_answers_is_answered() {
+async fn a_downlink_to_an_edge_that_never_answers_is_answered_and_holds_up_no_other_device() {
     let w = World::start().await;
     w.device("tp-token", D001, "D001", Value::Null);
+    w.device("tp-token-2", D002, "D002", Value::Null);
+    assert_ne!(lane_of("D001", LANES), lane_of("D002", LANES), "the two devices take different lanes");
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/command/response/#"]).await;
     let worker = w.worker("worker-a", &[]).await;
     wait_for_partitions(&[&worker]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut other = TpDevice::online(edge.official, "tp-token-2").await;
     // What a dead pod's reused IP looks like: TCP is accepted, nothing is ever answered.
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hung_addr = hung.local_addr().unwrap();
@@ -284,6 +303,13 @@ async fn a_downlink_to_an_edge_that_never_answers_is_answered() {
     for n in 0..COMMANDS {
         watcher.publish(&format!("plugin/TCP/devices/command/D001/hung{n}"), r#"{"method":"reboot"}"#).await;
     }
+    // Another device's command is not queued behind them: it is delivered while the first
+    // still waits for its Deliver deadline, so before any of them is answered.
+    watcher.publish("plugin/TCP/devices/command/D002/other", r#"{"method":"reboot"}"#).await;
+    let frame = other.next().await.expect("the other device's command");
+    assert_eq!(frame.cmd, cmd::COMMAND, "{frame:?}");
+    let early = watcher.next_within(Duration::ZERO).await;
+    assert!(early.is_none(), "delivered before the hung device's commands were answered: {early:?}");
     // The first waits out its Deliver. Those queued behind it are answered by the bound
     // from their arrival (one Deliver and a margin), whether or not a Deliver still fits
     // in it: the last cannot have had one, ten Deliver deadlines after its arrival.

@@ -74,6 +74,10 @@ async fn a_removed_edge_pod_has_its_devices_reported_offline_by_the_workers() {
     let _device = TpDevice::online(edge_a.official, "tp-token").await;
     assert_eq!(&watcher.next().await.payload[..], b"1");
 
+    // The worker has listed the pods (it watches after its first list): it knows edge-a
+    // ran, and a pod it never saw running is never purged.
+    wait_until("the worker to watch the edge pods", || async { kube.watches() > 0 }).await;
+
     // Its node is gone: the pod died without a word, and Kubernetes removed it.
     edge_a.kill();
     kube.delete_pod("edge-a");

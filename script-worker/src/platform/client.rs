@@ -198,6 +198,10 @@ pub fn parse_device(data: &Value) -> Result<Device, PlatformError> {
     Ok(Device {
         id: id.to_owned(),
         number: str_field(data, "device_number").to_owned(),
+        voucher_digest: match str_field(data, "voucher") {
+            "" => String::new(),
+            voucher => super::voucher::digest(voucher),
+        },
         kind,
         sub_devices,
         settings,

@@ -4,9 +4,13 @@
 //!   for an hour, unknown tokens for 30 s, each up to a tenth less by its digest (so
 //!   that the configs fetched in a mass reconnect do not all expire together, and every
 //!   worker agrees on when one does); `device/disconnect` drops a device's entry.
+//! - A device's config answers for every form a lookup may name it by (its voucher, its
+//!   id, its number): cached under each, so that the platform is asked once per device
+//!   whichever form comes first.
 //! - The platform allows one call per voucher per 3 s: calls are single-flight per
 //!   voucher in a worker, and across workers a Redis key taken with `SET NX PX 3000`
-//!   admits one caller per voucher per 3 s.
+//!   admits one caller per voucher per 3 s. A known device is gated by its voucher
+//!   whichever form it is asked again by.
 //! - When the platform is down, calls back off (1 s doubling to 30 s) and known
 //!   devices keep authenticating from their (stale) cached config.
 //! - A known device's config past its TTL is served as it is while it is asked again
@@ -35,8 +39,12 @@ use crate::source::{DeviceSource, Lookup, SourceError, Target};
 const POSITIVE_TTL: Duration = Duration::from_secs(3600);
 /// How long an unknown token stays unknown without asking again.
 const NEGATIVE_TTL: Duration = Duration::from_secs(30);
-/// Cached entries beyond which unknown tokens are forgotten.
-const MAX_CACHED: usize = 100_000;
+/// Bytes of configs (and unknown tokens) kept in memory, about: past it the least
+/// recently used go, and come back from Redis when asked for again. A device is a few
+/// hundred bytes without scripts, so this holds a large fleet; scripts make it less.
+const CONFIGS_KEPT: u64 = 256 << 20;
+/// Device ids (to their digest) and downlink targets kept in memory, each.
+const REFERENCES_KEPT: u64 = 1 << 20;
 /// The platform's per-voucher rate limit.
 const PER_VOUCHER: Duration = Duration::from_secs(3);
 /// Longest back-off while the platform is unreachable.
@@ -69,9 +77,49 @@ fn fresh_for(known: bool, digest: &str) -> Duration {
     ttl - Duration::from_millis(hash % spread)
 }
 
+/// The digest a device asked for by its id is cached under.
+fn id_digest(id: &str) -> String {
+    voucher::digest(&format!("device:{id}"))
+}
+
+/// The digest a device asked for by its number is cached under.
+fn number_digest(number: &str) -> String {
+    voucher::digest(&format!("number:{number}"))
+}
+
+/// The digest that stands for `device`: its voucher's when the platform gave it, else
+/// `asked` (the one it was looked up by).
+fn main_digest(device: &Device, asked: &str) -> String {
+    if device.voucher_digest.is_empty() { asked.to_owned() } else { device.voucher_digest.clone() }
+}
+
+/// Every digest `device`'s config answers for: `asked`, its voucher's, its id's and its
+/// number's. (Not its sub-devices': asked for by their own id the platform answers with
+/// the sub-device's config, not the gateway's.)
+fn digests_of(device: &Device, asked: &str) -> Vec<String> {
+    let mut digests = vec![asked.to_owned(), id_digest(&device.id), number_digest(&device.number)];
+    if !device.voucher_digest.is_empty() {
+        digests.push(device.voucher_digest.clone());
+    }
+    digests.sort_unstable();
+    digests.dedup();
+    digests
+}
+
 impl Cached {
     fn is_fresh(&self, digest: &str) -> bool {
         self.fetched.elapsed() < fresh_for(self.device.is_some(), digest)
+    }
+
+    /// Bytes the entry holds, about (its config as JSON; a device cached under several
+    /// digests is counted under each, which errs on the safe side).
+    fn weight(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        OVERHEAD
+            + self
+                .device
+                .as_ref()
+                .map_or(0, |device| serde_json::to_vec(device.as_ref()).map_or(0, |json| json.len()))
     }
 
     fn lookup(&self) -> Lookup {
@@ -82,13 +130,33 @@ impl Cached {
     }
 }
 
-#[derive(Default)]
+/// What this worker keeps in memory: bounded caches, each dropping its least recently
+/// used entries past its bound (a miss costs a Redis read, at worst a platform call).
 struct Memory {
-    by_digest: HashMap<String, Cached>,
-    digest_of_id: HashMap<String, String>,
+    /// Configs and unknown tokens, by digest, within a byte budget.
+    by_digest: moka::sync::Cache<String, Cached>,
+    /// The main digest of a device, by id.
+    digest_of_id: moka::sync::Cache<String, String>,
     /// Downlink targets (device and sub-device ids and numbers) of cached devices.
-    targets: HashMap<String, Target>,
-    last_call: HashMap<String, Instant>,
+    targets: moka::sync::Cache<String, Target>,
+}
+
+impl Memory {
+    fn new(configs_kept: u64, references_kept: u64) -> Self {
+        Memory {
+            by_digest: moka::sync::Cache::builder()
+                .max_capacity(configs_kept)
+                .weigher(|digest: &String, cached: &Cached| {
+                    u32::try_from(digest.len() + cached.weight()).unwrap_or(u32::MAX)
+                })
+                .build(),
+            digest_of_id: moka::sync::Cache::new(references_kept),
+            targets: moka::sync::Cache::builder()
+                .max_capacity(references_kept)
+                .support_invalidation_closures()
+                .build(),
+        }
+    }
 }
 
 struct Outage {
@@ -104,7 +172,9 @@ pub struct PlatformDevices {
     redis: Option<RedisConnection>,
     /// Digests being refreshed behind their callers.
     refreshing: Mutex<HashSet<String>>,
-    memory: Mutex<Memory>,
+    memory: Memory,
+    /// When this worker last called the platform, by gate digest (the last 3 s).
+    last_call: Mutex<HashMap<String, Instant>>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outage: Mutex<Outage>,
 }
@@ -117,7 +187,8 @@ impl PlatformDevices {
             client,
             redis,
             refreshing: Mutex::default(),
-            memory: Mutex::default(),
+            memory: Memory::new(CONFIGS_KEPT, REFERENCES_KEPT),
+            last_call: Mutex::default(),
             flights: Mutex::default(),
             outage: Mutex::new(Outage {
                 until: None,
@@ -126,29 +197,23 @@ impl PlatformDevices {
         })
     }
 
-    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
-        self.memory.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn cached(&self, digest: &str) -> Option<Cached> {
-        self.memory().by_digest.get(digest).cloned()
+        self.memory.by_digest.get(digest)
     }
 
     fn remember(&self, digest: &str, device: Option<Arc<Device>>, fetched: Instant) {
-        let mut memory = self.memory();
-        match &device {
-            Some(device) => {
-                memory.digest_of_id.insert(device.id.clone(), digest.to_owned());
-                memory.targets.extend(crate::source::targets_of(device));
-            }
-            // Unknown tokens are whatever a client sends: past a bound they are dropped
-            // (all at once, so the pass is paid once per bound's worth of inserts).
-            None if memory.by_digest.len() >= MAX_CACHED => {
-                memory.by_digest.retain(|_, cached| cached.device.is_some());
-            }
-            None => {}
+        let memory = &self.memory;
+        let Some(device) = device else {
+            memory.by_digest.insert(digest.to_owned(), Cached { device: None, fetched });
+            return;
+        };
+        memory.digest_of_id.insert(device.id.clone(), main_digest(&device, digest));
+        for (reference, target) in crate::source::targets_of(&device) {
+            memory.targets.insert(reference, target);
         }
-        memory.by_digest.insert(digest.to_owned(), Cached { device, fetched });
+        for digest in digests_of(&device, digest) {
+            memory.by_digest.insert(digest, Cached { device: Some(device.clone()), fetched });
+        }
     }
 
     /// One call per voucher at a time in this worker.
@@ -180,11 +245,18 @@ impl PlatformDevices {
         // A known device's entry is kept a day (stale, it still authenticates the device
         // in an outage); an unknown token's only as long as it counts as unknown.
         let ttl = if device.is_some() { 24 * 3600 } else { NEGATIVE_TTL.as_secs() };
-        // Two keys of two slots: a batch, which a Redis Cluster takes apart.
+        // Keys of several slots: a batch, which a Redis Cluster takes apart.
         let mut batch = Batch::new();
-        batch.command("SET", &names::device_config_key(digest)).arg(text).arg("EX").arg(ttl);
+        let digests = device.map_or_else(|| vec![digest.to_owned()], |device| digests_of(device, digest));
+        for digest in &digests {
+            batch.command("SET", &names::device_config_key(digest)).arg(&text).arg("EX").arg(ttl);
+        }
         if let Some(device) = device {
-            batch.command("SET", &names::device_voucher_key(&device.id)).arg(digest).arg("EX").arg(24 * 3600);
+            batch
+                .command("SET", &names::device_voucher_key(&device.id))
+                .arg(main_digest(device, digest))
+                .arg("EX")
+                .arg(24 * 3600);
         }
         let stored = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
         if !matches!(stored, Ok(Ok(_))) {
@@ -192,9 +264,10 @@ impl PlatformDevices {
         }
     }
 
-    /// Whether this worker may call the platform for `digest` now: the platform is
-    /// not backing off, and no call for it (here or by another worker) in 3 s.
-    async fn may_call(&self, digest: &str) -> Result<(), SourceError> {
+    /// Whether this worker may call the platform for the device of `gate` (its main
+    /// digest) now: the platform is not backing off, and no call for it (here or by
+    /// another worker) in 3 s.
+    async fn may_call(&self, gate: &str) -> Result<(), SourceError> {
         {
             let outage = self.outage.lock().unwrap_or_else(|e| e.into_inner());
             if outage.until.is_some_and(|until| Instant::now() < until) {
@@ -202,18 +275,18 @@ impl PlatformDevices {
             }
         }
         {
-            let mut memory = self.memory();
-            if memory.last_call.get(digest).is_some_and(|at| at.elapsed() < PER_VOUCHER) {
+            let mut last_call = self.last_call.lock().unwrap_or_else(|e| e.into_inner());
+            if last_call.get(gate).is_some_and(|at| at.elapsed() < PER_VOUCHER) {
                 return Err(SourceError::RateGated);
             }
-            memory.last_call.retain(|_, at| at.elapsed() < PER_VOUCHER);
-            memory.last_call.insert(digest.to_owned(), Instant::now());
+            last_call.retain(|_, at| at.elapsed() < PER_VOUCHER);
+            last_call.insert(gate.to_owned(), Instant::now());
         }
         if let Some(mut redis) = self.redis.clone() {
             let taken: Result<Result<Option<String>, _>, _> = tokio::time::timeout(
                 REDIS_DEADLINE,
                 redis::cmd("SET")
-                    .arg(names::platform_call_key(digest))
+                    .arg(names::platform_call_key(gate))
                     .arg(1)
                     .arg("NX")
                     .arg("PX")
@@ -291,7 +364,12 @@ impl PlatformDevices {
             return Ok(cached);
         }
         let stale = self.cached(digest).or(shared);
-        if let Err(gated) = self.may_call(digest).await {
+        // A known device is gated by its voucher, whichever form it is asked by now.
+        let gate = match stale.as_ref().and_then(|stale| stale.device.as_deref()) {
+            Some(device) => main_digest(device, digest),
+            None => digest.to_owned(),
+        };
+        if let Err(gated) = self.may_call(&gate).await {
             if matches!(gated, SourceError::AnotherWorker) {
                 // Its answer lands in the shared cache within the call's deadline.
                 let deadline = Instant::now() + PER_VOUCHER;
@@ -324,17 +402,16 @@ impl PlatformDevices {
 impl DeviceSource for PlatformDevices {
     fn resolve<'a>(&'a self, reference: &'a str) -> BoxFuture<'a, Result<Option<Target>, SourceError>> {
         Box::pin(async move {
-            if let Some(target) = self.memory().targets.get(reference).cloned() {
+            if let Some(target) = self.memory.targets.get(reference) {
                 return Ok(Some(target));
             }
             // Not cached: the platform, by id, then by number (v1.1.10+ topics).
-            for query in [ConfigQuery::DeviceId(reference), ConfigQuery::DeviceNumber(reference)] {
-                let key = match query {
-                    ConfigQuery::DeviceNumber(_) => format!("number:{reference}"),
-                    _ => format!("device:{reference}"),
-                };
-                if self.fetch(&voucher::digest(&key), query).await?.device.is_some() {
-                    return Ok(self.memory().targets.get(reference).cloned());
+            for (digest, query) in [
+                (id_digest(reference), ConfigQuery::DeviceId(reference)),
+                (number_digest(reference), ConfigQuery::DeviceNumber(reference)),
+            ] {
+                if self.fetch(&digest, query).await?.device.is_some() {
+                    return Ok(self.memory.targets.get(reference));
                 }
             }
             Ok(None)
@@ -351,7 +428,7 @@ impl DeviceSource for PlatformDevices {
 
     fn by_id<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Arc<Device>>, SourceError>> {
         Box::pin(async move {
-            let known = self.memory().digest_of_id.get(device_id).cloned();
+            let known = self.memory.digest_of_id.get(device_id);
             let digest = match known {
                 Some(digest) => digest,
                 None => match self.redis.clone() {
@@ -364,9 +441,9 @@ impl DeviceSource for PlatformDevices {
                         .ok()
                         .and_then(Result::ok)
                         .flatten();
-                        shared.unwrap_or_else(|| voucher::digest(&format!("device:{device_id}")))
+                        shared.unwrap_or_else(|| id_digest(device_id))
                     }
-                    None => voucher::digest(&format!("device:{device_id}")),
+                    None => id_digest(device_id),
                 },
             };
             Ok(self.fetch(&digest, ConfigQuery::DeviceId(device_id)).await?.device)
@@ -375,19 +452,32 @@ impl DeviceSource for PlatformDevices {
 
     fn forget<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let digest = {
-                let mut memory = self.memory();
-                let digest = memory.digest_of_id.remove(device_id);
-                if let Some(digest) = &digest {
-                    memory.by_digest.remove(digest);
-                }
-                memory.targets.retain(|_, target| target.carrier.id != device_id);
-                digest
+            let memory = &self.memory;
+            let main = memory.digest_of_id.remove(device_id).unwrap_or_else(|| id_digest(device_id));
+            let device = memory.by_digest.get(&main).and_then(|cached| cached.device);
+            let digests = match &device {
+                Some(device) => digests_of(device, &main),
+                None => vec![main, id_digest(device_id)],
             };
-            let Some(mut redis) = self.redis.clone() else { return };
-            let mut keys = vec![names::device_voucher_key(device_id)];
-            keys.extend(digest.map(|d| names::device_config_key(&d)));
-            let _ = tokio::time::timeout(REDIS_DEADLINE, redis.del::<_, ()>(keys)).await;
+            for digest in &digests {
+                memory.by_digest.invalidate(digest);
+            }
+            // Its targets, whichever config they came from (checked lazily, on reads and
+            // in the cache's housekeeping: no pass over every entry now).
+            let carrier = device_id.to_owned();
+            let forgotten =
+                memory.targets.invalidate_entries_if(move |_, target| target.carrier.id == carrier);
+            if let Err(error) = forgotten {
+                warn!(%error, "the targets of a device to forget were not dropped");
+            }
+            let Some(redis) = &self.redis else { return };
+            // Keys of several slots: one DEL each, in a batch a Redis Cluster takes apart.
+            let mut batch = Batch::new();
+            batch.command("DEL", &names::device_voucher_key(device_id));
+            for digest in &digests {
+                batch.command("DEL", &names::device_config_key(digest));
+            }
+            let _ = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
         })
     }
 }
@@ -410,6 +500,7 @@ mod tests {
         let device = Device {
             id: "dev-known".into(),
             number: "K001".into(),
+            voucher_digest: digest.clone(),
             kind: crate::devices::DeviceKind::Direct,
             sub_devices: Vec::new(),
             settings: Default::default(),
@@ -423,6 +514,67 @@ mod tests {
         assert_eq!(asked.elapsed(), Duration::ZERO, "no platform call waited for");
         assert!(devices.refreshing.lock().unwrap().contains(&digest), "asked again behind the caller");
         let _accepted = silent.accept().await.unwrap();
+    }
+
+    fn device(n: usize) -> Arc<Device> {
+        Arc::new(Device {
+            id: format!("dev-{n}"),
+            number: format!("N{n}"),
+            voucher_digest: voucher::digest(&voucher::of_token(&format!("token-{n}"))),
+            kind: crate::devices::DeviceKind::Gateway,
+            sub_devices: vec![crate::devices::SubDevice {
+                id: format!("sub-{n}"),
+                number: format!("S{n}"),
+                address: "1".into(),
+            }],
+            settings: Default::default(),
+        })
+    }
+
+    /// A fleet larger than the memory bounds: the least recently used go, the rest stay
+    /// within the bounds.
+    #[test]
+    fn the_memory_caches_keep_within_their_bounds() {
+        let memory = Memory::new(64 << 10, 500);
+        let weight = Cached { device: Some(device(0)), fetched: Instant::now() }.weight();
+        for n in 0..2000 {
+            let device = device(n);
+            memory.by_digest.insert(
+                device.voucher_digest.clone(),
+                Cached { device: Some(device.clone()), fetched: Instant::now() },
+            );
+            for (reference, target) in crate::source::targets_of(&device) {
+                memory.targets.insert(reference, target);
+            }
+        }
+        memory.by_digest.run_pending_tasks();
+        memory.targets.run_pending_tasks();
+        assert!(memory.by_digest.weighted_size() <= 64 << 10, "{}", memory.by_digest.weighted_size());
+        assert!(memory.by_digest.entry_count() as usize >= (32 << 10) / (weight + 64), "the bound is used");
+        assert!(memory.targets.entry_count() <= 500);
+    }
+
+    /// Forgetting a device (the platform's `device/disconnect`) drops its config under
+    /// every form it was cached by, and its sub-devices' targets.
+    #[tokio::test]
+    async fn a_forgotten_device_is_gone_in_every_form() {
+        let client = PlatformClient::new("http://127.0.0.1:9", Duration::from_secs(1));
+        let devices = PlatformDevices::new(client, None);
+        let gateway = device(7);
+        devices.remember(
+            &voucher::digest(&voucher::of_token("token-7")),
+            Some(gateway.clone()),
+            Instant::now(),
+        );
+        for digest in [gateway.voucher_digest.clone(), id_digest("dev-7"), number_digest("N7")] {
+            assert!(devices.cached(&digest).is_some(), "cached under each form");
+        }
+        assert!(devices.memory.targets.get("S7").is_some());
+        devices.forget("dev-7").await;
+        for digest in [gateway.voucher_digest.clone(), id_digest("dev-7"), number_digest("N7")] {
+            assert!(devices.cached(&digest).is_none(), "forgotten under each form");
+        }
+        assert!(devices.memory.targets.get("S7").is_none(), "its sub-device too");
     }
 
     /// Configs fetched together (a mass reconnect) expire over the last tenth of the

@@ -14,7 +14,8 @@
 //!   that a flush and new downlinks keep one order.
 //!
 //! One worker handles a device's downlinks one at a time, in the order the broker
-//! delivered them: per-device order end to end.
+//! delivered them: per-device order end to end; different devices' at the same time
+//! ([`lanes`]).
 //!
 //! Every downlink is answered within [`ANSWER_WITHIN`] of its arrival, whatever the edge
 //! pod, the route store or the device source does: the steps before the delivery are
@@ -44,6 +45,8 @@ use crate::routes::{EdgeClients, RouteLookup};
 use crate::scripts::{Call, CallContext, Output, Scripts};
 use crate::sink::{PlatformMessage, PlatformSink};
 use crate::source::{DeviceSource, Target};
+
+pub mod lanes;
 
 /// The longest one Deliver call may take (sent to the edge as `timeout_ms`).
 pub const DELIVER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -213,12 +216,8 @@ impl Downlinks {
 
     /// Handles one downlink message from the broker, answering it within
     /// [`ANSWER_WITHIN`] of its arrival.
-    pub async fn handle(self: &Arc<Self>, downlink: Downlink) {
-        // Its receive span is current (the dispatcher runs this in it).
-        let Some(parsed) = topics::parse_downlink(&self.prefix, &downlink.topic) else {
-            debug!(topic = %downlink.topic, "not a downlink topic");
-            return;
-        };
+    pub async fn handle(self: &Arc<Self>, parsed: DownlinkTopic, downlink: Downlink) {
+        // Its receive span is current (its lane runs this in it).
         let due = downlink.received + ANSWER_WITHIN;
         let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
@@ -584,6 +583,7 @@ mod tests {
             carrier: Arc::new(Device {
                 id: "gw".into(),
                 number: "G001".into(),
+                voucher_digest: String::new(),
                 kind: DeviceKind::Gateway,
                 sub_devices: vec![],
                 settings: Default::default(),
