@@ -16,11 +16,16 @@ use clap::{Parser, ValueEnum};
 #[command(name = "tcpc-load", version)]
 pub struct Args {
     /// The edge's device port, `host:port` (comma-separated for several: devices are
-    /// spread over them in turn). Default: 127.0.0.1:7653 for TP, 127.0.0.1:7654 for custom.
+    /// spread over them in turn). Default: 127.0.0.1:7653 for TP, 127.0.0.1:7654 for
+    /// custom, the `--mqtt-url` broker for mqtt.
     #[arg(long, value_delimiter = ',')]
     pub edge: Vec<String>,
     /// The devices' protocol: TP frames, or the custom protocol (a token line, then
     /// newline-delimited messages: configure the devices with the delimiter framing `\n`).
+    /// `mqtt` is the peer baseline, no tcp-connectivity involved: the devices are MQTT
+    /// clients (the token as user name) publishing each uplink at QoS 1 straight to the
+    /// broker, on `devices/telemetry` in the worker's envelope, so that one broker hop is
+    /// measured by the same code as the pipeline; with `--idle`, the broker holds them.
     #[arg(long, value_enum, default_value_t = Protocol::Tp)]
     pub protocol: Protocol,
     /// How many devices.
@@ -37,7 +42,8 @@ pub struct Args {
     #[arg(long, default_value = "N{i}")]
     pub number: Pattern,
     /// The devices' ids on the platform: when given, every uplink the broker delivers is
-    /// checked to carry the id of the device that sent it.
+    /// checked to carry the id of the device that sent it (MQTT devices put it in their
+    /// envelopes, else their token).
     #[arg(long)]
     pub device_id: Option<Pattern>,
     /// Source addresses to connect from: `127.0.0.2-127.0.0.9` or a comma-separated list
@@ -118,6 +124,7 @@ pub struct Args {
 pub enum Protocol {
     Tp,
     Custom,
+    Mqtt,
 }
 
 /// A name with `{i}` standing for the device's index.
@@ -259,6 +266,9 @@ impl Args {
         if uplink.is_none() && downlink.is_none() && !self.idle && !self.shard {
             return Err("say what to do: --rate or --messages (uplinks), --downlink-rate, or --idle".into());
         }
+        if self.protocol == Protocol::Mqtt && downlink.is_some() {
+            return Err("--protocol mqtt measures uplinks and idle clients, not downlinks".into());
+        }
         if (uplink.is_some() || downlink.is_some()) && self.mqtt_url.is_none() && !self.shard {
             return Err("--mqtt-url: uplinks are received and downlinks published on the broker".into());
         }
@@ -276,13 +286,8 @@ impl Args {
     /// # Errors
     /// A name that does not resolve.
     pub async fn edges(&self) -> Result<Vec<SocketAddr>, (String, std::io::Error)> {
-        let default = match self.protocol {
-            Protocol::Tp => "127.0.0.1:7653",
-            Protocol::Custom => "127.0.0.1:7654",
-        };
-        let named = if self.edge.is_empty() { vec![default.to_owned()] } else { self.edge.clone() };
-        let mut resolved = Vec::with_capacity(named.len());
-        for name in named {
+        let mut resolved = Vec::with_capacity(self.edge.len().max(1));
+        for name in self.device_ports()? {
             let mut found = tokio::net::lookup_host(name.as_str()).await.map_err(|e| (name.clone(), e))?;
             let addr = found.next().ok_or_else(|| {
                 (name.clone(), std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
@@ -290,6 +295,24 @@ impl Args {
             resolved.push(addr);
         }
         Ok(resolved)
+    }
+
+    /// The ports the devices connect to, as named: `--edge`, else the protocol's default.
+    fn device_ports(&self) -> Result<Vec<String>, (String, std::io::Error)> {
+        if !self.edge.is_empty() {
+            return Ok(self.edge.clone());
+        }
+        Ok(vec![match self.protocol {
+            Protocol::Tp => "127.0.0.1:7653".to_owned(),
+            Protocol::Custom => "127.0.0.1:7654".to_owned(),
+            Protocol::Mqtt => {
+                let url = self.mqtt_url.as_deref().unwrap_or("mqtt://127.0.0.1:1883");
+                broker_port(url).ok_or_else(|| {
+                    let why = "the MQTT devices take mqtt://host:port (or --edge)";
+                    (url.to_owned(), std::io::Error::new(std::io::ErrorKind::InvalidInput, why))
+                })?
+            }
+        }])
     }
 
     /// The command line of shard `index` of `count`: its share of the devices and of
@@ -303,8 +326,12 @@ impl Args {
             out.push(format!("--{name}").into());
             out.push(value.into());
         };
-        if !self.edge.is_empty() {
-            flag("edge", self.edge.join(","));
+        // The MQTT devices' broker is named by the URL, which stays with the parent.
+        if let Ok(ports) = self.device_ports() {
+            flag("edge", ports.join(","));
+        }
+        if let Some(device_id) = &self.device_id {
+            flag("device-id", device_id.to_string());
         }
         flag("protocol", self.protocol.to_possible_value().expect("no skipped variant").get_name().into());
         flag("first", first.to_string());
@@ -329,6 +356,15 @@ impl Args {
         out.push("--shard".into());
         out
     }
+}
+
+/// `host:port` of a plain `mqtt://` or `tcp://` URL (the MQTT devices speak no TLS).
+fn broker_port(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://"))?;
+    let authority = rest.split(['/', '?']).next()?;
+    // Credentials in the URL are the platform's, not the devices'.
+    let host_port = authority.rsplit('@').next()?;
+    Some(if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:1883") })
 }
 
 /// Shard `index` of `count` of the devices `first..first + devices`: (first, count),
@@ -375,6 +411,20 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_devices_go_to_the_brokers_port_and_send_no_commands() {
+        let parent =
+            args("--protocol mqtt --devices 4 --messages 5 --mqtt-url mqtt://user:pw@broker:1884?x=1");
+        assert_eq!(parent.device_ports().unwrap(), ["broker:1884"]);
+        let line = parent.shard_args(&parent.traffic().unwrap(), 0, 2, "run1");
+        let child = Args::try_parse_from(std::iter::once(OsString::from("tcpc-load")).chain(line)).unwrap();
+        assert_eq!((child.protocol, child.edge), (Protocol::Mqtt, vec!["broker:1884".to_owned()]));
+        assert_eq!(broker_port("mqtt://broker").as_deref(), Some("broker:1883"));
+        assert_eq!(broker_port("mqtts://broker:8883"), None, "no TLS devices");
+        let downlinks = args("--protocol mqtt --downlink-rate 10 --mqtt-url mqtt://h");
+        assert!(downlinks.traffic().unwrap_err().contains("not downlinks"));
+    }
+
+    #[test]
     fn a_shard_gets_its_devices_and_its_part_of_the_rates_but_no_broker() {
         let parent = args(
             "--devices 100 --rate 1000 --connect-rate 500 --mqtt-url mqtt://h --mqtt-password pw --processes 4",
@@ -386,6 +436,7 @@ mod tests {
         assert_eq!(child.rate, Some(Rate::PerSecond(250.0)));
         assert_eq!(child.connect_rate, 125.0);
         assert!(child.shard);
+        assert_eq!(child.edge, ["127.0.0.1:7653"], "the default port, named for the shard");
         assert_eq!(child.run_id.as_deref(), Some("run1"));
     }
 }

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::{Buf, Bytes, BytesMut};
 use edge_gateway::codec::{Frame, FrameType, TpCodec, cmd};
 use futures::StreamExt;
+use rumqttc::{ConnectReturnCode, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpSocket;
@@ -29,6 +31,9 @@ use crate::stamp::{Stamp, now_us};
 const AUTH_WAIT: Duration = Duration::from_secs(30);
 /// The largest frame or line a device reads (a downlink is far smaller).
 const MAX_INBOUND: usize = 1 << 20;
+/// QoS 1 publishes an MQTT device has unacknowledged at most: rumqttc's default, the
+/// usual client's window (the edge's is one message per device, see README Ordering).
+const MQTT_IN_FLIGHT: u16 = 100;
 
 /// The devices of this process and how they behave.
 #[derive(Clone, Debug)]
@@ -38,6 +43,8 @@ pub struct DevicePlan {
     pub edges: Vec<SocketAddr>,
     pub sources: Vec<IpAddr>,
     pub token: Pattern,
+    /// The device ids MQTT devices put in their envelopes (else their tokens).
+    pub device_id: Option<Pattern>,
     pub first: u64,
     pub count: u64,
     pub connect_rate: f64,
@@ -55,6 +62,7 @@ impl DevicePlan {
             edges,
             sources: args.source.clone().map(|s| s.0).unwrap_or_default(),
             token: args.token.clone(),
+            device_id: args.device_id.clone(),
             first: args.first,
             count: args.devices,
             connect_rate: args.connect_rate,
@@ -396,11 +404,20 @@ struct Link {
     writer: OwnedWriteHalf,
     /// Bytes queued for the edge.
     out: BytesMut,
+    /// MQTT: publishes not yet acknowledged.
+    unacked: u16,
+}
+
+impl Link {
+    fn new(inbound: Inbound, writer: OwnedWriteHalf) -> Link {
+        Link { inbound, writer, out: BytesMut::new(), unacked: 0 }
+    }
 }
 
 enum Inbound {
     Tp(FramedRead<OwnedReadHalf, TpCodec>),
     Custom(FramedRead<OwnedReadHalf, LinesCodec>),
+    Mqtt(FramedRead<OwnedReadHalf, rumqttc::Codec>),
 }
 
 /// What the edge sent.
@@ -411,6 +428,8 @@ enum Incoming {
     Closing(String),
     /// A custom device's token was refused (the line before the close).
     Refused(String),
+    /// The broker acknowledged an MQTT device's publish.
+    Acked,
     Nothing,
 }
 
@@ -424,6 +443,11 @@ impl Inbound {
             }),
             Inbound::Custom(lines) => Some(match lines.next().await? {
                 Ok(line) => Ok(custom_incoming(line)),
+                Err(error) => Err(error.to_string()),
+            }),
+            Inbound::Mqtt(packets) => Some(match packets.next().await? {
+                Ok(Packet::PubAck(_)) => Ok(Incoming::Acked),
+                Ok(_) => Ok(Incoming::Nothing),
                 Err(error) => Err(error.to_string()),
             }),
         }
@@ -495,7 +519,7 @@ async fn connect(plan: &DevicePlan, index: u64) -> Result<Link, String> {
             if &answer.payload[..] != br#"{"result":0}"# {
                 return Err(format!("auth refused: {}", refusal(&answer.payload)));
             }
-            Ok(Link { inbound: Inbound::Tp(frames), writer, out: BytesMut::new() })
+            Ok(Link::new(Inbound::Tp(frames), writer))
         }
         // The custom protocol answers nothing on success: a refusal arrives later as a
         // line, then the close (counted then).
@@ -505,7 +529,28 @@ async fn connect(plan: &DevicePlan, index: u64) -> Result<Link, String> {
                 .await
                 .map_err(|e| format!("send the token: {e}"))?;
             let lines = FramedRead::with_capacity(read, LinesCodec::new_with_max_length(MAX_INBOUND), 256);
-            Ok(Link { inbound: Inbound::Custom(lines), writer, out: BytesMut::new() })
+            Ok(Link::new(Inbound::Custom(lines), writer))
+        }
+        Protocol::Mqtt => {
+            let mut connect = rumqttc::Connect::new(format!("tcpc-load-{}-{index}", plan.run));
+            connect.set_login(token, "");
+            // The broker closes a client silent for 1.5 keep-alives; the device pings
+            // after a heartbeat of silence.
+            connect.keep_alive = u16::try_from(plan.heartbeat.as_secs() * 2).unwrap_or(u16::MAX).max(1);
+            let mut packet = BytesMut::new();
+            connect.write(&mut packet).map_err(|e| format!("CONNECT: {e}"))?;
+            writer.write_all(&packet).await.map_err(|e| format!("send CONNECT: {e}"))?;
+            let codec = rumqttc::Codec { max_incoming_size: MAX_INBOUND, max_outgoing_size: MAX_INBOUND };
+            let mut packets = FramedRead::with_capacity(read, codec, 256);
+            match packets.next().await {
+                Some(Ok(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                    Ok(Link::new(Inbound::Mqtt(packets), writer))
+                }
+                Some(Ok(Packet::ConnAck(ack))) => Err(format!("auth refused: {:?}", ack.code)),
+                Some(Ok(other)) => Err(format!("auth answer: {other:?} before CONNACK")),
+                Some(Err(error)) => Err(format!("auth answer: {error}")),
+                None => Err("closed before the auth answer".to_owned()),
+            }
         }
     }
 }
@@ -556,9 +601,11 @@ impl Session<'_> {
         loop {
             let send_at = self.sender.as_ref().map(|s| s.next);
             // Paced messages queue behind a slow socket (their stamps count the wait);
-            // as-fast-as-possible ones are made when the socket took the last one.
-            let may_send =
-                self.sender.as_ref().is_some_and(|sender| sender.every.is_some() || self.link.out.is_empty());
+            // as-fast-as-possible ones are made when the socket took the last one (and
+            // an MQTT device's window has room).
+            let may_send = self.sender.as_ref().is_some_and(|sender| {
+                sender.every.is_some() || (self.link.out.is_empty() && self.link.unacked < MQTT_IN_FLIGHT)
+            });
             tokio::select! {
                 // Every branch is cancel-safe: a `watch` change stays pending, a framed
                 // read keeps its buffer, a write that lost the race wrote nothing.
@@ -572,6 +619,7 @@ impl Session<'_> {
                     Some(Ok(Incoming::Downlink(payload, tp_cmd))) => self.downlink(&payload, tp_cmd),
                     Some(Ok(Incoming::Closing(reason))) => closing = Some(Lost::Closed(reason)),
                     Some(Ok(Incoming::Refused(reason))) => closing = Some(Lost::Refused(reason)),
+                    Some(Ok(Incoming::Acked)) => self.link.unacked = self.link.unacked.saturating_sub(1),
                     Some(Ok(Incoming::Nothing)) => {}
                     // The edge's reason, when it gave one before the socket failed.
                     Some(Err(error)) => return Some(closing.unwrap_or(Lost::Closed(format!("closed: {error}")))),
@@ -585,8 +633,14 @@ impl Session<'_> {
                     self.send_next();
                     next_heartbeat = Instant::now() + heartbeat;
                 }
-                () = tokio::time::sleep_until(next_heartbeat), if self.shared.plan.protocol == Protocol::Tp => {
-                    self.link.out.extend_from_slice(&Frame::heartbeat(0).to_bytes());
+                () = tokio::time::sleep_until(next_heartbeat), if self.shared.plan.protocol != Protocol::Custom => {
+                    match self.shared.plan.protocol {
+                        // Writing a PINGREQ cannot fail.
+                        Protocol::Mqtt => {
+                            let _ = rumqttc::PingReq.write(&mut self.link.out);
+                        }
+                        _ => self.link.out.extend_from_slice(&Frame::heartbeat(0).to_bytes()),
+                    }
                     next_heartbeat = Instant::now() + heartbeat;
                 }
             }
@@ -642,6 +696,17 @@ impl Session<'_> {
             Protocol::Custom => {
                 self.link.out.extend_from_slice(json.as_bytes());
                 self.link.out.extend_from_slice(b"\n");
+            }
+            Protocol::Mqtt => {
+                let id = plan.device_id.as_ref().unwrap_or(&plan.token).at(self.index);
+                let values = base64::engine::general_purpose::STANDARD.encode(json);
+                let envelope = serde_json::json!({"device_id": id, "values": values}).to_string();
+                let mut publish = rumqttc::Publish::new(crate::uplink::TOPIC, QoS::AtLeastOnce, envelope);
+                // Packet ids 1..=65535 in turn: far more than the window holds.
+                publish.pkid = (self.end.sent % u64::from(u16::MAX)) as u16 + 1;
+                // Fails only for a packet id of 0 or a payload past 256 MiB.
+                publish.write(&mut self.link.out).expect("a publish within the protocol's limits");
+                self.link.unacked = self.link.unacked.saturating_add(1);
             }
         }
         self.end.sent += 1;

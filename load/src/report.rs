@@ -180,6 +180,7 @@ impl fmt::Display for Report {
         let protocol = match self.protocol {
             Protocol::Tp => "TP",
             Protocol::Custom => "custom",
+            Protocol::Mqtt => "MQTT",
         };
         let last = self.first + self.devices.saturating_sub(1);
         let phase = if self.uplink.is_none() && self.downlink.is_none() { "held" } else { "of traffic" };

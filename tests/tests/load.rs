@@ -1,13 +1,15 @@
 //! tcpc-load against the real pipeline (edge, NATS JetStream, a worker process,
 //! mosquitto, the fake platform): a small run's every message arrives once, in order,
 //! attributed to its device, both ways; with TP devices in this process, and with
-//! custom devices through an uplink script in two shard processes.
+//! custom devices through an uplink script in two shard processes. And its peer
+//! baseline, MQTT devices publishing straight to mosquitto, measured the same way.
 
 use std::net::SocketAddr;
 
 use clap::Parser;
 use serde_json::{Value, json};
 use tcpc_load::{Args, Report};
+use tcpc_tests::mqtt::Mosquitto;
 use tcpc_tests::world::{World, wait_for_partitions};
 
 const DEVICES: u64 = 20;
@@ -78,4 +80,23 @@ async fn custom_devices_through_a_script_in_two_processes_every_message_arrives_
     let report = tcpc_load::run_with_program(args(&w, edge.custom, &extra), program).await.expect("the run");
     assert_eq!(report.processes, 2);
     assert_everything_arrived_once_in_order(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_devices_straight_to_the_broker_every_message_arrives_once_in_order() {
+    let broker = Mosquitto::spawn().await;
+    let (url, devices, uplinks) = (broker.url(), DEVICES.to_string(), UPLINKS_EACH.to_string());
+    let line = ["tcpc-load", "--protocol", "mqtt", "--mqtt-url", &url, "--devices", &devices];
+    let line = line.into_iter().chain(["--device-id", "dev-{i}", "--messages", &uplinks, "--drain", "60s"]);
+    let report = tcpc_load::run(Args::try_parse_from(line).expect("valid flags")).await.expect("the run");
+    assert!(report.errors.is_empty(), "{report}");
+    assert_eq!(report.connect.authenticated, DEVICES, "{report}");
+    let up = report.uplink.as_ref().expect("uplinks measured");
+    let sent = DEVICES * UPLINKS_EACH;
+    assert_eq!(
+        (up.sent, up.received, up.lost, up.duplicates, up.out_of_order, up.misattributed),
+        (sent, sent, 0, 0, 0, 0),
+        "{report}"
+    );
+    assert!(report.downlink.is_none(), "{report}");
 }
