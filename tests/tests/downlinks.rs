@@ -304,12 +304,12 @@ async fn a_downlink_to_an_edge_that_never_answers_is_answered_and_holds_up_no_ot
         watcher.publish(&format!("plugin/TCP/devices/command/D001/hung{n}"), r#"{"method":"reboot"}"#).await;
     }
     // Another device's command is not queued behind them: it is delivered while the first
-    // still waits for its Deliver deadline, so before any of them is answered.
+    // still waits for its Deliver deadline. (Behind them, it would have reached the head
+    // of the queue past its own answer's due time and been answered "not delivered in
+    // time" instead.)
     watcher.publish("plugin/TCP/devices/command/D002/other", r#"{"method":"reboot"}"#).await;
     let frame = other.next().await.expect("the other device's command");
     assert_eq!(frame.cmd, cmd::COMMAND, "{frame:?}");
-    let early = watcher.next_within(Duration::ZERO).await;
-    assert!(early.is_none(), "delivered before the hung device's commands were answered: {early:?}");
     // The first waits out its Deliver. Those queued behind it are answered by the bound
     // from their arrival (one Deliver and a margin), whether or not a Deliver still fits
     // in it: the last cannot have had one, ten Deliver deadlines after its arrival.
