@@ -17,7 +17,11 @@
 //! order, as before the lanes).
 //!
 //! The platform names a device by its number (backend ≥ v1.1.10) or its id (older): one
-//! backend uses one form, so one device's downlinks take one lane.
+//! backend uses one form, so one device's downlinks take one lane. A gateway's
+//! sub-devices are named each by its own: their downlinks take their own lanes, so the
+//! order holds per sub-device, not across a gateway's sub-devices (as with devices).
+//! Downlinks replayed after a partition hand-over (see [`Downlinks::replay_hand_over`])
+//! do not go through the lanes: they are past, or near, their answer's bound by then.
 
 use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
@@ -25,9 +29,9 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug};
+use tracing::{Instrument as _, debug, error};
 
-use super::Downlinks;
+use super::{Downlinks, Undelivered};
 use crate::platform::mqtt::Downlink;
 use crate::platform::topics::{self, DownlinkTopic};
 
@@ -47,7 +51,7 @@ type Queued = (DownlinkTopic, Downlink, OwnedSemaphorePermit);
 
 /// Hands the broker's downlinks to their lanes, at most `waiting` of them in the lanes
 /// at once, until `arrivals` closes or `stop`; then waits for the downlinks already in
-/// the lanes to be handled.
+/// the lanes to be handled (each within its answer's bound: a few seconds at most).
 pub async fn dispatch(
     downlinks: Arc<Downlinks>,
     mut arrivals: mpsc::Receiver<Downlink>,
@@ -60,7 +64,7 @@ pub async fn dispatch(
     let senders: Vec<mpsc::UnboundedSender<Queued>> = (0..lanes)
         .map(|_| {
             let (sender, receiver) = mpsc::unbounded_channel();
-            tasks.spawn(lane(downlinks.clone(), receiver, stop.clone()));
+            tasks.spawn(lane(downlinks.clone(), receiver));
             sender
         })
         .collect();
@@ -79,8 +83,15 @@ pub async fn dispatch(
             continue;
         };
         let lane = lane_of(&parsed.device, lanes);
-        // A lane ends only on `stop`, which ends this loop first.
-        let _ = senders[lane].send((parsed, downlink, place));
+        // A lane ends only when its sender is dropped, below, or if it panicked: then
+        // its devices are answered "busy" instead of left without an answer.
+        if let Err(mpsc::error::SendError((parsed, downlink, _))) =
+            senders[lane].send((parsed, downlink, place))
+        {
+            error!(lane, "downlink lane gone; answering busy");
+            let span = downlink.span.clone();
+            downlinks.answer(&parsed, &parsed.device, Undelivered::Busy).instrument(span).await;
+        }
     }
     drop(senders);
     tasks.wait().await;
@@ -96,23 +107,12 @@ async fn next(
     Some((arrivals.recv().await?, place))
 }
 
-/// Handles one lane's downlinks, one at a time, until its sender is gone or `stop`.
-async fn lane(
-    downlinks: Arc<Downlinks>,
-    mut queue: mpsc::UnboundedReceiver<Queued>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            next = queue.recv() => match next {
-                Some((parsed, downlink, _place)) => {
-                    let span = downlink.span.clone();
-                    downlinks.handle(parsed, downlink).instrument(span).await;
-                }
-                None => return,
-            },
-        }
+/// Handles one lane's downlinks, one at a time, until its sender is gone: on a stop,
+/// what is queued is still handled (and answered), each within its answer's bound.
+async fn lane(downlinks: Arc<Downlinks>, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    while let Some((parsed, downlink, _place)) = queue.recv().await {
+        let span = downlink.span.clone();
+        downlinks.handle(parsed, downlink).instrument(span).await;
     }
 }
 

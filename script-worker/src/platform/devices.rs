@@ -93,11 +93,16 @@ fn main_digest(device: &Device, asked: &str) -> String {
     if device.voucher_digest.is_empty() { asked.to_owned() } else { device.voucher_digest.clone() }
 }
 
-/// Every digest `device`'s config answers for: `asked`, its voucher's, its id's and its
-/// number's. (Not its sub-devices': asked for by their own id the platform answers with
-/// the sub-device's config, not the gateway's.)
+/// Every digest `device`'s config answers for: its voucher's, its id's and its number's,
+/// and `asked` when it names the device (an old token's digest, asked by id after the
+/// token was changed, must not authenticate with the new config). Not its
+/// sub-devices': asked for by their own id the platform answers with the sub-device's
+/// config, not the gateway's.
 fn digests_of(device: &Device, asked: &str) -> Vec<String> {
-    let mut digests = vec![asked.to_owned(), id_digest(&device.id), number_digest(&device.number)];
+    let mut digests = vec![id_digest(&device.id), number_digest(&device.number)];
+    if device.voucher_digest.is_empty() || digests.iter().any(|digest| digest == asked) {
+        digests.push(asked.to_owned());
+    }
     if !device.voucher_digest.is_empty() {
         digests.push(device.voucher_digest.clone());
     }
@@ -111,15 +116,18 @@ impl Cached {
         self.fetched.elapsed() < fresh_for(self.device.is_some(), digest)
     }
 
-    /// Bytes the entry holds, about (its config as JSON; a device cached under several
-    /// digests is counted under each, which errs on the safe side).
-    fn weight(&self) -> usize {
+    /// Bytes the entry under `digest` holds, about: its config as JSON under the
+    /// device's main digest, the entry alone under its other forms (they share the one
+    /// config).
+    fn weight(&self, digest: &str) -> usize {
         const OVERHEAD: usize = 64;
-        OVERHEAD
-            + self
-                .device
-                .as_ref()
-                .map_or(0, |device| serde_json::to_vec(device.as_ref()).map_or(0, |json| json.len()))
+        let config = match &self.device {
+            Some(device) if device.voucher_digest.is_empty() || device.voucher_digest == digest => {
+                serde_json::to_vec(device.as_ref()).map_or(0, |json| json.len())
+            }
+            _ => 0,
+        };
+        OVERHEAD + config
     }
 
     fn lookup(&self) -> Lookup {
@@ -146,16 +154,47 @@ impl Memory {
         Memory {
             by_digest: moka::sync::Cache::builder()
                 .max_capacity(configs_kept)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .weigher(|digest: &String, cached: &Cached| {
-                    u32::try_from(digest.len() + cached.weight()).unwrap_or(u32::MAX)
+                    u32::try_from(digest.len() + cached.weight(digest)).unwrap_or(u32::MAX)
                 })
                 .build(),
-            digest_of_id: moka::sync::Cache::new(references_kept),
+            digest_of_id: moka::sync::Cache::builder()
+                .max_capacity(references_kept)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
             targets: moka::sync::Cache::builder()
                 .max_capacity(references_kept)
-                .support_invalidation_closures()
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
         }
+    }
+}
+
+/// The platform calls of the last [`PER_VOUCHER`], pruned at most once a second (a
+/// cold storm makes thousands a second: not a pass over all of them per call).
+struct LastCalls {
+    at: HashMap<String, Instant>,
+    pruned: Instant,
+}
+
+impl LastCalls {
+    fn new() -> Self {
+        LastCalls { at: HashMap::new(), pruned: Instant::now() }
+    }
+
+    /// Records a call for `gate` now, unless one was made within [`PER_VOUCHER`].
+    fn admit(&mut self, gate: &str) -> bool {
+        let now = Instant::now();
+        if self.at.get(gate).is_some_and(|at| now.duration_since(*at) < PER_VOUCHER) {
+            return false;
+        }
+        if now.duration_since(self.pruned) >= Duration::from_secs(1) {
+            self.at.retain(|_, at| now.duration_since(*at) < PER_VOUCHER);
+            self.pruned = now;
+        }
+        self.at.insert(gate.to_owned(), now);
+        true
     }
 }
 
@@ -174,7 +213,7 @@ pub struct PlatformDevices {
     refreshing: Mutex<HashSet<String>>,
     memory: Memory,
     /// When this worker last called the platform, by gate digest (the last 3 s).
-    last_call: Mutex<HashMap<String, Instant>>,
+    last_call: Mutex<LastCalls>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     outage: Mutex<Outage>,
 }
@@ -188,7 +227,7 @@ impl PlatformDevices {
             redis,
             refreshing: Mutex::default(),
             memory: Memory::new(CONFIGS_KEPT, REFERENCES_KEPT),
-            last_call: Mutex::default(),
+            last_call: Mutex::new(LastCalls::new()),
             flights: Mutex::default(),
             outage: Mutex::new(Outage {
                 until: None,
@@ -238,6 +277,15 @@ impl PlatformDevices {
         })
     }
 
+    /// The main digest of a device as Redis has it (set by whichever worker fetched it).
+    async fn shared_main_digest(&self, device_id: &str) -> Option<String> {
+        let mut redis = self.redis.clone()?;
+        tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_voucher_key(device_id)))
+            .await
+            .ok()?
+            .ok()?
+    }
+
     async fn shared_put(&self, digest: &str, device: Option<&Device>) {
         let Some(redis) = &self.redis else { return };
         let shared = Shared { device: device.cloned(), fetched_ms: tcpc_proto::now_ms() };
@@ -275,12 +323,9 @@ impl PlatformDevices {
             }
         }
         {
-            let mut last_call = self.last_call.lock().unwrap_or_else(|e| e.into_inner());
-            if last_call.get(gate).is_some_and(|at| at.elapsed() < PER_VOUCHER) {
+            if !self.last_call.lock().unwrap_or_else(|e| e.into_inner()).admit(gate) {
                 return Err(SourceError::RateGated);
             }
-            last_call.retain(|_, at| at.elapsed() < PER_VOUCHER);
-            last_call.insert(gate.to_owned(), Instant::now());
         }
         if let Some(mut redis) = self.redis.clone() {
             let taken: Result<Result<Option<String>, _>, _> = tokio::time::timeout(
@@ -405,13 +450,25 @@ impl DeviceSource for PlatformDevices {
             if let Some(target) = self.memory.targets.get(reference) {
                 return Ok(Some(target));
             }
-            // Not cached: the platform, by id, then by number (v1.1.10+ topics).
-            for (digest, query) in [
+            // By id, then by number (v1.1.10+ topics); a form whose config is cached
+            // here first, so that no platform call is made for a device known here.
+            let mut forms = vec![
                 (id_digest(reference), ConfigQuery::DeviceId(reference)),
                 (number_digest(reference), ConfigQuery::DeviceNumber(reference)),
-            ] {
-                if self.fetch(&digest, query).await?.device.is_some() {
-                    return Ok(self.memory.targets.get(reference));
+            ];
+            forms.sort_by_key(|(digest, _)| self.cached(digest).and_then(|cached| cached.device).is_none());
+            for (digest, query) in forms {
+                if let Some(device) = self.fetch(&digest, query).await?.device {
+                    // From the config itself: the targets cache may have let it go while
+                    // the configs cache kept it.
+                    let mut found = None;
+                    for (named, target) in crate::source::targets_of(&device) {
+                        if named == reference {
+                            found = Some(target.clone());
+                        }
+                        self.memory.targets.insert(named, target);
+                    }
+                    return Ok(found);
                 }
             }
             Ok(None)
@@ -428,24 +485,11 @@ impl DeviceSource for PlatformDevices {
 
     fn by_id<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Arc<Device>>, SourceError>> {
         Box::pin(async move {
-            let known = self.memory.digest_of_id.get(device_id);
-            let digest = match known {
-                Some(digest) => digest,
-                None => match self.redis.clone() {
-                    Some(mut redis) => {
-                        let shared: Option<String> = tokio::time::timeout(
-                            REDIS_DEADLINE,
-                            redis.get(names::device_voucher_key(device_id)),
-                        )
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .flatten();
-                        shared.unwrap_or_else(|| id_digest(device_id))
-                    }
-                    None => id_digest(device_id),
-                },
+            let digest = match self.memory.digest_of_id.get(device_id) {
+                Some(digest) => Some(digest),
+                None => self.shared_main_digest(device_id).await,
             };
+            let digest = digest.unwrap_or_else(|| id_digest(device_id));
             Ok(self.fetch(&digest, ConfigQuery::DeviceId(device_id)).await?.device)
         })
     }
@@ -453,22 +497,28 @@ impl DeviceSource for PlatformDevices {
     fn forget<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let memory = &self.memory;
-            let main = memory.digest_of_id.remove(device_id).unwrap_or_else(|| id_digest(device_id));
-            let device = memory.by_digest.get(&main).and_then(|cached| cached.device);
-            let digests = match &device {
-                Some(device) => digests_of(device, &main),
-                None => vec![main, id_digest(device_id)],
+            // Its config, from memory or else from Redis (another worker's copy): every
+            // form it is cached under goes, here and in Redis.
+            let main = match memory.digest_of_id.remove(device_id) {
+                Some(main) => Some(main),
+                None => self.shared_main_digest(device_id).await,
             };
+            let main = main.unwrap_or_else(|| id_digest(device_id));
+            let device = match memory.by_digest.get(&main).and_then(|cached| cached.device) {
+                Some(device) => Some(device),
+                None => self.shared_get(&main).await.and_then(|cached| cached.device),
+            };
+            let mut digests = vec![main.clone(), id_digest(device_id)];
+            if let Some(device) = &device {
+                digests.extend(digests_of(device, &main));
+                for (reference, _) in crate::source::targets_of(device) {
+                    memory.targets.invalidate(&reference);
+                }
+            }
+            digests.sort_unstable();
+            digests.dedup();
             for digest in &digests {
                 memory.by_digest.invalidate(digest);
-            }
-            // Its targets, whichever config they came from (checked lazily, on reads and
-            // in the cache's housekeeping: no pass over every entry now).
-            let carrier = device_id.to_owned();
-            let forgotten =
-                memory.targets.invalidate_entries_if(move |_, target| target.carrier.id == carrier);
-            if let Err(error) = forgotten {
-                warn!(%error, "the targets of a device to forget were not dropped");
             }
             let Some(redis) = &self.redis else { return };
             // Keys of several slots: one DEL each, in a batch a Redis Cluster takes apart.
@@ -536,7 +586,9 @@ mod tests {
     #[test]
     fn the_memory_caches_keep_within_their_bounds() {
         let memory = Memory::new(64 << 10, 500);
-        let weight = Cached { device: Some(device(0)), fetched: Instant::now() }.weight();
+        let first = device(0);
+        let weight =
+            Cached { device: Some(first.clone()), fetched: Instant::now() }.weight(&first.voucher_digest);
         for n in 0..2000 {
             let device = device(n);
             memory.by_digest.insert(
@@ -575,6 +627,33 @@ mod tests {
             assert!(devices.cached(&digest).is_none(), "forgotten under each form");
         }
         assert!(devices.memory.targets.get("S7").is_none(), "its sub-device too");
+    }
+
+    /// A device whose downlink target the targets cache let go is still found from its
+    /// cached config, with no platform call (here a platform that cannot be reached).
+    #[tokio::test]
+    async fn a_device_is_resolved_from_its_config_when_its_target_was_evicted() {
+        let client = PlatformClient::new("http://127.0.0.1:9", Duration::from_secs(1));
+        let devices = PlatformDevices::new(client, None);
+        let gateway = device(3);
+        devices.remember(&gateway.voucher_digest, Some(gateway.clone()), Instant::now());
+        devices.memory.targets.invalidate_all();
+        let target = devices.resolve("N3").await.unwrap().expect("found by its number");
+        assert_eq!(target.carrier.id, "dev-3");
+        assert!(devices.memory.targets.get("S3").is_some(), "the config's targets are back");
+    }
+
+    /// Asked by id after its token changed, a device's new config is not cached under
+    /// the old token's digest: the old token must not authenticate with it.
+    #[test]
+    fn a_config_is_cached_only_under_the_forms_that_name_its_device() {
+        let device = device(5);
+        let old_token = voucher::digest(&voucher::of_token("token-before"));
+        let forms = digests_of(&device, &old_token);
+        assert!(!forms.contains(&old_token));
+        assert!(forms.contains(&device.voucher_digest));
+        assert!(forms.contains(&id_digest("dev-5")) && forms.contains(&number_digest("N5")));
+        assert_eq!(digests_of(&device, &id_digest("dev-5")).len(), 3, "no duplicate forms");
     }
 
     /// Configs fetched together (a mass reconnect) expire over the last tenth of the
