@@ -112,7 +112,7 @@ impl Session {
         {
             Err(_) => return Err(Close::AuthTimeout),
             Ok(Err(error)) => {
-                warn!(%error, "authentication request failed");
+                warn!(conn = %self.id, %error, "authentication request failed");
                 return Err(Close::AuthUnavailable);
             }
             Ok(Ok(reply)) if !reply.ok => {
@@ -206,7 +206,7 @@ impl Session {
             Inbound::Tp(codec) => *codec = TpCodec::new(max_frame),
             Inbound::Custom(framer) => {
                 **framer = CustomFramer::from_proto(reply.framing.as_ref(), max_frame).map_err(|e| {
-                    warn!(error = %e, "device config has an unusable framing");
+                    warn!(conn = %self.id, device_id = %reply.device_id, error = %e, "device config has an unusable framing");
                     Close::AuthRefused("device framing misconfigured".to_owned())
                 })?;
             }
@@ -225,7 +225,13 @@ impl Session {
             self.write(&Frame::data(codec::cmd::AUTH, &b"{\"result\":0}"[..]).to_bytes()).await?;
         }
         shared.metrics.auth.get_or_create(&ReasonLabel { reason: "ok" }).inc();
-        info!(%peer, listener = super::listener_label(self.protocol), "device authenticated");
+        info!(
+            conn = %self.id,
+            device_id = %reply.device_id,
+            %peer,
+            listener = super::listener_label(self.protocol),
+            "device authenticated"
+        );
         // The online event is the session's sequence 0: before any of its data.
         self.publish(self.session_event(SessionState::Online, "", true)).await;
         Ok(())
@@ -262,7 +268,12 @@ impl Session {
                 }
             }
             Err(error) => {
-                warn!(%error, "route not registered; the next re-assert round retries");
+                warn!(
+                    conn = %self.id,
+                    device_id = %handle.device_id,
+                    %error,
+                    "route not registered; the next re-assert round retries"
+                );
             }
         }
     }
