@@ -130,6 +130,14 @@ pub fn device_config_key(voucher_digest: &str) -> String {
     format!("tcpc:config:{voucher_digest}")
 }
 
+/// Redis: the digest a device's config is kept under (its voucher's), by the digest of
+/// another form that names the device (its id, its number): the config is stored once.
+/// A key of its own, not a `tcpc:config:` entry, so that a worker that does not know
+/// it (a rolling update) sees a miss, never an unknown device.
+pub fn device_config_alias_key(digest: &str) -> String {
+    format!("tcpc:config-alias:{digest}")
+}
+
 /// Redis: the voucher digest of a device id, so that `device/disconnect` (which names
 /// the device) can drop the cached config.
 pub fn device_voucher_key(device_id: &str) -> String {

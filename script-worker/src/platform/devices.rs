@@ -5,7 +5,8 @@
 //!   that the configs fetched in a mass reconnect do not all expire together, and every
 //!   worker agrees on when one does); `device/disconnect` drops a device's entry.
 //! - A device's config answers for every form a lookup may name it by (its voucher, its
-//!   id, its number): cached under each, so that the platform is asked once per device
+//!   id, its number): cached under each in memory, and in Redis once under its voucher
+//!   with the other forms pointing there, so that the platform is asked once per device
 //!   whichever form comes first.
 //! - The platform allows one call per voucher per 3 s: calls are single-flight per
 //!   voucher in a worker, and across workers a Redis key taken with `SET NX PX 3000`
@@ -262,14 +263,29 @@ impl PlatformDevices {
         flights.entry(digest.to_owned()).or_default().clone()
     }
 
+    /// The config Redis keeps under `digest`, or under the digest its alias there names
+    /// (both asked in one round trip; the aliased config in a second).
     async fn shared_get(&self, digest: &str) -> Option<Cached> {
-        let mut redis = self.redis.clone()?;
-        let text: Option<String> =
-            tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_config_key(digest)))
-                .await
-                .ok()?
-                .ok()?;
-        let shared: Shared = serde_json::from_str(&text?).ok()?;
+        let redis = self.redis.as_ref()?;
+        let mut batch = Batch::new();
+        batch.command("GET", &names::device_config_key(digest));
+        batch.command("GET", &names::device_config_alias_key(digest));
+        let answers: Vec<Option<String>> =
+            tokio::time::timeout(REDIS_DEADLINE, batch.query(redis)).await.ok()?.ok()?;
+        let text = match answers.as_slice() {
+            [Some(text), _] => text.clone(),
+            [None, Some(main)] => {
+                let mut redis = redis.clone();
+                let text: Option<String> =
+                    tokio::time::timeout(REDIS_DEADLINE, redis.get(names::device_config_key(main)))
+                        .await
+                        .ok()?
+                        .ok()?;
+                text?
+            }
+            _ => return None,
+        };
+        let shared: Shared = serde_json::from_str(&text).ok()?;
         let age = Duration::from_millis((tcpc_proto::now_ms() - shared.fetched_ms).max(0) as u64);
         Some(Cached {
             device: shared.device.map(Arc::new),
@@ -293,18 +309,16 @@ impl PlatformDevices {
         // A known device's entry is kept a day (stale, it still authenticates the device
         // in an outage); an unknown token's only as long as it counts as unknown.
         let ttl = if device.is_some() { 24 * 3600 } else { NEGATIVE_TTL.as_secs() };
-        // Keys of several slots: a batch, which a Redis Cluster takes apart.
+        // Keys of several slots: a batch, which a Redis Cluster takes apart. The config
+        // once, under the device's main digest; its other forms point there.
         let mut batch = Batch::new();
-        let digests = device.map_or_else(|| vec![digest.to_owned()], |device| digests_of(device, digest));
-        for digest in &digests {
-            batch.command("SET", &names::device_config_key(digest)).arg(&text).arg("EX").arg(ttl);
-        }
+        let main = device.map_or_else(|| digest.to_owned(), |device| main_digest(device, digest));
+        batch.command("SET", &names::device_config_key(&main)).arg(&text).arg("EX").arg(ttl);
         if let Some(device) = device {
-            batch
-                .command("SET", &names::device_voucher_key(&device.id))
-                .arg(main_digest(device, digest))
-                .arg("EX")
-                .arg(24 * 3600);
+            for alias in digests_of(device, digest).iter().filter(|alias| **alias != main) {
+                batch.command("SET", &names::device_config_alias_key(alias)).arg(&main).arg("EX").arg(ttl);
+            }
+            batch.command("SET", &names::device_voucher_key(&device.id)).arg(&main).arg("EX").arg(ttl);
         }
         let stored = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
         if !matches!(stored, Ok(Ok(_))) {
@@ -526,6 +540,7 @@ impl DeviceSource for PlatformDevices {
             batch.command("DEL", &names::device_voucher_key(device_id));
             for digest in &digests {
                 batch.command("DEL", &names::device_config_key(digest));
+                batch.command("DEL", &names::device_config_alias_key(digest));
             }
             let _ = tokio::time::timeout(REDIS_DEADLINE, batch.query::<()>(redis)).await;
         })
