@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use serde_json::{Value, json};
+use tcpc_load::report::Flow;
 use tcpc_load::{Args, Report};
 use tcpc_tests::mqtt::Mosquitto;
 use tcpc_tests::world::{World, wait_for_partitions};
@@ -50,14 +51,19 @@ fn assert_everything_arrived_once_in_order(report: &Report) {
     assert_eq!(report.connect.connected_at_end, DEVICES, "{report}");
     for (flow, each) in [(&report.uplink, UPLINKS_EACH), (&report.downlink, DOWNLINKS_EACH)] {
         let flow = flow.as_ref().expect("both directions measured");
-        let sent = DEVICES * each;
-        assert_eq!(
-            (flow.sent, flow.received, flow.lost, flow.duplicates, flow.out_of_order, flow.misattributed),
-            (sent, sent, 0, 0, 0, 0),
-            "{report}"
-        );
+        assert_each_arrived_once_in_order(report, flow, each);
         assert!(flow.latency.is_some(), "{report}");
     }
+}
+
+/// Every one of the devices' `each` messages of `flow` arrived, once, in order.
+fn assert_each_arrived_once_in_order(report: &Report, flow: &Flow, each: u64) {
+    let sent = DEVICES * each;
+    assert_eq!(
+        (flow.sent, flow.received, flow.lost, flow.duplicates, flow.out_of_order, flow.misattributed),
+        (sent, sent, 0, 0, 0, 0),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,12 +97,10 @@ async fn mqtt_devices_straight_to_the_broker_every_message_arrives_once_in_order
     let report = tcpc_load::run(Args::try_parse_from(line).expect("valid flags")).await.expect("the run");
     assert!(report.errors.is_empty(), "{report}");
     assert_eq!(report.connect.authenticated, DEVICES, "{report}");
-    let up = report.uplink.as_ref().expect("uplinks measured");
-    let sent = DEVICES * UPLINKS_EACH;
-    assert_eq!(
-        (up.sent, up.received, up.lost, up.duplicates, up.out_of_order, up.misattributed),
-        (sent, sent, 0, 0, 0, 0),
-        "{report}"
+    assert_each_arrived_once_in_order(
+        &report,
+        report.uplink.as_ref().expect("uplinks measured"),
+        UPLINKS_EACH,
     );
     assert!(report.downlink.is_none(), "{report}");
 }
