@@ -9,10 +9,11 @@
 //!   of partitions that now belong to another (the other waits for the release or the
 //!   expiry). A worker that cannot renew a lease stops consuming that partition once
 //!   the lease could have expired.
-//! - Inside a partition, envelopes are handled in stream order: a batch's messages are
-//!   handed to the platform sink in order (one MQTT connection keeps that order), and
-//!   the batch is acknowledged (AckPolicy::All, one ack for the batch) only after the
-//!   broker acknowledged every message. A failure retries the batch: at-least-once.
+//! - Inside a partition, envelopes are handled in stream order ([`deliver`]): pulled
+//!   continuously, handed to the platform sink in order (one MQTT connection keeps that
+//!   order) while earlier ones await the broker's acknowledgement, and acknowledged
+//!   (AckPolicy::All, one ack for many) only once the broker acknowledged every one up
+//!   to it. A failure hands the unacknowledged ones again, in order: at-least-once.
 //! - Each take of a lease raises the partition's generation; the taker consumes
 //!   through a consumer of its own, named by that generation, created to start right
 //!   after the previous consumer's ack floor and only then is the previous one deleted.
@@ -29,7 +30,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tcpc_observe::Chain;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
@@ -40,9 +40,12 @@ use tcpc_proto::stream::{StreamCheck, StreamError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, info, warn};
+use tracing::{info, warn};
 
-use crate::pipeline::{HandleError, Pipeline};
+use crate::pipeline::Pipeline;
+use deliver::Delivery;
+
+mod deliver;
 
 /// How often membership and leases are renewed.
 const TICK: Duration = Duration::from_secs(2);
@@ -50,8 +53,6 @@ const TICK: Duration = Duration::from_secs(2);
 const LEASE: Duration = Duration::from_secs(6);
 /// How soon a worker tries again for a partition another worker is handing over.
 const HAND_OVER_POLL: Duration = Duration::from_millis(200);
-/// Envelopes fetched per batch.
-const BATCH: usize = 256;
 
 /// Takes the lease (a new generation) or renews ours; the generation we hold, 0 if
 /// none. A generation gone while its lease is held (evicted, deleted) is replaced by a
@@ -467,7 +468,7 @@ impl Partitions {
         // Beside the delivery, not in its loop: a batch retried while the broker is
         // down is when the backlog grows, and must still be seen.
         tokio::select! {
-            () = self.deliver(partition, &consumer, &stop, &lease) => {}
+            () = Delivery::new(&self, partition, &lease).run(&consumer, &stop) => {}
             () = keep_pending(partition, &consumer, &pending) => {}
         }
         pending.store(0, Ordering::Relaxed);
@@ -499,158 +500,7 @@ impl Partitions {
             }
         }
     }
-
-    /// Fetches, hands to the platform and acknowledges the partition's envelopes in
-    /// order until `stop` or the lease lapses.
-    async fn deliver(
-        &self,
-        partition: u32,
-        consumer: &consumer::PullConsumer,
-        stop: &CancellationToken,
-        lease: &Lease,
-    ) {
-        let expired = || {
-            let expired = !lease.is_held();
-            if expired {
-                warn!(partition, "partition lease not renewed in time; stopping without acting on it");
-            }
-            expired
-        };
-        let mut fetch_backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-        while !stop.is_cancelled() {
-            if expired() {
-                return;
-            }
-            let fetched = tokio::select! {
-                _ = stop.cancelled() => return,
-                fetched = consumer.fetch().max_messages(BATCH).expires(Duration::from_millis(500)).messages() => fetched,
-            };
-            let mut batch = match fetched {
-                Ok(batch) => {
-                    fetch_backoff.reset();
-                    batch
-                }
-                Err(error) => {
-                    let retry_in = fetch_backoff.next_delay();
-                    warn!(partition, %error, ?retry_in, "fetch failed");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(retry_in) => {}
-                    }
-                    continue;
-                }
-            };
-            let mut messages = Vec::new();
-            while let Some(message) = batch.next().await {
-                match message {
-                    Ok(message) => messages.push(message),
-                    Err(error) => {
-                        warn!(partition, %error, "fetch interrupted");
-                        break;
-                    }
-                }
-            }
-            let Some(last) = messages.last() else { continue };
-            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-            // Retry the batch until the platform took all of it: nothing is acked before.
-            // Only transient failures come back here (permanent ones were dead-lettered).
-            // A retry resumes at the first envelope the platform did not take.
-            let mut from = 0;
-            loop {
-                // A batch under way is finished and acknowledged even when asked to
-                // stop (shutdown, hand-over): what the platform already has must not
-                // come again from the next owner. The caller bounds the wait (see
-                // `release`) and aborts past it; a lost lease aborts at once.
-                match self.handle_batch(&messages[from..], &expired).await {
-                    // Unacknowledged: whoever holds the lease now takes the batch again.
-                    Ok(()) if expired() => return,
-                    Ok(()) => {
-                        // Recorded alongside the ack, not after it: the batch was
-                        // delivered, whatever becomes of the ack.
-                        let record = async {
-                            match last.info() {
-                                Ok(info) => self.record_delivered(partition, info.stream_sequence).await,
-                                Err(error) => warn!(partition, %error, "batch without a stream sequence"),
-                            }
-                        };
-                        let (acked, ()) = tokio::join!(last.ack(), record);
-                        if let Err(error) = acked {
-                            warn!(partition, %error, "batch ack not sent; it will be redelivered");
-                        }
-                        break;
-                    }
-                    Err((_, HandleError::LeaseExpired)) => return,
-                    Err((_, error)) if stop.is_cancelled() => {
-                        // Not retried when stopping: unacknowledged, the next owner takes it.
-                        warn!(partition, error = %Chain(&error), "batch not delivered while stopping");
-                        return;
-                    }
-                    Err((taken, error)) => {
-                        from += taken;
-                        let retry_in = backoff.next_delay();
-                        self.pipeline.metrics.retries.inc();
-                        warn!(partition, error = %Chain(&error), ?retry_in, "batch not delivered to the platform");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(retry_in) => {}
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Hands a batch to the pipeline, message by message while the lease is held, all
-    /// for the sink's current connection; resolves when the platform took all of it, or
-    /// with how many of the first envelopes it took before the failure.
-    ///
-    /// What failed is a suffix: one connection acknowledges in order, and a lost one
-    /// fails every later message of its epoch.
-    async fn handle_batch(
-        &self,
-        messages: &[jetstream::Message],
-        expired: &impl Fn() -> bool,
-    ) -> Result<(), (usize, HandleError)> {
-        let epoch = self.pipeline.sink.epoch();
-        let mut handled = Vec::with_capacity(messages.len());
-        let mut queued = Ok(());
-        for message in messages {
-            if expired() {
-                queued = Err(HandleError::LeaseExpired);
-                break;
-            }
-            // One uplink, one trace: a child of the edge's publish, whose context the
-            // message's headers carry.
-            let span = tcpc_proto::nats_span!(
-                "process",
-                "consumer",
-                "process",
-                "process",
-                message.subject,
-                "messaging.message.id" =
-                    message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
-                "messaging.message.body.size" = message.payload.len(),
-            );
-            tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
-            match self.pipeline.handle(message.payload.clone(), epoch).instrument(span).await {
-                Ok(acknowledged) => handled.push(acknowledged),
-                Err(error) => {
-                    queued = Err(error);
-                    break;
-                }
-            }
-        }
-        let results = futures::future::join_all(handled).await;
-        if let Some(failed) = results.iter().position(Result::is_err) {
-            let error = results.into_iter().nth(failed).and_then(Result::err).expect("found above");
-            return Err((failed, error));
-        }
-        queued.map_err(|error| (results.len(), error))
-    }
 }
-
-/// The header JetStream de-duplicates by (the edge's `<connection>-<sequence>`).
-const NATS_MESSAGE_ID: &str = "Nats-Msg-Id";
 
 /// How often a partition's backlog is asked of JetStream.
 const PENDING_REFRESH: Duration = Duration::from_secs(5);
