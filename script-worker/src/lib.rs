@@ -9,6 +9,8 @@
 //!   MQTT broker ([`platform::mqtt`]) or JSON lines — and the envelope is acknowledged
 //!   only after the broker acknowledged its messages. One that can never be delivered
 //!   goes to the [`dead_letter`] stream with its reason, and is then acknowledged.
+//!   [`reorder`] puts each connection's envelopes back in sequence order where an edge
+//!   with several publishes in flight had them stored out of order.
 //! - [`downlink`] takes the platform's downlinks from the broker subscription, encodes
 //!   them (TP frame or the device's downlink script), and delivers them through the edge
 //!   pod that holds the device ([`routes`]: route lookups and one gRPC channel per pod);
@@ -29,6 +31,7 @@ pub mod edge_pods;
 pub mod metrics;
 pub mod pipeline;
 pub mod platform;
+pub mod reorder;
 pub mod routes;
 pub mod scripts;
 pub mod service;
