@@ -49,6 +49,10 @@ pub struct Metrics {
     pub dead_letters: Family<ReasonLabel, Counter>,
     /// Uplink batches retried after a transient failure (the ack held meanwhile).
     pub retries: Counter,
+    /// Uplink envelopes delivered out of their connection's order: `gap`, held ones
+    /// released past envelopes that never came in time; `late`, ones that came after
+    /// their place had passed (see `crate::reorder`).
+    pub uplink_out_of_order: Family<ReasonLabel, Counter>,
     /// Partition leases found taken by another worker while this one held them.
     pub partitions_lost: Counter,
     /// Rounds of the lease loop (membership and every lease renewed).
@@ -95,6 +99,12 @@ impl Metrics {
             "worker_uplink_retries",
             "Uplink batches retried after a transient failure",
             retries.clone(),
+        );
+        let uplink_out_of_order = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "worker_uplink_out_of_order",
+            "Uplink envelopes delivered out of their connection's order, by cause",
+            uplink_out_of_order.clone(),
         );
         let partitions_lost = Counter::default();
         registry.register(
@@ -157,6 +167,7 @@ impl Metrics {
             downlinks,
             dead_letters,
             retries,
+            uplink_out_of_order,
             partitions_lost,
             lease_rounds,
             subscription_refusals,

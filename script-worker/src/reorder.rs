@@ -242,15 +242,6 @@ impl<T> Reorder<T> {
         self.held
     }
 
-    /// The envelopes held, in no particular order: what the caller must not acknowledge
-    /// yet (JetStream's AckPolicy::All acknowledges everything up to a message).
-    pub fn held_items(&self) -> impl Iterator<Item = &T> {
-        self.deadlines
-            .iter()
-            .filter_map(|(_, id)| self.connections.get(id))
-            .flat_map(|connection| connection.held.iter().map(|held| &held.item))
-    }
-
     /// Connections remembered (the state kept, pruned after [`IDLE`]).
     pub fn connections(&self) -> usize {
         self.connections.len()
@@ -367,7 +358,6 @@ mod tests {
         }
         assert_eq!(sequences(&released), [0, 1], "4 and 5 wait for 2 and 3");
         assert_eq!(reorder.held(), 2);
-        assert_eq!(reorder.held_items().count(), 2);
         assert_eq!(reorder.next_deadline(), Some(now + HOLD));
         let two = push(&mut reorder, A, 2, now);
         assert_eq!(sequences(&two), [2]);

@@ -360,7 +360,10 @@ async fn connections_past_the_limit_are_refused() {
 async fn nats_outage_loses_no_accepted_frame() {
     let mut w = world().await;
     w.auth.add("steady", device("dev-steady"));
-    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |_| {}).await;
+    // A window of one: the stream itself holds each device's frames in order, across
+    // the outage (with a wider window the worker restores the order, see
+    // script_worker.rs).
+    let edge = TestEdge::spawn(&w.nats, &w.redis, "edge-a", |c| c.limits.max_in_flight = 1).await;
     let mut dev = TpDevice::online(edge.official, "steady").await;
     let send = |n: u32| Frame::data(cmd::TELEMETRY, Bytes::from(format!("{{\"n\":{n}}}")));
     for n in 0..50 {

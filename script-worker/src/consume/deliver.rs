@@ -18,6 +18,12 @@
 //! envelope until the back-off; the ones before it settle meanwhile, and if they fail
 //! the retry starts with them.
 //!
+//! Each connection's order: an edge with several publishes in flight may have them
+//! stored out of order across a NATS reconnect; envelopes pass through a
+//! [`Reorder`] first, which holds those past a gap until it fills (or for
+//! [`reorder::HOLD`]). The ack never covers an envelope still held or under way: a
+//! ledger of everything received, in stream order, says up to where all is delivered.
+//!
 //! Redeliveries: JetStream redelivers what stays unacknowledged past the consumer's
 //! `ack_wait` (a long outage of the platform broker, a lost ack). Every envelope up to
 //! the highest stream sequence received is either delivered or still under way here,
@@ -35,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, warn};
 
 use super::{Lease, Partitions};
+use crate::metrics::ReasonLabel;
 use crate::pipeline::{HandleError, Handled};
+use crate::reorder::{self, Reorder};
 use crate::sink::Epoch;
 
 /// Envelopes asked for per pull request; another is asked once half have come.
@@ -66,7 +74,13 @@ pub(super) struct Delivery<'a> {
     partitions: &'a Partitions,
     partition: u32,
     lease: &'a Lease,
-    /// Received and not delivered, in stream order; the first `handed` are in flight.
+    /// Each connection's envelopes put back in order (see [`crate::reorder`]): those
+    /// past a gap wait there.
+    reorder: Reorder<Undelivered>,
+    /// Its gaps and late envelopes counted so far (the metrics count the differences).
+    reorder_counts: (u64, u64),
+    /// Released by the reorder and not delivered, in that order; the first `handed`
+    /// are in flight.
     undelivered: VecDeque<Undelivered>,
     handed: usize,
     /// The sink connection the envelopes in flight went to.
@@ -76,10 +90,15 @@ pub(super) struct Delivery<'a> {
     backoff: Backoff,
     /// The highest stream sequence received: anything at or below it is a redelivery.
     received: u64,
+    /// Every envelope received and not yet acknowledged, in stream order, with its
+    /// message once delivered: an ack (AckPolicy::All) covers the delivered ones before
+    /// the first that is not, never one held in the reorder or still under way.
+    ledger: VecDeque<(u64, Option<jetstream::Message>)>,
     /// The newest envelope delivered and not acknowledged, how many it covers, and when
     /// the first of them was delivered.
     unacked: Option<(jetstream::Message, usize, Instant)>,
-    /// The highest stream sequence delivered, and the last one recorded in Redis (when).
+    /// The highest stream sequence delivered with all before it, and the last one
+    /// recorded in Redis (when).
     delivered: u64,
     recorded: (u64, Instant),
 }
@@ -94,6 +113,8 @@ enum Event {
     Settled(Result<(), HandleError>),
     RetryDue,
     AckDue,
+    /// Envelopes held past a gap waited for it long enough.
+    HoldOver,
     /// Asked to stop (shutdown, hand-over): what is in flight is finished and
     /// acknowledged first.
     Stop,
@@ -110,12 +131,15 @@ impl<'a> Delivery<'a> {
             partitions,
             partition,
             lease,
+            reorder: Reorder::new(reorder::HOLD),
+            reorder_counts: (0, 0),
             undelivered: VecDeque::new(),
             handed: 0,
             epoch: partitions.pipeline.sink.epoch(),
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             received: 0,
+            ledger: VecDeque::new(),
             unacked: None,
             delivered: 0,
             recorded: (0, Instant::now()),
@@ -141,8 +165,9 @@ impl<'a> Delivery<'a> {
             if !draining && let Err(LeaseLapsed) = self.hand().await {
                 return self.lease_lapsed();
             }
-            let receiving = !draining && self.retry_at.is_none() && self.undelivered.len() < MAX_IN_FLIGHT;
+            let receiving = !draining && self.retry_at.is_none() && self.ledger.len() < MAX_IN_FLIGHT;
             let retry_at = self.retry_at.unwrap_or_else(Instant::now);
+            let hold_over_at = self.reorder.next_deadline();
             let ack_at = self.unacked.as_ref().map_or_else(Instant::now, |(_, _, since)| *since + ACK_DELAY);
             let front = self.undelivered.front_mut().and_then(|first| first.handled.as_mut());
             let event = tokio::select! {
@@ -150,6 +175,7 @@ impl<'a> Delivery<'a> {
                 settled = async { front.expect("one is in flight").await }, if self.handed > 0 => Event::Settled(settled),
                 () = tokio::time::sleep_until(retry_at), if self.retry_at.is_some() => Event::RetryDue,
                 () = tokio::time::sleep_until(ack_at), if self.unacked.is_some() => Event::AckDue,
+                () = tokio::time::sleep_until(hold_over_at.unwrap_or_else(Instant::now)), if hold_over_at.is_some() => Event::HoldOver,
                 () = stop.cancelled(), if !draining => Event::Stop,
                 next = pulled.next(), if receiving => Event::Pulled(next),
             };
@@ -157,6 +183,11 @@ impl<'a> Delivery<'a> {
                 Event::Settled(settled) => self.settle(settled),
                 Event::RetryDue => self.retry_at = None,
                 Event::AckDue => self.acknowledge(false).await,
+                Event::HoldOver => {
+                    let released = self.reorder.expire(Instant::now());
+                    self.undelivered.extend(released);
+                    self.count_reordering();
+                }
                 Event::Stop => draining = true,
                 Event::Pulled(Some(Ok(message))) => self.receive(message).await,
                 Event::Pulled(Some(Err(error))) if is_pull_over(&error) => {
@@ -229,7 +260,31 @@ impl<'a> Delivery<'a> {
             return;
         }
         self.received = sequence;
-        self.undelivered.push_back(Undelivered { message, sequence, handled: None });
+        self.ledger.push_back((sequence, None));
+        let id =
+            message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str().to_owned());
+        let released = self.reorder.push(
+            id.as_deref(),
+            Undelivered { message, sequence, handled: None },
+            Instant::now(),
+        );
+        self.undelivered.extend(released);
+        self.count_reordering();
+    }
+
+    /// Counts the reorder's gaps given up on and late envelopes since the last count.
+    fn count_reordering(&mut self) {
+        let counts = (self.reorder.gaps(), self.reorder.late());
+        if counts != self.reorder_counts {
+            let out_of_order = &self.partitions.pipeline.metrics.uplink_out_of_order;
+            out_of_order
+                .get_or_create(&ReasonLabel { reason: "gap" })
+                .inc_by(counts.0 - self.reorder_counts.0);
+            out_of_order
+                .get_or_create(&ReasonLabel { reason: "late" })
+                .inc_by(counts.1 - self.reorder_counts.1);
+            self.reorder_counts = counts;
+        }
     }
 
     /// Hands the envelopes not in flight to the pipeline, in order, unless a retry is
@@ -281,12 +336,20 @@ impl<'a> Delivery<'a> {
                 let delivered = self.undelivered.pop_front().expect("one was in flight");
                 self.handed -= 1;
                 self.backoff.reset();
-                self.delivered = delivered.sequence;
-                let (covered, since) = match self.unacked.take() {
-                    Some((_, covered, since)) => (covered + 1, since),
-                    None => (1, Instant::now()),
-                };
-                self.unacked = Some((delivered.message, covered, since));
+                let at = self
+                    .ledger
+                    .binary_search_by_key(&delivered.sequence, |(sequence, _)| *sequence)
+                    .expect("every envelope received is in the ledger until acknowledged");
+                self.ledger[at].1 = Some(delivered.message);
+                while let Some((_, Some(_))) = self.ledger.front() {
+                    let (sequence, message) = self.ledger.pop_front().expect("checked");
+                    self.delivered = sequence;
+                    let (covered, since) = match self.unacked.take() {
+                        Some((_, covered, since)) => (covered + 1, since),
+                        None => (1, Instant::now()),
+                    };
+                    self.unacked = Some((message.expect("checked"), covered, since));
+                }
             }
             Err(error) => {
                 for undelivered in self.undelivered.iter_mut().take(self.handed) {
