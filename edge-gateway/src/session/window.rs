@@ -3,10 +3,12 @@
 //!
 //! Ordering and loss: envelopes are published in arrival order with message ids
 //! `<connection>-<sequence>`; the window holds each until the bus acknowledged it; a
-//! failed publish or acknowledgement re-sends the whole window from its head, in order,
-//! after a jittered back-off (the bus stores a repeated id once). While the window is
-//! full or a re-send is pending the session does not read its socket: back-pressure
-//! reaches the device as TCP flow control.
+//! failed publish or acknowledgement re-sends the window from its head, in order, after
+//! a jittered back-off (the bus stores a repeated id once), one envelope at a time, each
+//! after the previous one's acknowledgement, until the window is empty: an overloaded
+//! JetStream whose acks time out gets each envelope once more, not the whole window
+//! again per failure. While the window is full or recovering the session does not read
+//! its socket: back-pressure reaches the device as TCP flow control.
 //!
 //! Memory: the window's storage is released when it empties, so an idle session holds
 //! none.
@@ -58,6 +60,8 @@ pub(crate) struct Window {
     resend_at: Option<Instant>,
     /// Consecutive failures, for the back-off.
     failures: u8,
+    /// Since a failure, until the window empties: one envelope in flight at a time.
+    recovering: bool,
 }
 
 impl Window {
@@ -65,10 +69,10 @@ impl Window {
         self.entries.is_empty()
     }
 
-    /// Whether another envelope may go out now: fewer than `max` in flight and no
-    /// re-send pending.
+    /// Whether another envelope may go out now: fewer than `max` in flight, no re-send
+    /// pending and not recovering from a failure.
     pub fn has_room(&self, max: usize) -> bool {
-        self.resend_at.is_none() && self.entries.len() < max
+        self.resend_at.is_none() && !self.recovering && self.entries.len() < max
     }
 
     /// When the pending re-send is due.
@@ -76,8 +80,8 @@ impl Window {
         self.resend_at
     }
 
-    /// Appends an envelope and publishes it, unless a re-send is pending (then it goes
-    /// out with the re-send, in order).
+    /// Appends an envelope and publishes it, unless a re-send is pending or under way
+    /// (then it goes out in its turn, in order).
     pub async fn publish(&mut self, outlet: Outlet<'_>, sequence: u64, envelope: Bytes) {
         let span = tcpc_proto::nats_span!(
             "publish",
@@ -89,7 +93,7 @@ impl Window {
             "messaging.message.body.size" = envelope.len(),
         );
         let mut entry = InFlight { sequence, envelope, ack: None, since: Instant::now(), span };
-        if self.resend_at.is_none() {
+        if self.resend_at.is_none() && !self.recovering {
             let publish = publish_one(outlet, sequence, entry.envelope.clone());
             match publish.instrument(entry.span.clone()).await {
                 Some(ack) => entry.ack = Some(ack),
@@ -104,30 +108,34 @@ impl Window {
         for entry in &mut self.entries {
             entry.ack = None;
         }
+        self.recovering = true;
         let delay = tcpc_proto::backoff::delay(RESEND_INITIAL, RESEND_MAX, self.failures.into());
         self.failures = self.failures.saturating_add(1);
         self.resend_at = Some(Instant::now() + delay);
     }
 
-    /// Re-sends the window from its head if the re-send is due; how many envelopes went
-    /// out again.
+    /// Re-sends the window's head if the re-send is due and it is not in flight; how
+    /// many envelopes went out again (0 or 1).
     pub async fn resend_if_due(&mut self, outlet: Outlet<'_>) -> usize {
         if self.resend_at.is_none_or(|at| at > Instant::now()) {
             return 0;
         }
         self.resend_at = None;
-        for index in 0..self.entries.len() {
-            let entry = &self.entries[index];
-            let publish = publish_one(outlet, entry.sequence, entry.envelope.clone());
-            match publish.instrument(entry.span.clone()).await {
-                Some(ack) => self.entries[index].ack = Some(ack),
-                None => {
-                    self.schedule_resend();
-                    return index;
-                }
+        let Some(head) = self.entries.front() else { return 0 };
+        if head.ack.is_some() {
+            return 0;
+        }
+        let publish = publish_one(outlet, head.sequence, head.envelope.clone());
+        match publish.instrument(head.span.clone()).await {
+            Some(ack) => {
+                self.entries[0].ack = Some(ack);
+                1
+            }
+            None => {
+                self.schedule_resend();
+                0
             }
         }
-        self.entries.len()
     }
 
     /// Waits for the acknowledgement of the window's head; pending forever while there
@@ -149,6 +157,10 @@ impl Window {
                 if self.entries.is_empty() {
                     // Give back the window's storage: idle sessions hold none.
                     self.entries = VecDeque::new();
+                    self.recovering = false;
+                } else if self.recovering {
+                    // The next one goes out again at once.
+                    self.resend_at = Some(Instant::now());
                 }
                 Some(stored.since.elapsed())
             }
@@ -163,6 +175,7 @@ impl Window {
     /// Forgets every envelope (the session gave up on them); how many there were.
     pub fn abandon(&mut self) -> usize {
         self.resend_at = None;
+        self.recovering = false;
         std::mem::take(&mut self.entries).len()
     }
 }
@@ -259,7 +272,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_ack_resends_the_whole_window_in_order_after_a_back_off() {
+    async fn a_failed_ack_resends_the_window_in_order_one_at_a_time_after_a_back_off() {
         let bus = ScriptedBus::failing(1);
         let mut window = Window::default();
         for sequence in 0..3 {
@@ -271,10 +284,15 @@ mod tests {
         assert!(due > Instant::now() && due <= Instant::now() + RESEND_INITIAL);
         assert_eq!(window.resend_if_due(outlet(&bus)).await, 0, "not before it is due");
         tokio::time::sleep_until(due).await;
-        assert_eq!(window.resend_if_due(outlet(&bus)).await, 3);
-        while !window.is_empty() {
+        // One at a time, each after the previous one's ack; nothing new meanwhile.
+        for resent in 0..3 {
+            assert!(!window.has_room(3), "recovering");
+            assert_eq!(window.resend_if_due(outlet(&bus)).await, 1);
+            assert_eq!(window.resend_if_due(outlet(&bus)).await, 0, "the head is in flight");
+            assert_eq!(bus.ids().len(), 4 + resent);
             assert!(settle(&mut window).await);
         }
+        assert!(window.is_empty());
         assert_eq!(bus.ids(), [0, 1, 2, 0, 1, 2].map(id));
         assert!(window.has_room(1));
     }
@@ -310,9 +328,12 @@ mod tests {
         window.publish(outlet(&bus), 1, Bytes::from_static(b"b")).await;
         assert_eq!(bus.ids(), [id(0)], "sequence 1 is held back behind the re-send");
         tokio::time::sleep_until(window.resend_at().unwrap()).await;
-        assert_eq!(window.resend_if_due(outlet(&bus)).await, 2);
+        assert_eq!(window.resend_if_due(outlet(&bus)).await, 1);
+        assert!(settle(&mut window).await);
+        assert_eq!(window.resend_if_due(outlet(&bus)).await, 1, "then the one that waited");
         assert_eq!(bus.ids(), [0, 0, 1].map(id));
-        assert_eq!(window.abandon(), 2);
+        assert_eq!(window.abandon(), 1);
         assert!(window.is_empty());
+        assert!(window.has_room(1), "a new start");
     }
 }
