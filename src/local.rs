@@ -11,7 +11,7 @@ use edge_gateway::uplink::{AckFuture, BusError, UplinkBus};
 use futures::future::BoxFuture;
 use script_worker::auth::Authenticator;
 use script_worker::pipeline::Pipeline;
-use script_worker::routes::{RouteLookup, RouteLookupError};
+use script_worker::routes::{ClaimAndRoute, RouteLookup, RouteLookupError};
 use tcpc_proto::v1::{AuthReply, AuthRequest};
 
 /// Envelopes go straight to the pipeline; the edge's acknowledgement is the platform
@@ -154,9 +154,10 @@ impl RouteLookup for LocalRoutes {
         Box::pin(async move { removed.await.map(drop).map_err(|e| RouteLookupError::Local(Box::new(e))) })
     }
 
-    fn claim_downlink<'a>(&'a self, _digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
-        // One process sees each downlink once.
-        Box::pin(async { Ok(true) })
+    fn claim_and_route<'a>(&'a self, _digest: &'a str, device_id: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
+        let route = RouteLookup::route(self, device_id);
+        // One process sees each downlink once: nothing to claim.
+        Box::pin(async move { ClaimAndRoute { claim: Ok(true), route: route.await } })
     }
 }
 

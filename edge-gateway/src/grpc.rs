@@ -139,11 +139,13 @@ impl EdgeGateway for EdgeGatewayService {
 /// Refuses calls without the shared token (`authorization: Bearer <token>`), when one
 /// is configured; compared in constant time.
 pub(crate) fn token_check(token: Option<SecretString>) -> impl tonic::service::Interceptor + Clone {
+    // The header a caller must send, made once rather than on every call.
+    let expected: Option<SecretString> =
+        token.map(|token| format!("Bearer {}", token.expose_secret()).into());
     move |request: Request<()>| {
-        let Some(token) = &token else { return Ok(request) };
+        let Some(expected) = &expected else { return Ok(request) };
         let given = request.metadata().get("authorization").map(|value| value.as_bytes()).unwrap_or_default();
-        let expected = format!("Bearer {}", token.expose_secret());
-        if constant_time_eq(given, expected.as_bytes()) {
+        if constant_time_eq(given, expected.expose_secret().as_bytes()) {
             Ok(request)
         } else {
             Err(Status::unauthenticated("a valid token is required"))
@@ -194,3 +196,27 @@ pub(crate) fn tls_incoming(
 
 /// How long a gRPC client has to complete its TLS handshake.
 const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(check: &mut impl tonic::service::Interceptor, authorization: Option<&str>) -> bool {
+        let mut request = Request::new(());
+        if let Some(value) = authorization {
+            request.metadata_mut().insert("authorization", value.parse().unwrap());
+        }
+        check.call(request).is_ok()
+    }
+
+    #[test]
+    fn calls_need_the_token_when_there_is_one() {
+        let mut check = token_check(Some("s3cret".into()));
+        assert!(call(&mut check, Some("Bearer s3cret")));
+        assert!(call(&mut check, Some("Bearer s3cret")), "again: the expected header is kept");
+        assert!(!call(&mut check, Some("Bearer s3cre")));
+        assert!(!call(&mut check, Some("s3cret")));
+        assert!(!call(&mut check, None));
+        assert!(call(&mut token_check(None), None), "no token configured: open");
+    }
+}

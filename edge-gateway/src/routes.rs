@@ -313,13 +313,13 @@ impl RouteStore for RedisRoutes {
             for batch in devices.chunks(BATCH) {
                 let mut reads = Batch::new();
                 for device in batch {
-                    reads.command("HGETALL", &names::route_key(device));
+                    Route::read(&mut reads, device);
                 }
-                let hashes: Vec<std::collections::HashMap<String, String>> =
+                let hashes: Vec<[Option<String>; 3]> =
                     self.bounded(reads.query(&self.connection), RouteError::Reap).await?;
                 let mut moved = Vec::new();
-                for (device, fields) in batch.iter().zip(hashes) {
-                    match Route::from_fields(device, &fields) {
+                for (device, values) in batch.iter().zip(hashes) {
+                    match Route::from_values(device, values) {
                         Some(route) if route.pod == pod => leftovers.routes.push(route),
                         // Routed by another pod now: not this pod's any more.
                         Some(_) => moved.push(device),

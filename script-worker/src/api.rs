@@ -150,7 +150,7 @@ async fn device_list() -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::RouteLookupError;
+    use crate::routes::{ClaimAndRoute, RouteLookupError};
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
@@ -172,8 +172,8 @@ mod tests {
         ) -> BoxFuture<'a, Result<(), RouteLookupError>> {
             Box::pin(async { Ok(()) })
         }
-        fn claim_downlink<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
-            Box::pin(async { Ok(true) })
+        fn claim_and_route<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
+            Box::pin(async { ClaimAndRoute { claim: Ok(true), route: Ok(None) } })
         }
     }
 

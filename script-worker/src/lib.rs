@@ -40,3 +40,23 @@ pub mod source;
 pub mod uplink;
 
 pub use service::{Bus, EdgePodWatch, Listeners, Seams, Worker, WorkerError, nats, redis, run, run_with};
+
+/// Lower-case hex of `bytes`: the digests in cache keys, script identities and
+/// downlink claims, one allocation each (a downlink's claim is written per message).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_a_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+    }
+}

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use secrecy::ExposeSecret;
 use tcpc_observe::{GrpcSecurity, GrpcTlsFiles};
-use tcpc_proto::connect::RedisConnection;
+use tcpc_proto::connect::{Batch, RedisConnection};
 use tcpc_proto::names;
 use tcpc_proto::route::Route;
 use tcpc_proto::v1::edge_gateway_client::EdgeGatewayClient;
@@ -45,9 +45,21 @@ pub trait RouteLookup: Send + Sync + 'static {
     fn pod_alive<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>>;
     /// Removes `route` if it is still the device's route (compare-and-delete).
     fn purge<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>>;
-    /// Claims the downlink named `digest` for this worker: true for the first claim (for
-    /// [`names::DOWNLINK_CLAIM_TTL`]), false when another worker has it.
-    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>>;
+    /// Claims the downlink named `digest` for this worker and reads `device_id`'s route,
+    /// in one round trip: the claim costs a downlink no wait of its own. The claim is
+    /// taken by the time the answer comes, so whatever is delivered after it was claimed.
+    fn claim_and_route<'a>(&'a self, digest: &'a str, device_id: &'a str) -> BoxFuture<'a, ClaimAndRoute>;
+}
+
+/// A downlink's claim and its device's route, read together. Each may fail alone: on a
+/// Redis Cluster the two keys may live on different nodes, and a failed claim must not
+/// cost the delivery (a duplicate is possible then, a loss is not).
+#[derive(Debug)]
+pub struct ClaimAndRoute {
+    /// True for the first claim (kept for [`names::DOWNLINK_CLAIM_TTL`]), false when
+    /// another worker has it.
+    pub claim: Result<bool, RouteLookupError>,
+    pub route: Result<Option<Route>, RouteLookupError>,
 }
 
 /// Routes in Redis.
@@ -64,13 +76,14 @@ impl RedisRoutes {
 impl RouteLookup for RedisRoutes {
     fn route<'a>(&'a self, device_id: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            let fields: HashMap<String, String> =
-                tokio::time::timeout(DEADLINE, connection.hgetall(names::route_key(device_id)))
+            let mut read = Batch::new();
+            Route::read(&mut read, device_id);
+            let replies: Vec<[Option<String>; 3]> =
+                tokio::time::timeout(DEADLINE, read.query(&self.connection))
                     .await
                     .map_err(|_| RouteLookupError::Timeout)?
                     .map_err(RouteLookupError::Store)?;
-            Ok(Route::from_fields(device_id, &fields))
+            Ok(replies.into_iter().next().and_then(|values| Route::from_values(device_id, values)))
         })
     }
 
@@ -98,23 +111,31 @@ impl RouteLookup for RedisRoutes {
         })
     }
 
-    fn claim_downlink<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
+    fn claim_and_route<'a>(&'a self, digest: &'a str, device_id: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
         Box::pin(async move {
-            let mut connection = self.connection.clone();
-            let mut claim = redis::cmd("SET");
-            claim
-                .arg(names::downlink_claim_key(digest))
+            // A batch, not a script: the two keys are in different slots of a cluster.
+            let mut batch = Batch::new();
+            batch
+                .command("SET", &names::downlink_claim_key(digest))
                 .arg(1)
                 .arg("NX")
                 .arg("PX")
                 .arg(names::DOWNLINK_CLAIM_TTL.as_millis() as u64);
-            let taken: Option<String> = tokio::time::timeout(DEADLINE, claim.query_async(&mut connection))
-                .await
-                .map_err(|_| RouteLookupError::Timeout)?
-                .map_err(RouteLookupError::Store)?;
-            Ok(taken.is_some())
+            Route::read(&mut batch, device_id);
+            let mut replies = batch.query_each::<redis::Value>(&self.connection, DEADLINE).await.into_iter();
+            let mut next = || -> Result<redis::Value, RouteLookupError> {
+                replies.next().expect("a reply per step").map_err(RouteLookupError::Store)
+            };
+            let claim = next().and_then(|taken| Ok(parse::<Option<String>>(taken)?.is_some()));
+            let route = next().and_then(|values| Ok(Route::from_values(device_id, parse(values)?)));
+            ClaimAndRoute { claim, route }
         })
     }
+}
+
+/// A reply as `T`.
+fn parse<T: redis::FromRedisValue>(reply: redis::Value) -> Result<T, RouteLookupError> {
+    redis::from_redis_value(reply).map_err(|error| RouteLookupError::Store(error.into()))
 }
 
 /// The client span of an EdgeGateway call (RPC semantic conventions); the edge's server

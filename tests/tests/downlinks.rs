@@ -403,3 +403,35 @@ async fn a_downlink_sent_while_its_owner_is_frozen_is_answered_once_by_its_succe
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_is_claimed_by_the_time_it_is_delivered_and_a_repeat_is_not_delivered() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/#"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    assert_eq!(&watcher.next_on(&format!("devices/status/{D001}")).await.payload[..], b"1");
+    let mut redis = w.redis.connection().await;
+    let claims = async |redis: &mut redis::aio::MultiplexedConnection| {
+        let keys: Vec<String> = redis::AsyncCommands::keys(redis, "tcpc:downlink:*").await.unwrap();
+        keys.len()
+    };
+
+    // One command published twice (what a successor's replay of it looks like): the
+    // second finds the first's claim, taken before the first was delivered.
+    for _ in 0..2 {
+        watcher.publish("plugin/TCP/devices/command/D001/once", r#"{"method":"reboot"}"#).await;
+    }
+    assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "once", "method": "reboot"}));
+    assert_eq!(claims(&mut redis).await, 1, "claimed by the time the device has it");
+    wait_until("the repeat to be passed by", || async {
+        worker.metric("worker_downlinks_total{reason=\"claimed_elsewhere\"}").await >= 1.0
+    })
+    .await;
+    watcher.publish("plugin/TCP/devices/command/D001/next", r#"{"method":"reboot"}"#).await;
+    assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "next", "method": "reboot"}));
+    assert_eq!(claims(&mut redis).await, 2);
+}

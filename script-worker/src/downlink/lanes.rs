@@ -1,7 +1,7 @@
 //! Downlinks of different devices handled at the same time, each device's one at a time
 //! in the order the broker delivered them.
 //!
-//! Handling a downlink awaits the device source, Redis (the route, the claim) and the
+//! Handling a downlink awaits the device source, Redis (the claim and the route) and the
 //! edge's answer to `Deliver`: about a millisecond on a quiet box, so one loop capped a
 //! worker near 1,000 downlinks/s, and a device behind an edge pod that never answers
 //! held up every other device for a Deliver deadline. The dispatcher hashes the device

@@ -41,7 +41,7 @@ use crate::devices::ProtocolChoice;
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::platform::mqtt::{Downlink, Refusal};
 use crate::platform::topics::{self, DownlinkKind, DownlinkTopic};
-use crate::routes::{EdgeClients, RouteLookup};
+use crate::routes::{ClaimAndRoute, EdgeClients, RouteLookup, RouteLookupError};
 use crate::scripts::{Call, CallContext, Output, Scripts};
 use crate::sink::{PlatformMessage, PlatformSink};
 use crate::source::{DeviceSource, Target};
@@ -181,7 +181,18 @@ fn claim_digest(topic: &str, payload: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     let digest =
         Sha256::new().chain_update(topic.as_bytes()).chain_update([0]).chain_update(payload).finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&digest[..16])
+}
+
+/// A route read as a delivery sees it: no route is a device offline.
+fn route_or_why(read: Result<Option<Route>, RouteLookupError>) -> Result<Route, Undelivered> {
+    match read {
+        Ok(Some(route)) => Ok(route),
+        Ok(None) => Err(Undelivered::Offline),
+        Err(error) => {
+            Err(Undelivered::OfflineBecause(format!("route store unavailable ({})", Chain(&error))))
+        }
+    }
 }
 
 impl Downlinks {
@@ -235,20 +246,27 @@ impl Downlinks {
     async fn handle_owned(self: &Arc<Self>, parsed: DownlinkTopic, target: Target, downlink: Downlink) {
         let Downlink { topic, payload, received, .. } = downlink;
         let due = received + ANSWER_WITHIN;
-        // Claimed first: a successor replaying a hand-over must not handle it again.
-        match self.routes.claim_downlink(&claim_digest(&topic, &payload)).await {
-            Ok(true) => {}
-            Ok(false) => {
+        // Claimed first: a successor replaying a hand-over must not handle it again. Not
+        // cut off at `due` (the store bounds its own wait): one answered late here must
+        // still hold its claim, or the old owner, thawed, would deliver it after all.
+        let digest = claim_digest(&topic, &payload);
+        let route = match self.routes.claim_and_route(&digest, &target.carrier.id).await {
+            ClaimAndRoute { claim: Ok(false), .. } => {
                 self.count("claimed_elsewhere");
                 return;
             }
-            // Without the store a duplicate is possible, a loss is not.
-            Err(error) => debug!(error = %Chain(&error), "downlink not claimed; handling it anyway"),
-        }
+            ClaimAndRoute { claim, route } => {
+                // Without the store a duplicate is possible, a loss is not.
+                if let Err(error) = claim {
+                    debug!(error = %Chain(&error), "downlink not claimed; handling it anyway");
+                }
+                route_or_why(route)
+            }
+        };
         if self.join_queue(&target.carrier.id, &topic, &payload, received) {
             return;
         }
-        let delivered = self.deliver(&parsed, &target, &payload, due).await;
+        let delivered = self.deliver(&parsed, &target, &payload, route, due).await;
         self.metrics.downlink_duration.observe(received.elapsed().as_secs_f64());
         match delivered {
             Ok(()) => self.count("delivered"),
@@ -395,36 +413,29 @@ impl Downlinks {
         Ok((bytes, parsed.kind.tp_cmd()))
     }
 
-    /// Encodes and delivers by `due`; why not, and the route when its edge pod could
-    /// not be reached.
+    /// Encodes and delivers along `route` (or says why there is none) by `due`; why
+    /// not, and the route when its edge pod could not be reached.
     async fn deliver(
         &self,
         parsed: &DownlinkTopic,
         target: &Target,
         payload: &[u8],
+        route: Result<Route, Undelivered>,
         due: Instant,
     ) -> Result<(), (Undelivered, Option<Route>)> {
-        let prepared = tokio::time::timeout_at(due, async {
-            let span = tracing::debug_span!(
-                "encode",
-                "tcpc.downlink.kind" = parsed.kind.name(),
-                "tcpc.device.id" = target.device_id.as_str(),
-            );
-            let encoded = self.encode(parsed, target, payload).instrument(span).await?;
-            match self.routes.route(&target.carrier.id).await {
-                Ok(Some(route)) => Ok((encoded, route)),
-                Ok(None) => Err(Undelivered::Offline),
-                Err(error) => {
-                    Err(Undelivered::OfflineBecause(format!("route store unavailable ({})", Chain(&error))))
-                }
-            }
-        })
-        .await;
-        let ((bytes, tp_cmd), route) = match prepared {
-            Ok(Ok(prepared)) => prepared,
+        let span = tracing::debug_span!(
+            "encode",
+            "tcpc.downlink.kind" = parsed.kind.name(),
+            "tcpc.device.id" = target.device_id.as_str(),
+        );
+        let encoded =
+            tokio::time::timeout_at(due, self.encode(parsed, target, payload).instrument(span)).await;
+        let (bytes, tp_cmd) = match encoded {
+            Ok(Ok(encoded)) => encoded,
             Ok(Err(why)) => return Err((why, None)),
             Err(_) => return Err((Undelivered::Late, None)),
         };
+        let route = route.map_err(|why| (why, None))?;
         let timeout = due.saturating_duration_since(Instant::now()).min(DELIVER_TIMEOUT);
         if timeout < MIN_DELIVER {
             return Err((Undelivered::Late, None));
@@ -553,7 +564,10 @@ impl Downlinks {
             // bound; another only waited for its turn and keeps its own.
             let due = if queues_kind { Instant::now() } else { item.received } + ANSWER_WITHIN;
             let Some(target) = self.resolve(&parsed, due).await else { continue };
-            let delivered = self.deliver(&parsed, &target, &item.payload, due).await;
+            // Claimed when it arrived: the route alone.
+            let route = tokio::time::timeout_at(due, self.routes.route(&target.carrier.id)).await;
+            let route = route.map_or(Err(Undelivered::Late), route_or_why);
+            let delivered = self.deliver(&parsed, &target, &item.payload, route, due).await;
             self.metrics.downlink_duration.observe(item.received.elapsed().as_secs_f64());
             match delivered {
                 Ok(()) => self.count("delivered"),
@@ -573,9 +587,143 @@ impl Downlinks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use base64::Engine as _;
+    use futures::future::BoxFuture;
     use serde_json::json;
 
     use crate::devices::{Device, DeviceKind};
+    use crate::scripts::{EngineKind, Library, Limits};
+    use crate::sink::{Delivered, Epoch, SinkError};
+    use crate::source::FileDevices;
+
+    /// A route store whose claims end as `claim` (None: the store failed), each after a
+    /// round trip, and whose one route is `route`.
+    struct Store {
+        claim: Option<bool>,
+        route: Option<Route>,
+        /// Whether a claim was answered.
+        claimed: AtomicBool,
+    }
+
+    impl Store {
+        fn new(claim: Option<bool>, route: Option<Route>) -> Self {
+            Store { claim, route, claimed: AtomicBool::new(false) }
+        }
+    }
+
+    impl RouteLookup for Store {
+        fn route<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>> {
+            Box::pin(async { Ok(self.route.clone()) })
+        }
+        fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn purge<'a>(&'a self, _: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn claim_and_route<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                self.claimed.store(true, Ordering::Relaxed);
+                ClaimAndRoute {
+                    claim: self.claim.ok_or(RouteLookupError::Timeout),
+                    route: Ok(self.route.clone()),
+                }
+            })
+        }
+    }
+
+    /// The platform's side: the answers' messages.
+    #[derive(Default)]
+    struct Answers(Mutex<Vec<String>>);
+
+    impl PlatformSink for Answers {
+        fn publish(&self, message: PlatformMessage, _: Epoch) -> BoxFuture<'_, Result<Delivered, SinkError>> {
+            let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
+            let values = base64::engine::general_purpose::STANDARD
+                .decode(envelope["values"].as_str().unwrap())
+                .unwrap();
+            let values: Json = serde_json::from_slice(&values).unwrap();
+            self.0.lock().unwrap().push(values["message"].as_str().unwrap().to_owned());
+            Box::pin(async {
+                let acknowledged: Delivered = Box::pin(async { Ok(()) });
+                Ok(acknowledged)
+            })
+        }
+        fn epoch(&self) -> Epoch {
+            0
+        }
+    }
+
+    /// Handles one command for the device d1 on `store`, arrived `ago`: the answers, and
+    /// the reasons counted.
+    async fn command_on(store: Arc<Store>, ago: Duration) -> (Vec<String>, Vec<(&'static str, u64)>) {
+        let devices = FileDevices::parse("[[device]]\ntoken = 't'\nid = 'd1'\nnumber = 'D1'\n").unwrap();
+        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None), 1).unwrap();
+        let answers = Arc::new(Answers::default());
+        let metrics = Arc::new(Metrics::new(&mut Default::default()));
+        let downlinks = Arc::new(Downlinks::new(
+            "plugin/TCP/".to_owned(),
+            Arc::new(devices),
+            store,
+            Arc::default(),
+            Arc::new(scripts),
+            answers.clone(),
+            metrics.clone(),
+            Arc::new(|_| true),
+            None,
+            TaskTracker::new(),
+        ));
+        let topic = "plugin/TCP/devices/command/D1/m1";
+        let parsed = topics::parse_downlink(&downlinks.prefix, topic).unwrap();
+        let mut downlink = Downlink::arrived(topic.to_owned(), Bytes::from_static(br#"{"method":"reboot"}"#));
+        downlink.received -= ago;
+        downlinks.handle(parsed, downlink).await;
+        let counted = ["claimed_elsewhere", "offline", "busy", "delivered"]
+            .into_iter()
+            .map(|reason| (reason, metrics.downlinks.get_or_create(&ReasonLabel { reason }).get()))
+            .filter(|(_, count)| *count > 0)
+            .collect();
+        let answered = std::mem::take(&mut *answers.0.lock().unwrap());
+        (answered, counted)
+    }
+
+    #[tokio::test]
+    async fn a_delivery_follows_the_claim_taken_with_its_route() {
+        // An edge pod this worker cannot reach: a delivery attempted answers so.
+        let route = Route {
+            device_id: "d1".into(),
+            connection_id: "c1".into(),
+            pod: "edge-x".into(),
+            grpc_addr: "not an address".into(),
+        };
+        let unreachable = "device offline: edge pod edge-x unreachable";
+
+        // Another worker's claim: not handled here, not answered.
+        let store = Arc::new(Store::new(Some(false), Some(route.clone())));
+        let (answered, counted) = command_on(store, Duration::ZERO).await;
+        assert_eq!((answered, counted), (vec![], vec![("claimed_elsewhere", 1)]));
+
+        // The claim failed (the store, or its node on a cluster): delivered anyway.
+        let store = Arc::new(Store::new(None, Some(route.clone())));
+        let (answered, counted) = command_on(store, Duration::ZERO).await;
+        assert!(answered.len() == 1 && answered[0].starts_with(unreachable), "{answered:?}");
+        assert_eq!(counted, [("offline", 1)]);
+
+        // Claimed, and no route: offline at once.
+        let store = Arc::new(Store::new(Some(true), None));
+        let (answered, counted) = command_on(store, Duration::ZERO).await;
+        assert_eq!((answered, counted), (vec!["device offline".to_owned()], vec![("offline", 1)]));
+
+        // Past its answer's due time (a hand-over's replay): answered late, and claimed
+        // all the same, so that the worker it was handed over from never delivers it.
+        let store = Arc::new(Store::new(Some(true), Some(route)));
+        let (answered, counted) = command_on(store.clone(), ANSWER_WITHIN * 2).await;
+        assert_eq!((answered, counted), (vec!["not delivered in time".to_owned()], vec![("busy", 1)]));
+        assert!(store.claimed.load(Ordering::Relaxed), "the claim was taken");
+    }
 
     #[test]
     fn payloads_for_the_device() {

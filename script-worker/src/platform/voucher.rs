@@ -38,7 +38,7 @@ fn push_go_string(out: &mut String, text: &str) {
 pub fn digest(voucher: &str) -> String {
     use sha2::{Digest, Sha256};
     let hash = Sha256::digest(voucher.as_bytes());
-    hash[..12].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&hash[..12])
 }
 
 #[cfg(test)]

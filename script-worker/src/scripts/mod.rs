@@ -59,7 +59,7 @@ pub type ScriptHash = String;
 
 /// The digest of a script source.
 pub fn hash(source: &str) -> ScriptHash {
-    Sha256::digest(source.as_bytes())[..16].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&Sha256::digest(source.as_bytes())[..16])
 }
 
 /// The functions a script may define.
