@@ -435,3 +435,27 @@ async fn a_command_is_claimed_by_the_time_it_is_delivered_and_a_repeat_is_not_de
     assert_eq!(frame_json(&device.next().await.unwrap()), json!({"message_id": "next", "method": "reboot"}));
     assert_eq!(claims(&mut redis).await, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_control_sent_again_is_delivered_again_once() {
+    let w = World::start().await;
+    w.device("tp-token", D001, "D001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/status/#"]).await;
+    // Both workers see every downlink; each numbers the repeats alike.
+    let (a, b) = (w.worker("worker-a", &[]).await, w.worker("worker-b", &[]).await);
+    wait_for_partitions(&[&a, &b]).await;
+    let edge = w.edge_process("edge-a").await;
+    let mut device = TpDevice::online(edge.official, "tp-token").await;
+    assert_eq!(&watcher.next().await.payload[..], b"1");
+    // No message id: the third is a request of its own, not a replay of the first.
+    for switch in [1, 0, 1] {
+        watcher
+            .publish("plugin/TCP/devices/telemetry/control/D001", format!(r#"{{"switch":{switch}}}"#))
+            .await;
+    }
+    for switch in [1, 0, 1] {
+        assert_eq!(frame_json(&device.next().await.expect("a downlink")), json!({"switch": switch}));
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), device.next()).await;
+    assert!(extra.is_err(), "nothing more (no duplicate): {extra:?}");
+}

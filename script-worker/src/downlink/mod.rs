@@ -31,6 +31,7 @@ use tcpc_observe::Chain;
 
 use bytes::Bytes;
 use serde_json::{Map, Value as Json};
+use tcpc_proto::names;
 use tcpc_proto::route::Route;
 use tcpc_proto::v1::DeliverStatus;
 use tokio::time::Instant;
@@ -167,7 +168,10 @@ pub struct Downlinks {
     tasks: TaskTracker,
     /// Downlinks another worker owned, by carrier id, oldest first (see
     /// [`Downlinks::replay_hand_over`]).
-    hand_over: Mutex<VecDeque<(Target, Downlink)>>,
+    hand_over: Mutex<VecDeque<(Target, Downlink, String)>>,
+    /// How many downlinks without a message id this worker has seen, by content, within
+    /// a claim's lifetime (see [`Downlinks::claim_of`]).
+    repeats: moka::sync::Cache<String, u32>,
 }
 
 /// How long a downlink another worker owns is kept for a hand-over: past a lease's
@@ -175,6 +179,9 @@ pub struct Downlinks {
 const HAND_OVER_WINDOW: Duration = Duration::from_secs(15);
 /// Downlinks kept for a hand-over, at most.
 const HAND_OVER_KEPT: usize = 10_000;
+
+/// Contents of downlinks without a message id remembered for their repeats, at most.
+const REPEATS_KEPT: u64 = 1_000_000;
 
 /// What a downlink's claim is keyed by: its topic (with the message id) and payload.
 fn claim_digest(topic: &str, payload: &[u8]) -> String {
@@ -222,7 +229,32 @@ impl Downlinks {
             queue: Mutex::default(),
             tasks,
             hand_over: Mutex::default(),
+            repeats: moka::sync::Cache::builder()
+                .max_capacity(REPEATS_KEPT)
+                .time_to_idle(names::DOWNLINK_CLAIM_TTL)
+                .build(),
         }
+    }
+
+    /// The claim a downlink is handled under, the same on every worker. A downlink with
+    /// a message id (a command, an attribute set) is claimed by its content: a repeat is
+    /// the same request again (a replay, a broker's redelivery) and is handled once.
+    /// One without (a telemetry control, an attribute get) is claimed by its content and
+    /// how many times it came before within a claim's lifetime: `{"switch":1}` sent
+    /// twice within a minute is two requests, which a claim of the content alone would
+    /// make one (the second silently passed by, as if another worker had it). Every
+    /// worker sees the downlinks of a topic in the broker's order, so each numbers a
+    /// given one alike; one that started in between numbers differently, which can
+    /// cost a duplicate, never a loss.
+    fn claim_of(&self, parsed: &DownlinkTopic, downlink: &Downlink) -> String {
+        let digest = claim_digest(&downlink.topic, &downlink.payload);
+        if parsed.message_id.is_some() {
+            return digest;
+        }
+        let before = self.repeats.get(&digest).unwrap_or(0);
+        self.repeats.insert(digest.clone(), before + 1);
+        // The first keeps the content's own claim, as before the count.
+        if before == 0 { digest } else { format!("{digest}-{before}") }
     }
 
     /// Handles one downlink message from the broker, answering it within
@@ -230,27 +262,35 @@ impl Downlinks {
     pub async fn handle(self: &Arc<Self>, parsed: DownlinkTopic, downlink: Downlink) {
         // Its receive span is current (its lane runs this in it).
         let due = downlink.received + ANSWER_WITHIN;
+        // Numbered on arrival, before anything waits: a topic's downlinks share a lane,
+        // so they are numbered in the broker's order.
+        let claim = self.claim_of(&parsed, &downlink);
         let Some(target) = self.resolve(&parsed, due).await else { return };
         if !(self.handles)(&target.carrier.id) {
             // Another worker's (it owns the device's partition); counted so that an
             // operator sees every worker takes every downlink, and kept a while in case
             // that worker is gone and this one takes the partition over.
             self.count("not_owner");
-            self.keep_for_hand_over(target, downlink);
+            self.keep_for_hand_over(target, downlink, claim);
             return;
         }
-        self.handle_owned(parsed, target, downlink).await;
+        self.handle_owned(parsed, target, downlink, &claim).await;
     }
 
     /// Handles a resolved downlink of this worker's.
-    async fn handle_owned(self: &Arc<Self>, parsed: DownlinkTopic, target: Target, downlink: Downlink) {
+    async fn handle_owned(
+        self: &Arc<Self>,
+        parsed: DownlinkTopic,
+        target: Target,
+        downlink: Downlink,
+        claim: &str,
+    ) {
         let Downlink { topic, payload, received, .. } = downlink;
         let due = received + ANSWER_WITHIN;
         // Claimed first: a successor replaying a hand-over must not handle it again. Not
         // cut off at `due` (the store bounds its own wait): one answered late here must
         // still hold its claim, or the old owner, thawed, would deliver it after all.
-        let digest = claim_digest(&topic, &payload);
-        let route = match self.routes.claim_and_route(&digest, &target.carrier.id).await {
+        let route = match self.routes.claim_and_route(claim, &target.carrier.id).await {
             ClaimAndRoute { claim: Ok(false), .. } => {
                 self.count("claimed_elsewhere");
                 return;
@@ -305,18 +345,18 @@ impl Downlinks {
 
     /// Keeps a downlink another worker owns, for [`HAND_OVER_WINDOW`] (at most
     /// [`HAND_OVER_KEPT`] of them).
-    fn keep_for_hand_over(&self, target: Target, mut downlink: Downlink) {
+    fn keep_for_hand_over(&self, target: Target, mut downlink: Downlink, claim: String) {
         // Its receive span ends now, as another worker's: a replay is a trace of its own.
         downlink.span.record("tcpc.outcome", "not_owner");
         downlink.span = tracing::Span::none();
         let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        while kept.front().is_some_and(|(_, old)| now.duration_since(old.received) > HAND_OVER_WINDOW)
+        while kept.front().is_some_and(|(_, old, _)| now.duration_since(old.received) > HAND_OVER_WINDOW)
             || kept.len() >= HAND_OVER_KEPT
         {
             kept.pop_front();
         }
-        kept.push_back((target, downlink));
+        kept.push_back((target, downlink, claim));
     }
 
     /// This worker took partitions: the downlinks of their devices that arrived while
@@ -324,11 +364,11 @@ impl Downlinks {
     /// its claim), so that none is left unanswered when the owner died. Those past
     /// their answer's due time are answered "busy" at once.
     pub fn replay_hand_over(self: &Arc<Self>) {
-        let mine: VecDeque<(Target, Downlink)> = {
+        let mine: VecDeque<(Target, Downlink, String)> = {
             let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
             let (mine, others) = std::mem::take(&mut *kept)
                 .into_iter()
-                .partition(|(target, _): &(Target, Downlink)| (self.handles)(&target.carrier.id));
+                .partition(|(target, _, _): &(Target, Downlink, String)| (self.handles)(&target.carrier.id));
             *kept = others;
             mine
         };
@@ -339,9 +379,9 @@ impl Downlinks {
         let this = self.clone();
         self.tasks.spawn(async move {
             // Resolved when they arrived: their due time may be past, their device not.
-            for (target, downlink) in mine {
+            for (target, downlink, claim) in mine {
                 if let Some(parsed) = topics::parse_downlink(&this.prefix, &downlink.topic) {
-                    this.handle_owned(parsed, target, downlink).await;
+                    this.handle_owned(parsed, target, downlink, &claim).await;
                 }
             }
         });
