@@ -47,10 +47,10 @@ pub struct Metrics {
     pub downlinks: Family<ReasonLabel, Counter>,
     /// Envelopes that can never be delivered, kept as dead letters, by cause.
     pub dead_letters: Family<ReasonLabel, Counter>,
-    /// Uplink batches retried after a transient failure (the ack held meanwhile).
+    /// Uplink deliveries retried after a transient failure (the ack held meanwhile).
     pub retries: Counter,
-    /// Uplink envelopes delivered out of their connection's order: `gap`, held ones
-    /// released past envelopes that never came in time; `late`, ones that came after
+    /// Uplink envelopes delivered out of their connection's order: `gap`, stretches of
+    /// missing envelopes given up on (the held ones after them released); `late`, ones that came after
     /// their place had passed (see `crate::reorder`).
     pub uplink_out_of_order: Family<ReasonLabel, Counter>,
     /// Partition leases found taken by another worker while this one held them.

@@ -38,10 +38,6 @@ pub enum HandleError {
     Acknowledge(#[source] SinkError),
     #[error("dead-letter the envelope: {0}")]
     DeadLetter(#[source] DeadLetterError),
-    /// The partition's lease ran out before the envelope was handed over (see
-    /// `consume::Lease`): it is left to the partition's next owner.
-    #[error("partition lease not held")]
-    LeaseExpired,
 }
 
 /// Mapper, sink and dead letters.

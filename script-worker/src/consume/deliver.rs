@@ -1,6 +1,7 @@
 //! Delivering one partition: a continuous pull from its consumer; envelopes handed to
-//! the platform in stream order while the ones before still wait for the broker's
-//! acknowledgement; one JetStream ack (AckPolicy::All) for everything delivered so far.
+//! the platform in order (the stream's, each connection's own restored by the reorder)
+//! while the ones before still wait for the broker's acknowledgement; one JetStream ack
+//! (AckPolicy::All) for everything delivered so far.
 //!
 //! Why pipelined: a fetch → deliver → wait for every PUBACK → ack cycle made each
 //! envelope at moderate rates pay its own pull request, PUBACK wait and ack (a fetch
@@ -9,7 +10,7 @@
 //! acknowledges the previous ones, and an ack goes out per [`ACK_EVERY`] envelopes or
 //! [`ACK_DELAY`] after the first one it covers.
 //!
-//! Order and retries: envelopes are handed in stream order, all to the sink connection
+//! Order and retries: envelopes are handed in order, all to the sink connection
 //! (its epoch) that the oldest one in flight went to. That connection acknowledges in
 //! order, and a lost one fails every later message of its epoch, so what fails is a
 //! suffix starting at the oldest envelope in flight: the whole suffix is handed again,
@@ -28,6 +29,13 @@
 //! `ack_wait` (a long outage of the platform broker, a lost ack). Every envelope up to
 //! the highest stream sequence received is either delivered or still under way here,
 //! so a redelivery is dropped (and acknowledged again if it was delivered).
+//!
+//! Deliveries lost in transit (this worker's NATS connection broke while some were on
+//! their way) show as a jump in the consumer's delivery sequence. Nothing past the jump
+//! is taken: what came before is finished and acknowledged, the delivery ends, and the
+//! partition's consumer is made again to start after its ack floor (`take_over`), so
+//! the lost ones come next, in order, instead of after `ack_wait` behind newer ones
+//! whose ack would have covered them unseen.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -48,12 +56,21 @@ use crate::sink::Epoch;
 
 /// Envelopes asked for per pull request; another is asked once half have come.
 const PULL_BATCH: usize = 256;
-/// Envelopes received and not yet delivered, at most: past it the pull waits.
+/// Envelopes received and not yet delivered (held in the reorder included), at most:
+/// past it the pull waits.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Envelopes received and not yet acknowledged, at most (below the consumer's
+/// `max_ack_pending`): envelopes delivered behind one held in the reorder wait here for
+/// the ack. Reached, the reorder gives up its gaps at once: a pull stopped behind a gap
+/// could never receive the envelope that would fill it.
+const MAX_UNACKNOWLEDGED: usize = 8192;
+/// Envelopes handed per turn of the loop, at most, so that acks, stops and settled
+/// deliveries are seen in between.
+const HAND_PER_TURN: usize = 64;
 /// Delivered envelopes that one ack covers, at most.
 const ACK_EVERY: usize = 256;
-/// How long a delivered envelope waits for its ack, at most: what a crashed worker's
-/// successor delivers twice.
+/// How long a delivered envelope waits for its ack, at most, when nothing held before it
+/// holds the ack back: what a crashed worker's successor delivers twice.
 const ACK_DELAY: Duration = Duration::from_millis(100);
 /// How often the partition's resume point is recorded in Redis while delivering.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
@@ -90,6 +107,9 @@ pub(super) struct Delivery<'a> {
     backoff: Backoff,
     /// The highest stream sequence received: anything at or below it is a redelivery.
     received: u64,
+    /// The consumer's last delivery sequence (every delivery raises it by one,
+    /// redeliveries included): a jump is deliveries lost in transit.
+    delivery_sequence: u64,
     /// Every envelope received and not yet acknowledged, in stream order, with its
     /// message once delivered: an ack (AckPolicy::All) covers the delivered ones before
     /// the first that is not, never one held in the reorder or still under way.
@@ -125,6 +145,9 @@ enum Event {
 /// The lease may have lapsed: nothing more is done for the partition.
 struct LeaseLapsed;
 
+/// Deliveries were lost on their way to this worker: the delivery starts over.
+struct LostInTransit;
+
 impl<'a> Delivery<'a> {
     pub(super) fn new(partitions: &'a Partitions, partition: u32, lease: &'a Lease) -> Self {
         Delivery {
@@ -139,6 +162,7 @@ impl<'a> Delivery<'a> {
             retry_at: None,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
             received: 0,
+            delivery_sequence: 0,
             ledger: VecDeque::new(),
             unacked: None,
             delivered: 0,
@@ -165,7 +189,20 @@ impl<'a> Delivery<'a> {
             if !draining && let Err(LeaseLapsed) = self.hand().await {
                 return self.lease_lapsed();
             }
-            let receiving = !draining && self.retry_at.is_none() && self.ledger.len() < MAX_IN_FLIGHT;
+            if self.ledger.len() >= MAX_UNACKNOWLEDGED && self.reorder.held() > 0 {
+                warn!(
+                    partition = self.partition,
+                    held = self.reorder.held(),
+                    "unacknowledged envelopes at their bound; the reorder gives up its gaps"
+                );
+                let released = self.reorder.expire(Instant::now() + reorder::HOLD);
+                self.undelivered.extend(released);
+                self.count_reordering();
+            }
+            let receiving = !draining
+                && self.retry_at.is_none()
+                && self.undelivered.len() + self.reorder.held() < MAX_IN_FLIGHT
+                && self.ledger.len() < MAX_UNACKNOWLEDGED;
             let retry_at = self.retry_at.unwrap_or_else(Instant::now);
             let hold_over_at = self.reorder.next_deadline();
             let ack_at = self.unacked.as_ref().map_or_else(Instant::now, |(_, _, since)| *since + ACK_DELAY);
@@ -189,7 +226,11 @@ impl<'a> Delivery<'a> {
                     self.count_reordering();
                 }
                 Event::Stop => draining = true,
-                Event::Pulled(Some(Ok(message))) => self.receive(message).await,
+                Event::Pulled(Some(Ok(message))) => {
+                    if let Err(LostInTransit) = self.receive(message).await {
+                        draining = true;
+                    }
+                }
                 Event::Pulled(Some(Err(error))) if is_pull_over(&error) => {
                     warn!(partition = self.partition, %error, "partition pull ended");
                     draining = true;
@@ -239,15 +280,26 @@ impl<'a> Delivery<'a> {
         );
     }
 
-    /// Takes in a pulled envelope, or drops a redelivery.
-    async fn receive(&mut self, message: jetstream::Message) {
-        let sequence = match message.info() {
-            Ok(info) => info.stream_sequence,
+    /// Takes in a pulled envelope, or drops a redelivery; refuses it, and every later
+    /// one, after deliveries lost in transit.
+    async fn receive(&mut self, message: jetstream::Message) -> Result<(), LostInTransit> {
+        let (sequence, delivery) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.consumer_sequence),
             Err(error) => {
                 warn!(partition = self.partition, %error, "envelope without a stream sequence; skipped");
-                return;
+                return Ok(());
             }
         };
+        if self.delivery_sequence != 0 && delivery != self.delivery_sequence + 1 {
+            warn!(
+                partition = self.partition,
+                expected = self.delivery_sequence + 1,
+                delivery,
+                "deliveries lost in transit; starting again after the acknowledged floor"
+            );
+            return Err(LostInTransit);
+        }
+        self.delivery_sequence = delivery;
         if sequence <= self.received {
             // Delivered already: ack it again, or JetStream would keep redelivering it
             // to an idle partition. Still under way: its own ack will come.
@@ -257,7 +309,7 @@ impl<'a> Delivery<'a> {
             {
                 warn!(partition = self.partition, %error, "redelivered envelope's ack not sent");
             }
-            return;
+            return Ok(());
         }
         self.received = sequence;
         self.ledger.push_back((sequence, None));
@@ -270,6 +322,7 @@ impl<'a> Delivery<'a> {
         );
         self.undelivered.extend(released);
         self.count_reordering();
+        Ok(())
     }
 
     /// Counts the reorder's gaps given up on and late envelopes since the last count.
@@ -290,7 +343,8 @@ impl<'a> Delivery<'a> {
     /// Hands the envelopes not in flight to the pipeline, in order, unless a retry is
     /// pending; stops at the first that fails (it is retried after a back-off).
     async fn hand(&mut self) -> Result<(), LeaseLapsed> {
-        while self.handed < self.undelivered.len() && self.retry_at.is_none() {
+        let until = (self.handed + HAND_PER_TURN).min(self.undelivered.len());
+        while self.handed < until && self.retry_at.is_none() {
             if !self.lease.is_held() {
                 return Err(LeaseLapsed);
             }

@@ -108,7 +108,7 @@ const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Until when this worker may act for a partition: the last successful renewal's send
 /// time plus the lease, less a margin, on this process's monotonic clock. The consumer
-/// checks it before each fetch, publish and ack: a worker paused past its lease
+/// checks it before it hands an envelope on and before each ack: a worker paused past its lease
 /// (SIGSTOP, a stalled VM) must not act for a partition another worker may own by now —
 /// the lease loop that would notice runs no sooner than the consumer on resume.
 #[derive(Clone)]
@@ -364,7 +364,11 @@ impl Partitions {
 
     /// This generation's consumer of the partition, created to start after the previous
     /// consumers' ack floor, and then the previous ones deleted. A retry after a failure
-    /// half-way finds its own consumer and goes on from there.
+    /// half-way finds its own consumer and goes on from there, unless that consumer has
+    /// deliveries not acknowledged (a delivery that ended: its lease lapsed locally,
+    /// its pull ended, deliveries were lost in transit): those would come again only
+    /// after `ack_wait`, behind newer ones whose ack (AckPolicy::All) would cover them
+    /// unseen, so the consumer is made again to start right after its ack floor.
     async fn take_over(
         &self,
         partition: u32,
@@ -374,19 +378,31 @@ impl Partitions {
         let mut stream = self.stream.ensure(&self.jetstream).await.map_err(TakeOverError::Stream)?;
         let name = names::partition_consumer(partition, generation);
         let mut previous = Vec::new();
-        let mut ours = false;
+        let mut ours = None;
         let mut consumers = stream.consumers();
         while let Some(info) = consumers.next().await {
             let info = info.map_err(TakeOverError::ListConsumers)?;
             if info.name == name {
-                ours = true;
+                ours = Some(info);
             } else if names::is_partition_consumer(&info.name, partition) {
                 previous.push(info);
             }
         }
-        let consumer = if ours {
-            stream.get_consumer(&name).await.map_err(TakeOverError::OpenConsumer)?
+        let consumer = if let Some(ours) = ours.as_ref().filter(|ours| ours.num_ack_pending == 0) {
+            stream.get_consumer(&ours.name).await.map_err(TakeOverError::OpenConsumer)?
         } else {
+            if let Some(ours) = ours {
+                warn!(
+                    partition,
+                    unacknowledged = ours.num_ack_pending,
+                    "partition consumer restarted with deliveries not acknowledged; starting again after its ack floor"
+                );
+                stream
+                    .delete_consumer(&ours.name)
+                    .await
+                    .map_err(|source| TakeOverError::DeleteConsumer { name: ours.name.clone(), source })?;
+                previous.push(ours);
+            }
             // Every acknowledged envelope was delivered, whichever consumer it was
             // acknowledged on: after the highest floor is where nothing is skipped.
             let floor = previous.iter().map(|info| info.ack_floor.stream_sequence).max();
@@ -396,7 +412,7 @@ impl Partitions {
             };
             stream
                 .create_consumer(consumer::pull::Config {
-                    durable_name: Some(name),
+                    durable_name: Some(name.clone()),
                     filter_subject: names::uplink_subject(partition),
                     deliver_policy,
                     ack_policy: consumer::AckPolicy::All,
@@ -407,7 +423,7 @@ impl Partitions {
                 .await
                 .map_err(TakeOverError::CreateConsumer)?
         };
-        for info in previous {
+        for info in previous.iter().filter(|info| info.name != name) {
             stream
                 .delete_consumer(&info.name)
                 .await

@@ -231,7 +231,9 @@ impl Downlinks {
             hand_over: Mutex::default(),
             repeats: moka::sync::Cache::builder()
                 .max_capacity(REPEATS_KEPT)
-                .time_to_idle(names::DOWNLINK_CLAIM_TTL)
+                // As long as a claim of one may be taken: a replay claims up to the
+                // hand-over window and an answer's bound after the arrival.
+                .time_to_idle(names::DOWNLINK_CLAIM_TTL + HAND_OVER_WINDOW + ANSWER_WITHIN)
                 .build(),
         }
     }
@@ -244,8 +246,10 @@ impl Downlinks {
     /// twice within a minute is two requests, which a claim of the content alone would
     /// make one (the second silently passed by, as if another worker had it). Every
     /// worker sees the downlinks of a topic in the broker's order, so each numbers a
-    /// given one alike; one that started in between numbers differently, which can
-    /// cost a duplicate, never a loss.
+    /// given one alike. One that started in between (or missed one) numbers
+    /// differently: so that this never costs a loss, the owner delivers one without a
+    /// message id whatever its claim says, and only a hand-over's replay passes by one
+    /// claimed (at worst a duplicate).
     fn claim_of(&self, parsed: &DownlinkTopic, downlink: &Downlink) -> String {
         let digest = claim_digest(&downlink.topic, &downlink.payload);
         if parsed.message_id.is_some() {
@@ -274,7 +278,7 @@ impl Downlinks {
             self.keep_for_hand_over(target, downlink, claim);
             return;
         }
-        self.handle_owned(parsed, target, downlink, &claim).await;
+        self.handle_owned(parsed, target, downlink, &claim, false).await;
     }
 
     /// Handles a resolved downlink of this worker's.
@@ -284,6 +288,7 @@ impl Downlinks {
         target: Target,
         downlink: Downlink,
         claim: &str,
+        replay: bool,
     ) {
         let Downlink { topic, payload, received, .. } = downlink;
         let due = received + ANSWER_WITHIN;
@@ -291,7 +296,7 @@ impl Downlinks {
         // cut off at `due` (the store bounds its own wait): one answered late here must
         // still hold its claim, or the old owner, thawed, would deliver it after all.
         let route = match self.routes.claim_and_route(claim, &target.carrier.id).await {
-            ClaimAndRoute { claim: Ok(false), .. } => {
+            ClaimAndRoute { claim: Ok(false), .. } if replay || parsed.message_id.is_some() => {
                 self.count("claimed_elsewhere");
                 return;
             }
@@ -381,7 +386,7 @@ impl Downlinks {
             // Resolved when they arrived: their due time may be past, their device not.
             for (target, downlink, claim) in mine {
                 if let Some(parsed) = topics::parse_downlink(&this.prefix, &downlink.topic) {
-                    this.handle_owned(parsed, target, downlink, &claim).await;
+                    this.handle_owned(parsed, target, downlink, &claim, true).await;
                 }
             }
         });
