@@ -7,7 +7,9 @@
 //! connection's envelopes as … k-1, k+j..n, k..k+j-1 …: reordered, never lost.
 //! [`Reorder`] restores the order from the message ids (`<connection>-<sequence>`, see
 //! [`names::uplink_message_id`]): an envelope past a gap is held, with every later one
-//! of its connection, until the gap fills or [`HOLD`] has passed.
+//! of its connection, until the gap fills or [`HOLD`] has passed without progress: the
+//! hold counts from the envelope's arrival, and starts again for all those held of its
+//! connection whenever one is released in sequence (the gap filling, one at a time).
 //!
 //! Nothing is ever dropped (the worker is at-least-once): an envelope whose place has
 //! passed (a replay, or one that arrives after its gap was given up on) is released at
@@ -21,8 +23,8 @@
 //! with the map's key, the connection id as a `u128`. A connection with nothing held is
 //! forgotten after [`IDLE`] without an envelope, by a scan at most once per
 //! [`PRUNE_EVERY`] (100,000 connections: well under a millisecond a minute). What is
-//! held is bounded by what the stream delivers within [`HOLD`]: the caller bounds it by
-//! the envelopes it has fetched and not acknowledged.
+//! held is bounded by what the stream delivers while a gap is open: the caller bounds it
+//! by the envelopes it has fetched and not acknowledged.
 //!
 //! Pure and synchronous, no I/O, no clock of its own: each call is told the time, so
 //! that it runs under paused time in tests. The caller calls [`Reorder::expire`] when
@@ -36,10 +38,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// How long an envelope past a gap is held for the gap to fill. The edge re-sends its
-/// window after a back-off of at most 5 s, each publish then taking up to its 5 s
-/// timeout (`EDGE_PUBLISH_TIMEOUT`): a gap that a re-send fills is filled within 10 s
-/// of the envelope past it; 15 s leaves a margin for the stream's delivery to the worker.
+/// How long an envelope past a gap is held for the gap to fill, counted from its
+/// connection's last progress (an envelope released in sequence) or, if later, its own
+/// arrival. The edge re-sends a failed window one envelope at a time, each after the
+/// previous one's JetStream ack, so a gap of j fills in j round trips: what must fit is
+/// one re-send, a back-off of at most 5 s then a publish of up to its 5 s timeout
+/// (`EDGE_PUBLISH_TIMEOUT`), 10 s; 15 s leaves a margin for the stream's delivery to the
+/// worker. A gap that makes no progress for this long is given up on.
 pub const HOLD: Duration = Duration::from_secs(15);
 
 /// How long a connection with nothing held is remembered without an envelope. Long
@@ -64,8 +69,9 @@ struct Connection<T> {
 /// An envelope waiting for a gap below it to fill.
 struct Held<T> {
     sequence: u64,
-    /// When it was pushed: it is held until `HOLD` after.
-    arrived: Instant,
+    /// When its hold started: when it was pushed, or its connection's last progress
+    /// since (an envelope released in sequence). It is held until `HOLD` after.
+    since: Instant,
     item: T,
 }
 
@@ -77,10 +83,10 @@ struct Tally {
 }
 
 impl<T> Connection<T> {
-    /// When the envelope held longest must be released: the earliest arrival plus
-    /// `hold`. `None` if nothing is held.
+    /// When the envelope held longest must be released: the earliest start of a hold
+    /// plus `hold`. `None` if nothing is held.
     fn deadline(&self, hold: Duration) -> Option<Instant> {
-        self.held.iter().map(|held| held.arrived).min().map(|arrived| arrived + hold)
+        self.held.iter().map(|held| held.since).min().map(|since| since + hold)
     }
 
     /// Releases the held envelopes that are next in sequence, after giving up on the
@@ -191,13 +197,18 @@ impl<T> Reorder<T> {
                 let tally = connection.release_held(None, &mut rest);
                 self.late += tally.late;
                 self.held -= rest.len();
+                // Progress: the gap is filling (the edge re-sends one at a time), so what
+                // is still held waits for the hold from now.
+                for held in &mut connection.held {
+                    held.since = now;
+                }
                 reschedule(&mut self.deadlines, id, deadline, connection.deadline(self.hold));
             }
             return Released::new(Some(item), rest);
         }
         // Past a gap: after the held envelopes of lower or equal sequence.
         let at = connection.held.partition_point(|held| held.sequence <= sequence);
-        connection.held.insert(at, Held { sequence, arrived: now, item });
+        connection.held.insert(at, Held { sequence, since: now, item });
         self.held += 1;
         reschedule(&mut self.deadlines, id, deadline, connection.deadline(self.hold));
         Released::new(None, Vec::new())
@@ -222,7 +233,7 @@ impl<T> Reorder<T> {
             let give_up_to = connection
                 .held
                 .iter()
-                .filter(|held| held.arrived + hold <= now)
+                .filter(|held| held.since + hold <= now)
                 .map(|held| held.sequence)
                 .max();
             let before = out.len();
@@ -389,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn each_held_envelope_waits_for_the_hold_from_its_own_arrival() {
+    fn without_progress_each_held_envelope_waits_for_the_hold_from_its_own_arrival() {
         let mut reorder = Reorder::new(HOLD);
         let start = Instant::now();
         let later = start + Duration::from_secs(10);
@@ -403,7 +414,50 @@ mod tests {
         assert_eq!((reorder.held(), reorder.gaps()), (1, 1));
         assert_eq!(reorder.next_deadline(), Some(later + HOLD));
         assert_eq!(sequences(&push(&mut reorder, A, 3, start + HOLD)), [3]);
+        assert_eq!(reorder.next_deadline(), Some(start + HOLD + HOLD), "progress: 5's hold restarts");
         assert_eq!(sequences(&push(&mut reorder, A, 4, start + HOLD)), [4, 5]);
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.next_deadline()), (0, 1, None));
+    }
+
+    #[test]
+    fn a_gap_filled_one_at_a_time_is_never_given_up_while_it_progresses() {
+        let mut reorder = Reorder::new(HOLD);
+        let start = Instant::now();
+        let step = Duration::from_secs(10);
+        let mut released = push(&mut reorder, A, 0, start);
+        for sequence in 5..=8 {
+            released.extend(push(&mut reorder, A, sequence, start));
+        }
+        assert_eq!(reorder.held(), 4);
+        // The edge re-sends 1..=4 one at a time, one every 10 s: 40 s in all, each step
+        // within the hold of the one before.
+        let mut now = start;
+        for sequence in 1..=4 {
+            now += step;
+            assert!(reorder.expire(now).is_empty(), "{sequence}: nothing given up");
+            released.extend(push(&mut reorder, A, sequence, now));
+            if sequence < 4 {
+                assert_eq!(reorder.next_deadline(), Some(now + HOLD), "the hold restarts");
+            }
+        }
+        assert_eq!(sequences(&released), (0..=8).collect::<Vec<_>>());
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.late()), (0, 0, 0));
+        assert_eq!(reorder.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_gap_that_stops_progressing_is_given_up_hold_after_its_last_progress() {
+        let mut reorder = Reorder::new(HOLD);
+        let start = Instant::now();
+        push(&mut reorder, A, 0, start);
+        push(&mut reorder, A, 3, start);
+        push(&mut reorder, A, 4, start);
+        let progress = start + Duration::from_secs(10);
+        assert_eq!(sequences(&push(&mut reorder, A, 1, progress)), [1]);
+        assert!(reorder.expire(start + HOLD).is_empty(), "not at the hold from arrival");
+        assert_eq!(reorder.next_deadline(), Some(progress + HOLD));
+        assert!(reorder.expire(progress + HOLD - Duration::from_millis(1)).is_empty());
+        assert_eq!(sequences(&reorder.expire(progress + HOLD)), [3, 4], "2 given up");
         assert_eq!((reorder.held(), reorder.gaps(), reorder.next_deadline()), (0, 1, None));
     }
 
