@@ -135,6 +135,8 @@ enum Event {
     AckDue,
     /// Envelopes held past a gap waited for it long enough.
     HoldOver,
+    /// The lease lapses now unless it was renewed: an idle partition must notice too.
+    LeaseDue,
     /// Asked to stop (shutdown, hand-over): what is in flight is finished and
     /// acknowledged first.
     Stop,
@@ -213,12 +215,15 @@ impl<'a> Delivery<'a> {
                 () = tokio::time::sleep_until(retry_at), if self.retry_at.is_some() => Event::RetryDue,
                 () = tokio::time::sleep_until(ack_at), if self.unacked.is_some() => Event::AckDue,
                 () = tokio::time::sleep_until(hold_over_at.unwrap_or_else(Instant::now)), if hold_over_at.is_some() => Event::HoldOver,
+                () = tokio::time::sleep_until(self.lease.lapses_at()) => Event::LeaseDue,
                 () = stop.cancelled(), if !draining => Event::Stop,
                 next = pulled.next(), if receiving => Event::Pulled(next),
             };
             match event {
                 Event::Settled(settled) => self.settle(settled),
                 Event::RetryDue => self.retry_at = None,
+                // Checked at the top of the loop.
+                Event::LeaseDue => {}
                 Event::AckDue => self.acknowledge(false).await,
                 Event::HoldOver => {
                     let released = self.reorder.expire(Instant::now());

@@ -133,6 +133,11 @@ impl Lease {
     fn is_held(&self) -> bool {
         (self.epoch.elapsed().as_millis() as u64) < self.until.load(Ordering::Relaxed)
     }
+
+    /// When the partition stops being ours for sure, unless renewed before.
+    fn lapses_at(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.until.load(Ordering::Relaxed))
+    }
 }
 
 /// The partitions a worker owns, for whoever needs to know (the downlinks).
