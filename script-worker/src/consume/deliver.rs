@@ -258,24 +258,11 @@ impl<'a> Delivery<'a> {
         consumer: &consumer::PullConsumer,
         stop: &CancellationToken,
     ) -> Option<consumer::pull::Stream> {
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
-        loop {
-            let opened = tokio::select! {
-                _ = stop.cancelled() => return None,
-                opened = consumer.stream().max_messages_per_batch(PULL_BATCH).heartbeat(HEARTBEAT).messages() => opened,
-            };
-            match opened {
-                Ok(pulled) => return Some(pulled),
-                Err(error) => {
-                    let retry_in = backoff.next_delay();
-                    warn!(partition, %error, ?retry_in, "partition pull not opened");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(retry_in) => {}
-                    }
-                }
-            }
-        }
+        let backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        super::retry_until_stopped(partition, "partition pull not opened", backoff, stop, || {
+            consumer.stream().max_messages_per_batch(PULL_BATCH).heartbeat(HEARTBEAT).messages()
+        })
+        .await
     }
 
     fn lease_lapsed(&self) {

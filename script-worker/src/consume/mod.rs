@@ -502,21 +502,36 @@ impl Partitions {
         generation: u64,
         stop: &CancellationToken,
     ) -> Option<consumer::PullConsumer> {
-        let mut backoff = Backoff::new(TICK, Duration::from_secs(10));
-        loop {
-            let taken = tokio::select! {
-                _ = stop.cancelled() => return None,
-                taken = self.take_over(partition, generation) => taken,
-            };
-            match taken {
-                Ok(consumer) => return Some(consumer),
-                Err(error) => {
-                    let retry_in = backoff.next_delay();
-                    warn!(partition, %error, ?retry_in, "partition consumer not ready; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(retry_in) => {}
-                    }
+        let backoff = Backoff::new(TICK, Duration::from_secs(10));
+        retry_until_stopped(partition, "partition consumer not ready", backoff, stop, || {
+            self.take_over(partition, generation)
+        })
+        .await
+    }
+}
+
+/// What `attempt` gives once it succeeds, tried again after each failure (logged as
+/// `what`) with `backoff`; None once `stop` is cancelled.
+async fn retry_until_stopped<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    partition: u32,
+    what: &'static str,
+    mut backoff: Backoff,
+    stop: &CancellationToken,
+    mut attempt: impl FnMut() -> F,
+) -> Option<T> {
+    loop {
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return None,
+            outcome = attempt() => outcome,
+        };
+        match outcome {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                let retry_in = backoff.next_delay();
+                warn!(partition, %error, ?retry_in, "{what}; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(retry_in) => {}
                 }
             }
         }
