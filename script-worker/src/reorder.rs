@@ -11,6 +11,15 @@
 //! hold counts from the envelope's arrival, and starts again for all those held of its
 //! connection whenever one is released in sequence (the gap filling, one at a time).
 //!
+//! A connection's last envelope, its Offline session event, releases what its connection
+//! holds at once: the edge publishes it only once every earlier envelope of the
+//! connection was stored by JetStream (so came before it in the stream) or given up on
+//! at the close (never re-sent), so a gap before it can never fill, and holding it would
+//! report the device offline [`HOLD`] late, after its next connection came online. The
+//! caller tells which envelope is a connection's last ([`Reorder::push`]'s `is_last`,
+//! asked only of one past a gap); the gaps below it are given up on and counted, as at a
+//! deadline, so an envelope of its connection that still comes is released at once, late.
+//!
 //! Nothing is ever dropped (the worker is at-least-once): an envelope whose place has
 //! passed (a replay, or one that arrives after its gap was given up on) is released at
 //! once and counted as late; one without a `<connection>-<sequence>` id (a reaper's
@@ -170,8 +179,16 @@ impl<T> Reorder<T> {
 
     /// Takes an envelope with its JetStream message id, pushed at `now`, and returns
     /// what is ready, in order: nothing if it is held behind a gap; itself, then the held
-    /// envelopes of its connection it makes contiguous, if it is the next one.
-    pub fn push(&mut self, message_id: Option<&str>, item: T, now: Instant) -> Released<T> {
+    /// envelopes of its connection it makes contiguous, if it is the next one; the held
+    /// envelopes of its connection, then itself, if it is past a gap and `is_last` says
+    /// it is its connection's last (asked only then: the caller decodes to tell).
+    pub fn push(
+        &mut self,
+        message_id: Option<&str>,
+        item: T,
+        now: Instant,
+        is_last: impl FnOnce(&T) -> bool,
+    ) -> Released<T> {
         self.prune(now);
         let Some((id, sequence)) = message_id.and_then(connection_and_sequence) else {
             return Released::new(Some(item), Vec::new());
@@ -207,11 +224,21 @@ impl<T> Reorder<T> {
             return Released::new(Some(item), rest);
         }
         // Past a gap: after the held envelopes of lower or equal sequence.
+        let last = is_last(&item);
         let at = connection.held.partition_point(|held| held.sequence <= sequence);
         connection.held.insert(at, Held { sequence, since: now, item });
         self.held += 1;
+        let mut rest = Vec::new();
+        if last {
+            // Nothing before it can come any more (see the module): its gaps are given up
+            // on now, not at the deadline.
+            let tally = connection.release_held(Some(sequence), &mut rest);
+            self.gaps += tally.gaps;
+            self.late += tally.late;
+            self.held -= rest.len();
+        }
         reschedule(&mut self.deadlines, id, deadline, connection.deadline(self.hold));
-        Released::new(None, Vec::new())
+        Released::new(None, rest)
     }
 
     /// When the envelope held longest must be released; `None` if nothing is held.
@@ -259,7 +286,8 @@ impl<T> Reorder<T> {
     }
 
     /// Gaps given up on since the start: stretches of missing sequences that the
-    /// envelopes past them were released over, at their deadline.
+    /// envelopes past them were released over, at their deadline or at their
+    /// connection's last envelope.
     pub fn gaps(&self) -> u64 {
         self.gaps
     }
@@ -341,7 +369,18 @@ mod tests {
         sequence: u64,
         now: Instant,
     ) -> Vec<(&'static str, u64)> {
-        reorder.push(Some(&id(connection, sequence)), (connection, sequence), now).collect()
+        push_marked(reorder, connection, sequence, false, now)
+    }
+
+    /// As [`push`], the envelope marked as its connection's last if `last`.
+    fn push_marked(
+        reorder: &mut Reorder<(&'static str, u64)>,
+        connection: &'static str,
+        sequence: u64,
+        last: bool,
+        now: Instant,
+    ) -> Vec<(&'static str, u64)> {
+        reorder.push(Some(&id(connection, sequence)), (connection, sequence), now, |_| last).collect()
     }
 
     fn sequences(released: &[(&str, u64)]) -> Vec<u64> {
@@ -473,6 +512,48 @@ mod tests {
     }
 
     #[test]
+    fn a_connections_last_envelope_releases_what_it_holds_at_once() {
+        let mut reorder = Reorder::new(HOLD);
+        let start = Instant::now();
+        let mut released = Vec::new();
+        for sequence in [1, 2, 4, 5] {
+            released.extend(push(&mut reorder, A, sequence, start));
+        }
+        assert_eq!(sequences(&released), [1, 2], "4 and 5 wait for 3");
+        let later = start + Duration::from_secs(1);
+        push(&mut reorder, B, 0, later);
+        assert!(push(&mut reorder, B, 2, later).is_empty(), "another connection's gap");
+        // The Offline event: 3 was given up on at the close, it can never come.
+        released.extend(push_marked(&mut reorder, A, 6, true, later));
+        assert_eq!(sequences(&released), [1, 2, 4, 5, 6], "at once, not after the hold");
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.late()), (1, 1, 0), "B's gap is its own");
+        assert_eq!(reorder.next_deadline(), Some(later + HOLD), "B's; A's is gone");
+        // Were 3 to come after all: released at once, never dropped, and late.
+        assert_eq!(push(&mut reorder, A, 3, later), [(A, 3)]);
+        assert_eq!((reorder.gaps(), reorder.late()), (1, 1));
+    }
+
+    #[test]
+    fn a_connections_last_envelope_in_sequence_is_released_as_any() {
+        let mut reorder = Reorder::new(HOLD);
+        let now = Instant::now();
+        push(&mut reorder, A, 0, now);
+        let last = reorder.push(Some(&id(A, 1)), (A, 1), now, |_| unreachable!("asked only past a gap"));
+        assert_eq!(last.collect::<Vec<_>>(), [(A, 1)]);
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.late()), (0, 0, 0));
+        assert_eq!(push(&mut reorder, A, 0, now), [(A, 0)], "a replay: late");
+        assert_eq!(reorder.late(), 1);
+    }
+
+    #[test]
+    fn a_connections_last_envelope_seen_first_is_released_at_once() {
+        let mut reorder = Reorder::new(HOLD);
+        let now = Instant::now();
+        assert_eq!(push_marked(&mut reorder, A, 9, true, now), [(A, 9)], "taken over at its close");
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.late()), (0, 0, 0));
+    }
+
+    #[test]
     fn a_late_envelope_is_released_and_counted() {
         let mut reorder = Reorder::new(HOLD);
         let now = Instant::now();
@@ -566,7 +647,7 @@ mod tests {
             Some(format!("{A}-1-2")),
         ];
         for (item, id) in ids.iter().enumerate() {
-            assert_eq!(reorder.push(id.as_deref(), item, now).collect::<Vec<_>>(), [item]);
+            assert_eq!(reorder.push(id.as_deref(), item, now, |_| false).collect::<Vec<_>>(), [item]);
         }
         assert_eq!(reorder.connections(), 0);
         assert_eq!(connection_and_sequence(&id(A, 7)), Some((0x1_0000_0000_0000_0001, 7)));

@@ -22,8 +22,9 @@
 //! Each connection's order: an edge with several publishes in flight may have them
 //! stored out of order across a NATS reconnect; envelopes pass through a
 //! [`Reorder`] first, which holds those past a gap until it fills (or for
-//! [`reorder::HOLD`]). The ack never covers an envelope still held or under way: a
-//! ledger of everything received, in stream order, says up to where all is delivered.
+//! [`reorder::HOLD`], or until their connection's Offline event comes). The ack never
+//! covers an envelope still held or under way: a ledger of everything received, in
+//! stream order, says up to where all is delivered.
 //!
 //! Redeliveries: JetStream redelivers what stays unacknowledged past the consumer's
 //! `ack_wait` (a long outage of the platform broker, a lost ack). Every envelope up to
@@ -41,9 +42,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
 use futures::StreamExt;
+use prost::Message as _;
 use tcpc_observe::Chain;
 use tcpc_proto::backoff::Backoff;
+use tcpc_proto::v1::{SessionState, UplinkEnvelope, uplink_envelope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, warn};
@@ -311,6 +315,7 @@ impl<'a> Delivery<'a> {
             id.as_deref(),
             Undelivered { message, sequence, handled: None },
             Instant::now(),
+            |undelivered| is_offline(&undelivered.message.payload),
         );
         self.undelivered.extend(released);
         self.count_reordering();
@@ -456,6 +461,18 @@ impl<'a> Delivery<'a> {
 fn is_pull_over(error: &consumer::pull::MessagesError) -> bool {
     use consumer::pull::MessagesErrorKind as Kind;
     matches!(error.kind(), Kind::ConsumerDeleted | Kind::PushBasedConsumer | Kind::RequestLimitExceeded)
+}
+
+/// Whether an envelope is a connection's Offline session event: its connection's last
+/// (see [`crate::reorder`]). Decoded here only for an envelope held past a gap; one that
+/// does not decode is not (the pipeline dead-letters it).
+fn is_offline(envelope: &Bytes) -> bool {
+    match UplinkEnvelope::decode(envelope.clone()) {
+        Ok(UplinkEnvelope { body: Some(uplink_envelope::Body::Session(event)) }) => {
+            event.state() == SessionState::Offline
+        }
+        _ => false,
+    }
 }
 
 /// The header JetStream de-duplicates by (the edge's `<connection>-<sequence>`).
