@@ -602,10 +602,49 @@ async fn a_nats_restart_mid_stream_keeps_a_chatty_devices_order_through_a_wide_w
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_connections_envelopes_stored_out_of_order_reach_the_platform_in_sequence() {
+/// Stores an envelope of `device_id`'s connection in the uplink stream as its edge would
+/// (its partition's subject, message id `<connection>-<sequence>`), the telemetry
+/// `{"n": sequence}` or else the session event in `state`.
+async fn store_envelope(
+    jetstream: &async_nats::jetstream::Context,
+    device_id: &str,
+    connection: &str,
+    sequence: u64,
+    state: Option<tcpc_proto::v1::SessionState>,
+) {
     use prost::Message as _;
     use tcpc_proto::names;
+    use tcpc_proto::v1::{Protocol, SessionEvent, Uplink, UplinkKind};
+    let body = match state {
+        None => uplink_envelope::Body::Uplink(Uplink {
+            device_id: device_id.into(),
+            connection_id: connection.into(),
+            protocol: Protocol::Official.into(),
+            kind: UplinkKind::Telemetry.into(),
+            payload: format!(r#"{{"n":{sequence}}}"#).into(),
+            received_at_ms: 0,
+            sequence,
+        }),
+        Some(state) => uplink_envelope::Body::Session(SessionEvent {
+            device_id: device_id.into(),
+            connection_id: connection.into(),
+            state: state.into(),
+            sequence,
+            owned_route: true,
+            protocol: Protocol::Official.into(),
+            ..Default::default()
+        }),
+    };
+    let subject = names::uplink_subject(names::partition_of(device_id, names::DEFAULT_PARTITIONS));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", names::uplink_message_id(connection, sequence).as_str());
+    let envelope = UplinkEnvelope { body: Some(body) }.encode_to_vec();
+    let ack = jetstream.publish_with_headers(subject, headers, envelope.into()).await.unwrap();
+    ack.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connections_envelopes_stored_out_of_order_reach_the_platform_in_sequence() {
     let w = world().await;
     w.device("reordered", "dev-reordered", "O001", Value::Null);
     let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry"]).await;
@@ -615,26 +654,8 @@ async fn a_connections_envelopes_stored_out_of_order_reach_the_platform_in_seque
     // publishes (5, 6) stored before the edge's re-send from the first lost one (3, 4).
     let jetstream = async_nats::jetstream::new(w.nats.client().await);
     let connection = "00000000000000aa00000000000000bb";
-    let subject = names::uplink_subject(names::partition_of("dev-reordered", names::DEFAULT_PARTITIONS));
     for sequence in [1u64, 2, 5, 6, 3, 4, 7] {
-        let envelope = UplinkEnvelope {
-            body: Some(uplink_envelope::Body::Uplink(tcpc_proto::v1::Uplink {
-                device_id: "dev-reordered".into(),
-                connection_id: connection.into(),
-                protocol: tcpc_proto::v1::Protocol::Official.into(),
-                kind: tcpc_proto::v1::UplinkKind::Telemetry.into(),
-                payload: format!(r#"{{"n":{sequence}}}"#).into(),
-                received_at_ms: 0,
-                sequence,
-            })),
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", names::uplink_message_id(connection, sequence).as_str());
-        let ack = jetstream
-            .publish_with_headers(subject.clone(), headers, envelope.encode_to_vec().into())
-            .await
-            .unwrap();
-        ack.await.unwrap();
+        store_envelope(&jetstream, "dev-reordered", connection, sequence, None).await;
     }
     let mut seen = Vec::new();
     while seen.len() < 7 {
@@ -645,6 +666,43 @@ async fn a_connections_envelopes_stored_out_of_order_reach_the_platform_in_seque
         worker.metric(r#"worker_uplink_out_of_order_total{reason="gap"}"#).await,
         0.0,
         "no gap given up on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connections_offline_past_a_gap_that_cannot_fill_comes_before_its_next_connection() {
+    use tcpc_proto::v1::SessionState;
+    let w = world().await;
+    w.device("closed", "dev-closed", "C001", Value::Null);
+    let mut watcher = Watcher::subscribe(&w.broker, &["devices/telemetry", "devices/status/+"]).await;
+    let worker = w.worker("worker-a", &[]).await;
+    wait_for_partitions(&[&worker]).await;
+    // As a connection closed during a NATS outage leaves the stream: 3 given up on at the
+    // close (never re-sent), then its Offline event; then the device's next connection.
+    let jetstream = async_nats::jetstream::new(w.nats.client().await);
+    let (closed, next) = ("00000000000000aa00000000000000cc", "00000000000000aa00000000000000dd");
+    for sequence in [1u64, 2, 4] {
+        store_envelope(&jetstream, "dev-closed", closed, sequence, None).await;
+    }
+    store_envelope(&jetstream, "dev-closed", closed, 5, Some(SessionState::Offline)).await;
+    store_envelope(&jetstream, "dev-closed", next, 0, Some(SessionState::Online)).await;
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let message = watcher.next().await;
+        seen.push(match message.topic.as_str() {
+            "devices/telemetry" => format!("n {}", message.values("dev-closed")["n"]),
+            topic => format!("{topic} {}", String::from_utf8_lossy(&message.payload)),
+        });
+    }
+    assert_eq!(
+        seen,
+        ["n 1", "n 2", "n 4", "devices/status/dev-closed 0", "devices/status/dev-closed 1"],
+        "the offline after its connection's envelopes and before the next connection's online"
+    );
+    assert_eq!(
+        worker.metric(r#"worker_uplink_out_of_order_total{reason="gap"}"#).await,
+        1.0,
+        "the gap at 3 given up on"
     );
 }
 
