@@ -392,3 +392,20 @@ async fn after_redis_lost_the_routes_a_stale_connection_never_wins_one_back() {
     assert_eq!(route.get(names::ROUTE_CONNECTION).map(String::as_str), Some("c-new"));
     assert!(!store.remove("dev-roam", "c-old", "edge-a").await.unwrap(), "the stale close keeps the route");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reaper_whose_round_failed_claims_the_dead_pod_again_at_its_next_round() {
+    use edge_gateway::routes::{RedisRoutes, RouteStore};
+    init_logging();
+    let redis = RedisServer::spawn().await;
+    let store = RedisRoutes::connect(&redis.url(), Duration::from_secs(2)).unwrap();
+    // edge-a is listed and its liveness key has expired: it is dead.
+    store.keep_alive("edge-a", "edge-a:50051").await.unwrap();
+    let _: () = redis.connection().await.del(names::pod_liveness_key("edge-a")).await.unwrap();
+    assert_eq!(store.claim_dead_pods("edge-b").await.unwrap(), ["edge-a"]);
+    // edge-b's round failed half-way (nothing was cleared, the pod is still listed): no
+    // other pod takes it while edge-b's claim holds, and edge-b's next round takes it
+    // again instead of waiting for its own claim to expire.
+    assert!(store.claim_dead_pods("edge-c").await.unwrap().is_empty(), "one reaper per dead pod");
+    assert_eq!(store.claim_dead_pods("edge-b").await.unwrap(), ["edge-a"]);
+}
