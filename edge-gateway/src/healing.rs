@@ -11,6 +11,8 @@
 //!   no liveness key (it expires 15 s after the pod's last refresh); one of them claims
 //!   each dead pod and, for each route that still names it, publishes the device's
 //!   offline event and removes the route (compare-and-delete on its connection). A
+//!   round that fails half-way is tried again at the claimer's next round (its claim
+//!   holds for it; another pod takes over once the claim expires). A
 //!   device that reconnected elsewhere has a route naming another pod: no offline. The
 //!   event says `owned_route=false`, so the worker checks the route itself before
 //!   reporting the device offline, which also covers a reconnect racing the reaper. A

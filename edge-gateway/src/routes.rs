@@ -101,7 +101,8 @@ pub trait RouteStore: Send + Sync + 'static {
     fn forget_pod<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), RouteError>>;
 
     /// Edge pods other than `me` that have routes but no liveness key, each claimed for
-    /// `me` to reap (one reaper per dead pod).
+    /// `me` to reap (one reaper per dead pod); a pod `me` claimed at an earlier round and
+    /// has not finished reaping is claimed again.
     fn claim_dead_pods<'a>(&'a self, me: &'a str) -> BoxFuture<'a, Result<Vec<String>, RouteError>>;
 
     /// What `pod` left behind (its devices that reconnected elsewhere are dropped from
@@ -130,11 +131,24 @@ pub struct RedisRoutes {
     register: Lua,
     reassert: Lua,
     remove: Lua,
+    claim: Lua,
     timeout: Duration,
 }
 
 /// Devices per pipeline of the re-assert and the reaper.
 const BATCH: usize = 1000;
+
+/// Claims a dead pod for `ARGV[1]` to reap: taken if nobody holds the claim, and held
+/// still if `ARGV[1]` took it at an earlier round, so that a reaper whose round failed
+/// half-way (a publish or a Redis call that timed out) tries again at its next round
+/// rather than once its own claim has expired. Its expiry is left as it was: a reaper
+/// that keeps failing gives the pod up to another once it expires. 1 if claimed.
+/// `KEYS[1]`: the claim; `ARGV`: the claiming pod, the claim's seconds.
+const REAP_CLAIM_SCRIPT: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"#;
 
 impl RedisRoutes {
     /// Connects lazily and reconnects by itself: the edge starts and keeps serving
@@ -148,6 +162,7 @@ impl RedisRoutes {
             register: Lua::new(names::ROUTE_REGISTER_SCRIPT),
             reassert: Lua::new(names::ROUTE_REASSERT_SCRIPT),
             remove: Lua::new(names::ROUTE_REMOVE_SCRIPT),
+            claim: Lua::new(REAP_CLAIM_SCRIPT),
             timeout,
         })
     }
@@ -285,16 +300,10 @@ impl RouteStore for RedisRoutes {
             let alive: Vec<bool> = self.bounded(batch.query(&self.connection), RouteError::Reap).await?;
             let mut claimed = Vec::new();
             for (pod, _) in pods.into_iter().zip(alive).filter(|(_, alive)| !alive) {
-                let mut claim = redis::cmd("SET");
-                claim
-                    .arg(names::pod_reap_key(&pod))
-                    .arg(me)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(names::POD_REAP_CLAIM.as_secs());
-                let won: Option<String> =
-                    self.bounded(claim.query_async(&mut connection), RouteError::Reap).await?;
-                if won.is_some() {
+                let mut claim = self.claim.key(names::pod_reap_key(&pod));
+                claim.arg(me).arg(names::POD_REAP_CLAIM.as_secs());
+                let won: i64 = self.bounded(claim.invoke_async(&mut connection), RouteError::Reap).await?;
+                if won == 1 {
                     claimed.push(pod);
                 }
             }

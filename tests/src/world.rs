@@ -86,15 +86,21 @@ pub async fn wait_for_partitions(workers: &[&WorkerProcess]) {
 /// Which of `workers` holds the lease of `device_id`'s partition (the lease names the
 /// worker and its boot nonce: `worker-a#1f2e3d4c`).
 pub async fn partition_owner(w: &World, workers: &[WorkerProcess], device_id: &str) -> usize {
+    partition_holder(w, workers, device_id).await.expect("the owner is one of ours")
+}
+
+/// Which of `workers` holds the lease of `device_id`'s partition now, if one does (none
+/// while it is handed over: released by one, not yet taken by the other).
+pub async fn partition_holder(w: &World, workers: &[WorkerProcess], device_id: &str) -> Option<usize> {
     let partition = tcpc_proto::names::partition_of(device_id, tcpc_proto::names::DEFAULT_PARTITIONS);
-    let owner: String = redis::AsyncCommands::get(
+    let holder: Option<String> = redis::AsyncCommands::get(
         &mut w.redis.connection().await,
         tcpc_proto::names::partition_lease_key(partition),
     )
     .await
     .unwrap();
+    let holder = holder?;
     workers
         .iter()
-        .position(|worker| owner.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
-        .expect("the owner is one of ours")
+        .position(|worker| holder.strip_prefix(&worker.name).is_some_and(|rest| rest.starts_with('#')))
 }

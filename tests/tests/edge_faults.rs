@@ -17,7 +17,7 @@ use tcpc_tests::mqtt::Watcher;
 use tcpc_tests::servers::RedisServer;
 use tcpc_tests::stream::UplinkReader;
 use tcpc_tests::world::{World, wait_for_partitions};
-use tcpc_tests::{init_logging, wait_until};
+use tcpc_tests::{DEADLINE, init_logging, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -149,10 +149,14 @@ async fn a_killed_edges_devices_go_offline_but_a_device_that_moved_stays_online(
     // A route removed without an offline event, as a worker's purge of a dead pod's
     // route does when a downlink finds the pod gone.
     let _: () = w.redis.connection().await.del(names::route_key("dev-purged")).await.unwrap();
-    // The reaper on edge-b notices edge-a's liveness key expire and reports its devices.
+    // The reaper on edge-b notices edge-a's liveness key expire and reports its devices:
+    // by design 15-25 s after the kill (the key's TTL, then up to a reaper's period),
+    // which would leave a loaded box little of DEADLINE for the reap, the worker and the
+    // broker. The wait is the design's delay plus DEADLINE.
+    let reported_within = names::POD_LIVENESS_TTL + DEADLINE;
     let mut offline = Vec::new();
     for _ in 0..2 {
-        let message = status.next().await;
+        let message = status.next_within(reported_within).await.expect("edge-a's devices reported offline");
         assert_eq!(&message.payload[..], b"0", "{}", message.topic);
         offline.push(message.topic);
     }
@@ -391,4 +395,21 @@ async fn after_redis_lost_the_routes_a_stale_connection_never_wins_one_back() {
         redis.connection().await.hgetall(names::route_key("dev-roam")).await.unwrap();
     assert_eq!(route.get(names::ROUTE_CONNECTION).map(String::as_str), Some("c-new"));
     assert!(!store.remove("dev-roam", "c-old", "edge-a").await.unwrap(), "the stale close keeps the route");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reaper_whose_round_failed_claims_the_dead_pod_again_at_its_next_round() {
+    use edge_gateway::routes::{RedisRoutes, RouteStore};
+    init_logging();
+    let redis = RedisServer::spawn().await;
+    let store = RedisRoutes::connect(&redis.url(), Duration::from_secs(2)).unwrap();
+    // edge-a is listed and its liveness key has expired: it is dead.
+    store.keep_alive("edge-a", "edge-a:50051").await.unwrap();
+    let _: () = redis.connection().await.del(names::pod_liveness_key("edge-a")).await.unwrap();
+    assert_eq!(store.claim_dead_pods("edge-b").await.unwrap(), ["edge-a"]);
+    // edge-b's round failed half-way (nothing was cleared, the pod is still listed): no
+    // other pod takes it while edge-b's claim holds, and edge-b's next round takes it
+    // again instead of waiting for its own claim to expire.
+    assert!(store.claim_dead_pods("edge-c").await.unwrap().is_empty(), "one reaper per dead pod");
+    assert_eq!(store.claim_dead_pods("edge-b").await.unwrap(), ["edge-a"]);
 }
