@@ -238,9 +238,14 @@ pub async fn run(
     let edge_bus: Arc<dyn UplinkBus> = match shared_bus {
         Some(url) => {
             let bus = Arc::new(
-                edge_gateway::uplink::NatsBus::connect(url, config.limits.publish_timeout, settings.stream)
-                    .await
-                    .map_err(edge_gateway::EdgeError::from)?,
+                edge_gateway::uplink::NatsBus::connect(
+                    url,
+                    config.limits.publish_timeout,
+                    config.limits.publish_linger,
+                    settings.stream,
+                )
+                .await
+                .map_err(edge_gateway::EdgeError::from)?,
             );
             stream_keeper.spawn({
                 let (bus, stop) = (bus.clone(), ensure_stream.clone());

@@ -187,8 +187,15 @@ pub async fn run(
 ) -> Result<(), EdgeError> {
     config.validate()?;
     config.check_urls()?;
-    let bus =
-        Arc::new(NatsBus::connect(&config.nats_url, config.limits.publish_timeout, config.stream).await?);
+    let bus = Arc::new(
+        NatsBus::connect(
+            &config.nats_url,
+            config.limits.publish_timeout,
+            config.limits.publish_linger,
+            config.stream,
+        )
+        .await?,
+    );
     let routes = Arc::new(RedisRoutes::connect(&config.redis_url, config.limits.publish_timeout)?);
     let ensure = CancellationToken::new();
     let stream_task = tokio::spawn({

@@ -3,6 +3,10 @@
 //! [`UplinkBus`] is the seam the all-in-one swaps (in-process bus instead of NATS);
 //! [`NatsBus`] is JetStream for envelopes (durable, de-duplicated by message id) and
 //! NATS request/reply to a worker queue group for authentication.
+//!
+//! - [`linger`]: publishes handed to the NATS client in bursts.
+
+mod linger;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -10,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use linger::Linger;
 use prost::Message as _;
 use tcpc_proto::names;
 use tcpc_proto::stream::StreamCheck;
@@ -79,6 +84,8 @@ const STREAM_PROBE: Duration = Duration::from_secs(5);
 pub struct NatsBus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// Where envelopes go: to `jetstream`, in bursts.
+    linger: Linger,
     /// The uplink stream as this pod creates it.
     stream: StreamCheck,
     /// JetStream answered the last probe and has the uplink stream.
@@ -91,13 +98,15 @@ impl NatsBus {
     /// Connects in the background to `urls` (one server, or several of a cluster,
     /// comma-separated): the edge starts and stays up while NATS is down, refusing
     /// connections until it is back (see [`UplinkBus::is_ready`]). The uplink stream is
-    /// created with `stream` unless it exists.
+    /// created with `stream` unless it exists. Envelopes are held up to `linger` to go
+    /// out in bursts (see [`linger`]).
     ///
     /// # Errors
     /// A URL is invalid.
     pub async fn connect(
         urls: &str,
         publish_timeout: Duration,
+        linger: Duration,
         stream: tcpc_proto::stream::StreamSettings,
     ) -> Result<Self, BusError> {
         let servers = tcpc_proto::connect::nats_servers(urls).map_err(BusError::Url)?;
@@ -116,6 +125,7 @@ impl NatsBus {
             .build(client.clone());
         Ok(NatsBus {
             client,
+            linger: Linger::spawn(jetstream.clone(), linger),
             jetstream,
             stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream)),
             stream_ready: AtomicBool::new(false),
@@ -172,14 +182,7 @@ impl UplinkBus for NatsBus {
             tcpc_proto::trace::inject(&tcpc_proto::trace::current(), |name, value| {
                 message = std::mem::take(&mut message).header(name, value.as_str());
             });
-            let ack = self
-                .jetstream
-                .send_publish(subject, message)
-                .await
-                .map_err(|e| BusError::Publish(e.into()))?;
-            let ack: AckFuture =
-                Box::pin(async move { ack.await.map(drop).map_err(|e| BusError::Ack(e.into())) });
-            Ok(ack)
+            self.linger.publish(subject, message).await
         })
     }
 
@@ -210,6 +213,9 @@ impl UplinkBus for NatsBus {
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), BusError>> {
-        Box::pin(async move { self.client.flush().await.map_err(|e| BusError::Flush(e.into())) })
+        Box::pin(async move {
+            self.linger.sent().await?;
+            self.client.flush().await.map_err(|e| BusError::Flush(e.into()))
+        })
     }
 }
