@@ -39,13 +39,17 @@ impl DeviceStream {
     }
 
     /// Resolves when a read may find bytes. Cancel-safe.
-    pub(crate) async fn readable(&self) -> io::Result<()> {
-        match self {
-            DeviceStream::Plain(tcp) => tcp.readable().await,
-            DeviceStream::Tls(device) if device.more => Ok(()),
-            DeviceStream::Tls(device) => device.tls.get_ref().0.tcp.readable().await,
-            DeviceStream::Broken => Err(broken()),
-        }
+    ///
+    /// Polled, not `TcpStream::readable`: that future holds a waiter of 150 bytes, which
+    /// an idle session's task would carry for its whole life; the socket's own reader
+    /// slot takes the waker here (one task reads a session's socket).
+    pub(crate) fn readable(&self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(|cx| match self {
+            DeviceStream::Plain(tcp) => tcp.poll_read_ready(cx),
+            DeviceStream::Tls(device) if device.more => Poll::Ready(Ok(())),
+            DeviceStream::Tls(device) => device.tls.get_ref().0.tcp.poll_read_ready(cx),
+            DeviceStream::Broken => Poll::Ready(Err(broken())),
+        })
     }
 
     /// Reads what is there into `buf` without waiting; `WouldBlock` when nothing is.
