@@ -277,6 +277,8 @@ impl Partitions {
                     pending.clone(),
                 ));
                 owned.insert(partition, Owned { stop, task, lease, generation, pending });
+                // Owned first, replayed after: a downlink of the partition is then
+                // either handled as ours or replayed here (`Downlinks::keep_unless_owned`).
                 this.set_owned(partition, true);
                 this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");

@@ -270,14 +270,9 @@ impl Downlinks {
         // so they are numbered in the broker's order.
         let claim = self.claim_of(&parsed, &downlink);
         let Some(target) = self.resolve(&parsed, due).await else { return };
-        if !(self.handles)(&target.carrier.id) {
-            // Another worker's (it owns the device's partition); counted so that an
-            // operator sees every worker takes every downlink, and kept a while in case
-            // that worker is gone and this one takes the partition over.
-            self.count("not_owner");
-            self.keep_for_hand_over(target, downlink, claim);
+        let Some((target, downlink, claim)) = self.keep_unless_owned(target, downlink, claim) else {
             return;
-        }
+        };
         self.handle_owned(parsed, target, downlink, &claim, false).await;
     }
 
@@ -348,26 +343,49 @@ impl Downlinks {
         }
     }
 
-    /// Keeps a downlink another worker owns, for [`HAND_OVER_WINDOW`] (at most
-    /// [`HAND_OVER_KEPT`] of them).
-    fn keep_for_hand_over(&self, target: Target, mut downlink: Downlink, claim: String) {
+    /// Gives a downlink back if this worker handles its device; else keeps it for
+    /// [`HAND_OVER_WINDOW`] (at most [`HAND_OVER_KEPT`] of them) in case the worker that
+    /// owns the device's partition is gone and this one takes the partition over.
+    ///
+    /// Ownership is checked under the hand-over lock, which [`Downlinks::replay_hand_over`]
+    /// takes once the partition is marked owned: either the check sees it owned, or the
+    /// downlink is kept before the replay looks. Checked before the lock, a partition
+    /// taken in between would be replayed without this downlink, which would then be
+    /// kept, unhandled and unanswered, by the very worker that owns it.
+    fn keep_unless_owned(
+        &self,
+        target: Target,
+        mut downlink: Downlink,
+        claim: String,
+    ) -> Option<(Target, Downlink, String)> {
+        let receive_span = {
+            let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
+            if (self.handles)(&target.carrier.id) {
+                return Some((target, downlink, claim));
+            }
+            let receive_span = std::mem::replace(&mut downlink.span, tracing::Span::none());
+            let now = Instant::now();
+            while kept.front().is_some_and(|(_, old, _)| now.duration_since(old.received) > HAND_OVER_WINDOW)
+                || kept.len() >= HAND_OVER_KEPT
+            {
+                kept.pop_front();
+            }
+            kept.push_back((target, downlink, claim));
+            receive_span
+        };
         // Its receive span ends now, as another worker's: a replay is a trace of its own.
-        downlink.span.record("tcpc.outcome", "not_owner");
-        downlink.span = tracing::Span::none();
-        let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        while kept.front().is_some_and(|(_, old, _)| now.duration_since(old.received) > HAND_OVER_WINDOW)
-            || kept.len() >= HAND_OVER_KEPT
-        {
-            kept.pop_front();
-        }
-        kept.push_back((target, downlink, claim));
+        // Counted so that an operator sees every worker takes every downlink.
+        receive_span.record("tcpc.outcome", "not_owner");
+        self.count("not_owner");
+        None
     }
 
     /// This worker took partitions: the downlinks of their devices that arrived while
     /// another worker owned them are handled again here, each once across workers (by
     /// its claim), so that none is left unanswered when the owner died. Those past
-    /// their answer's due time are answered "busy" at once.
+    /// their answer's due time are answered "busy" at once. Called after the
+    /// partitions are marked owned, so that a downlink being kept meanwhile is either
+    /// found here or not kept at all (see [`Downlinks::keep_unless_owned`]).
     pub fn replay_hand_over(self: &Arc<Self>) {
         let mine: VecDeque<(Target, Downlink, String)> = {
             let mut kept = self.hand_over.lock().unwrap_or_else(|e| e.into_inner());
@@ -702,9 +720,13 @@ mod tests {
         }
     }
 
-    /// Handles one command for the device d1 on `store`, arrived `ago`: the answers, and
-    /// the reasons counted.
-    async fn command_on(store: Arc<Store>, ago: Duration) -> (Vec<String>, Vec<(&'static str, u64)>) {
+    /// A worker's downlinks, for the one device d1, on `store`, handled by `handles`:
+    /// with the answers it gives and its metrics.
+    fn downlinks_on(
+        store: Arc<Store>,
+        handles: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+        tasks: TaskTracker,
+    ) -> (Arc<Downlinks>, Arc<Answers>, Arc<Metrics>) {
         let devices = FileDevices::parse("[[device]]\ntoken = 't'\nid = 'd1'\nnumber = 'D1'\n").unwrap();
         let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None), 1).unwrap();
         let answers = Arc::new(Answers::default());
@@ -717,22 +739,84 @@ mod tests {
             Arc::new(scripts),
             answers.clone(),
             metrics.clone(),
-            Arc::new(|_| true),
+            handles,
             None,
-            TaskTracker::new(),
+            tasks,
         ));
+        (downlinks, answers, metrics)
+    }
+
+    /// A command for the device d1, arrived `ago`.
+    fn command(downlinks: &Downlinks, ago: Duration) -> (DownlinkTopic, Downlink) {
         let topic = "plugin/TCP/devices/command/D1/m1";
         let parsed = topics::parse_downlink(&downlinks.prefix, topic).unwrap();
         let mut downlink = Downlink::arrived(topic.to_owned(), Bytes::from_static(br#"{"method":"reboot"}"#));
         downlink.received -= ago;
-        downlinks.handle(parsed, downlink).await;
-        let counted = ["claimed_elsewhere", "offline", "busy", "delivered"]
-            .into_iter()
-            .map(|reason| (reason, metrics.downlinks.get_or_create(&ReasonLabel { reason }).get()))
+        (parsed, downlink)
+    }
+
+    /// The reasons counted among `reasons`.
+    fn counted(metrics: &Metrics, reasons: &[&'static str]) -> Vec<(&'static str, u64)> {
+        reasons
+            .iter()
+            .map(|&reason| (reason, metrics.downlinks.get_or_create(&ReasonLabel { reason }).get()))
             .filter(|(_, count)| *count > 0)
-            .collect();
+            .collect()
+    }
+
+    /// Handles one command for the device d1 on `store`, arrived `ago`: the answers, and
+    /// the reasons counted.
+    async fn command_on(store: Arc<Store>, ago: Duration) -> (Vec<String>, Vec<(&'static str, u64)>) {
+        let (downlinks, answers, metrics) = downlinks_on(store, Arc::new(|_| true), TaskTracker::new());
+        let (parsed, downlink) = command(&downlinks, ago);
+        downlinks.handle(parsed, downlink).await;
+        let counted = counted(&metrics, &["claimed_elsewhere", "offline", "busy", "delivered"]);
         let answered = std::mem::take(&mut *answers.0.lock().unwrap());
         (answered, counted)
+    }
+
+    #[tokio::test]
+    async fn a_partition_taken_while_a_downlink_is_checked_replays_it() {
+        // The lease loop marks the partition owned and replays its hand-over right
+        // after the downlink's ownership check said "not owned" and before the downlink
+        // is kept: the replay runs at once if the hand-over lock is free then, else
+        // (the check is made under it) once the check and the keeping are done.
+        let replay_waits = Arc::new(AtomicBool::new(false));
+        let worker: Arc<std::sync::OnceLock<std::sync::Weak<Downlinks>>> = Arc::default();
+        let owned = Arc::new(AtomicBool::new(false));
+        let handles = {
+            let (replay_waits, worker, owned) = (replay_waits.clone(), worker.clone(), owned.clone());
+            Arc::new(move |_: &str| {
+                let was_owned = owned.swap(true, Ordering::SeqCst);
+                if !was_owned {
+                    let downlinks = worker.get().and_then(std::sync::Weak::upgrade).expect("the worker");
+                    match downlinks.hand_over.try_lock() {
+                        Ok(free) => {
+                            drop(free);
+                            downlinks.replay_hand_over();
+                        }
+                        Err(_) => replay_waits.store(true, Ordering::SeqCst),
+                    }
+                }
+                was_owned
+            })
+        };
+        let tasks = TaskTracker::new();
+        let store = Arc::new(Store::new(Some(true), None));
+        let (downlinks, answers, metrics) = downlinks_on(store, handles, tasks.clone());
+        worker.set(Arc::downgrade(&downlinks)).unwrap();
+        let (parsed, downlink) = command(&downlinks, Duration::ZERO);
+        downlinks.handle(parsed, downlink).await;
+        if replay_waits.load(Ordering::SeqCst) {
+            downlinks.replay_hand_over();
+        }
+        tasks.close();
+        tasks.wait().await;
+        // Handled here, by the replay: not left kept (the platform would wait for an
+        // answer until the command aged out of the hand-over).
+        assert_eq!(*answers.0.lock().unwrap(), ["device offline"]);
+        assert_eq!(counted(&metrics, &["not_owner", "offline"]), [("not_owner", 1), ("offline", 1)]);
+        assert!(downlinks.hand_over.lock().unwrap().is_empty(), "nothing left kept");
     }
 
     #[tokio::test]
