@@ -209,7 +209,11 @@ impl Partitions {
             owned.retain(|partition, o| {
                 let alive = !o.task.is_finished();
                 if !alive {
+                    // Its downlinks too are no longer this worker's (its lease may have
+                    // lapsed, and another worker hold it): kept for a hand-over until
+                    // it is taken again, below if its lease is still ours.
                     warn!(partition, "partition consumer ended; taking it again");
+                    this.set_owned(*partition, false);
                 }
                 alive
             });
