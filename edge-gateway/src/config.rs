@@ -156,10 +156,11 @@ pub struct Limits {
     /// frame (5,600–7,200 frames/s for one device on a 2-core box).
     #[arg(long, env = "EDGE_MAX_IN_FLIGHT", default_value_t = 32)]
     pub max_in_flight: usize,
-    /// How long an envelope may wait for others to go to NATS in the same write: one
-    /// write, read and store in nats-server for all those of that moment, rather than
-    /// one each (the CPU per message at moderate rates), for this much added latency.
-    /// The timer's resolution is 1 ms; 0 sends what is queued at once.
+    /// The pod's publishes go to NATS at most once per linger, together: one write,
+    /// read and store in nats-server for all those of that moment rather than one each
+    /// (the CPU per message at moderate rates), for at most this much added latency
+    /// (none after a quiet spell). The timer's resolution is 1 ms; 0 sends what is
+    /// queued at once.
     #[arg(long, env = "EDGE_PUBLISH_LINGER", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub publish_linger: Duration,
     /// Downlinks queued for one connection; past it a delivery fails at once.

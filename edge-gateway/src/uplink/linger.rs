@@ -3,11 +3,13 @@
 //! Why: the NATS client writes whatever is queued when its task runs, so publishes that
 //! arrive one at a time (a thousand devices each sending now and then) each cost a
 //! write here, a read and a store wake-up in nats-server, an acknowledgement written
-//! back, and the same again on the worker's side of the stream. Held for a short
-//! linger, the publishes of that moment reach the client together and go out in one
-//! write; nats-server then reads, stores, acknowledges and delivers them as one batch.
-//! The price is the linger, added to each envelope's way. At rates that fill a burst
-//! without waiting, nothing is held (see [`BURST`]).
+//! back, and the same again on the worker's side of the stream. Bursts go at most once
+//! per linger: a publish after a quiet spell goes at once, one within the linger of the
+//! last burst waits for its end, with every other that comes meanwhile, and they go out
+//! in one write; nats-server then reads, stores, acknowledges and delivers them as one
+//! batch. The price is the wait, at most the linger (the timer's resolution is 1 ms),
+//! and only when publishes come faster than one per linger. A full burst (see
+//! [`BURST`]) never waits.
 //!
 //! One task per bus runs the bursts: it queues each publish on the client in arrival
 //! order (so one caller's envelopes still reach the bus in call order) and awaits the
@@ -103,13 +105,18 @@ async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Durat
     // given back as they complete.
     let mut acks: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     let mut burst = Vec::with_capacity(BURST);
+    // When the last burst went: the next goes no sooner than a linger after it.
+    let mut last_sent: Option<Instant> = None;
     loop {
         tokio::select! {
             received = queued.recv_many(&mut burst, BURST) => if received == 0 { break },
             Some(()) = acks.next() => continue,
         }
-        if burst.len() < BURST && !linger.is_zero() {
-            let mut lingering = pin!(tokio::time::sleep_until(Instant::now() + linger));
+        let due = last_sent.map(|at| at + linger).filter(|due| *due > Instant::now());
+        if let Some(due) = due
+            && burst.len() < BURST
+        {
+            let mut lingering = pin!(tokio::time::sleep_until(due));
             loop {
                 tokio::select! {
                     () = &mut lingering => break,
@@ -122,6 +129,7 @@ async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Durat
                 burst.push(request);
             }
         }
+        last_sent = Some(Instant::now());
         for request in burst.drain(..) {
             match request {
                 Request::Publish { subject, message, acked } => {
@@ -184,22 +192,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn publishes_of_one_moment_go_out_together_once_the_first_has_lingered() {
+    async fn a_publish_after_a_quiet_spell_goes_at_once_and_those_soon_after_wait_together() {
         let recorder = Recorder::default();
         let linger = Linger::spawn_to(recorder.clone(), LINGER);
         let start = Instant::now();
-        let a = publish(&linger, "a").await;
+        publish(&linger, "a").await.await.unwrap();
+        assert_eq!(recorder.sent(), [("a".to_owned(), start)], "nothing went before it");
         tokio::time::sleep(Duration::from_millis(2)).await;
         let b = publish(&linger, "b").await;
-        a.await.unwrap();
-        b.await.unwrap();
-        let at = start + LINGER;
-        assert_eq!(recorder.sent(), [("a".to_owned(), at), ("b".to_owned(), at)], "in order, together");
-        // The next publish lingers from its own arrival.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
         let c = publish(&linger, "c").await;
+        b.await.unwrap();
         c.await.unwrap();
-        assert_eq!(recorder.sent()[2], ("c".to_owned(), start + LINGER + Duration::from_millis(10) + LINGER));
+        let at = start + LINGER;
+        assert_eq!(recorder.sent()[1..], [("b".to_owned(), at), ("c".to_owned(), at)], "in order, together");
+        // Quiet for longer than the linger: at once again.
+        tokio::time::sleep(LINGER * 2).await;
+        let quiet = Instant::now();
+        publish(&linger, "d").await.await.unwrap();
+        assert_eq!(recorder.sent()[3], ("d".to_owned(), quiet));
     }
 
     #[tokio::test(start_paused = true)]
@@ -207,7 +218,9 @@ mod tests {
         let recorder = Recorder::default();
         let linger = Linger::spawn_to(recorder.clone(), LINGER);
         let start = Instant::now();
-        // All queued before the burst task runs (no co-operative yield in between).
+        publish(&linger, "first").await.await.unwrap();
+        // Within the linger of that one, all queued before the burst task runs (no
+        // co-operative yield in between).
         let acks = tokio::task::unconstrained(async {
             let mut acks = Vec::new();
             for n in 0..BURST {
@@ -220,9 +233,10 @@ mod tests {
             ack.await.unwrap();
         }
         let sent = recorder.sent();
-        assert_eq!(sent.len(), BURST);
+        assert_eq!(sent.len(), 1 + BURST);
         assert!(sent.iter().all(|(_, at)| *at == start), "none waited");
-        let order: Vec<String> = (0..BURST).map(|n| n.to_string()).collect();
+        let order: Vec<String> =
+            std::iter::once("first".to_owned()).chain((0..BURST).map(|n| n.to_string())).collect();
         assert_eq!(sent.into_iter().map(|(subject, _)| subject).collect::<Vec<_>>(), order);
     }
 
@@ -231,8 +245,10 @@ mod tests {
         let recorder = Recorder::default();
         let linger = Linger::spawn_to(recorder.clone(), LINGER);
         let start = Instant::now();
-        let _ack = publish(&linger, "a").await;
+        publish(&linger, "a").await.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let _ack = publish(&linger, "b").await;
         linger.sent().await.unwrap();
-        assert_eq!(recorder.sent(), [("a".to_owned(), start + LINGER)]);
+        assert_eq!(recorder.sent(), [("a".to_owned(), start), ("b".to_owned(), start + LINGER)]);
     }
 }
