@@ -8,7 +8,8 @@
 
 mod linger;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -19,6 +20,7 @@ use prost::Message as _;
 use tcpc_proto::names;
 use tcpc_proto::stream::StreamCheck;
 use tcpc_proto::v1::{AuthReply, AuthRequest};
+use tokio::time::Instant;
 
 /// Resolves once the bus has stored the envelope durably.
 pub type AckFuture = BoxFuture<'static, Result<(), BusError>>;
@@ -80,6 +82,32 @@ pub trait UplinkBus: Send + Sync + 'static {
 /// How often a ready bus checks that JetStream still has the uplink stream.
 const STREAM_PROBE: Duration = Duration::from_secs(5);
 
+/// When JetStream last acknowledged a publish of this pod's: proof that the stream is
+/// there and taking envelopes, whatever a probe says meanwhile.
+struct LastAck {
+    epoch: Instant,
+    /// Milliseconds since `epoch`, plus one (0: never).
+    at: AtomicU64,
+}
+
+impl LastAck {
+    fn new() -> Self {
+        LastAck { epoch: Instant::now(), at: AtomicU64::new(0) }
+    }
+
+    fn record(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.at.store(ms + 1, Ordering::Relaxed);
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        match self.at.load(Ordering::Relaxed) {
+            0 => false,
+            at => self.epoch + Duration::from_millis(at - 1) + window >= Instant::now(),
+        }
+    }
+}
+
 /// NATS: JetStream for envelopes, request/reply for auth.
 pub struct NatsBus {
     client: async_nats::Client,
@@ -92,6 +120,7 @@ pub struct NatsBus {
     stream_ready: AtomicBool,
     /// Deadline of one probe.
     probe_timeout: Duration,
+    last_ack: Arc<LastAck>,
 }
 
 impl NatsBus {
@@ -130,6 +159,7 @@ impl NatsBus {
             stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream)),
             stream_ready: AtomicBool::new(false),
             probe_timeout: publish_timeout,
+            last_ack: Arc::new(LastAck::new()),
         })
     }
 
@@ -137,13 +167,32 @@ impl NatsBus {
     /// (a NATS restarted without its storage), checked if not (one this edge cannot work
     /// with counts as unavailable), and readiness follows the answer. A
     /// probe every few seconds, backing off (jittered) while JetStream does not answer.
+    ///
+    /// A probe that times out or fails while JetStream acknowledged one of this pod's
+    /// publishes within the last probe period leaves the bus ready: JetStream's API
+    /// answers behind the publishes of a burst (a mass reconnect, each closing session's
+    /// offline event), and refusing every device then would turn a slow answer into an
+    /// outage. A stream this edge cannot work with is unavailable whatever the acks.
     pub async fn keep_stream(&self, shutdown: &tokio_util::sync::CancellationToken) {
         let mut backoff =
             tcpc_proto::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let probe = self.stream.ensure(&self.jetstream);
             let answer = match tokio::time::timeout(self.probe_timeout, probe).await {
+                Ok(Err(error @ tcpc_proto::stream::StreamError::Incompatible { .. })) => {
+                    Err(error.to_string())
+                }
+                Ok(answer) if self.last_ack.within(STREAM_PROBE) => {
+                    if let Err(error) = answer {
+                        tracing::debug!(%error, "stream probe failed while publishes are acknowledged");
+                    }
+                    Ok(())
+                }
                 Ok(answer) => answer.map(drop).map_err(|error| error.to_string()),
+                Err(_) if self.last_ack.within(STREAM_PROBE) => {
+                    tracing::debug!("stream probe timed out while publishes are acknowledged");
+                    Ok(())
+                }
                 Err(_) => Err("timed out".to_owned()),
             };
             let delay = match answer {
@@ -182,7 +231,16 @@ impl UplinkBus for NatsBus {
             tcpc_proto::trace::inject(&tcpc_proto::trace::current(), |name, value| {
                 message = std::mem::take(&mut message).header(name, value.as_str());
             });
-            self.linger.publish(subject, message).await
+            let ack = self.linger.publish(subject, message).await?;
+            let last_ack = self.last_ack.clone();
+            let ack: AckFuture = Box::pin(async move {
+                let stored = ack.await;
+                if stored.is_ok() {
+                    last_ack.record();
+                }
+                stored
+            });
+            Ok(ack)
         })
     }
 
@@ -217,5 +275,23 @@ impl UplinkBus for NatsBus {
             self.linger.sent().await?;
             self.client.flush().await.map_err(|e| BusError::Flush(e.into()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_acknowledged_within_the_window_is_proof_and_then_ages_out() {
+        let last_ack = LastAck::new();
+        assert!(!last_ack.within(STREAM_PROBE), "no ack yet");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        last_ack.record();
+        assert!(last_ack.within(STREAM_PROBE));
+        tokio::time::sleep(STREAM_PROBE).await;
+        assert!(last_ack.within(STREAM_PROBE), "the window's edge counts");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!last_ack.within(STREAM_PROBE), "too old to vouch for the stream");
     }
 }
