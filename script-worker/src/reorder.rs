@@ -22,8 +22,9 @@
 //!
 //! Nothing is ever dropped (the worker is at-least-once): an envelope whose place has
 //! passed (a replay, or one that arrives after its gap was given up on) is released at
-//! once and counted as late; one without a `<connection>-<sequence>` id (a reaper's
-//! offline event, [`names::reaped_message_id`]) is released at once. The first envelope
+//! once and counted as late; one without a `<connection>-<sequence>` id is released at
+//! once. A reaper's offline event ([`names::reaped_message_id`]: the connection's pod
+//! died) is its connection's last too: what the connection holds goes first, then it. The first envelope
 //! of a connection not seen yet is released at once whatever its sequence: a worker
 //! that took a partition over mid-connection cannot know what came before.
 //!
@@ -190,6 +191,11 @@ impl<T> Reorder<T> {
         is_last: impl FnOnce(&T) -> bool,
     ) -> Released<T> {
         self.prune(now);
+        if let Some(id) = message_id.and_then(reaped_connection) {
+            let mut out = self.close(id);
+            out.push(item);
+            return Released::new(None, out);
+        }
         let Some((id, sequence)) = message_id.and_then(connection_and_sequence) else {
             return Released::new(Some(item), Vec::new());
         };
@@ -239,6 +245,22 @@ impl<T> Reorder<T> {
         }
         reschedule(&mut self.deadlines, id, deadline, connection.deadline(self.hold));
         Released::new(None, rest)
+    }
+
+    /// A reaper's offline event for connection `id` (its pod died): nothing more of the
+    /// connection can come, so what it holds goes now, ahead of the event (its gaps
+    /// given up on and counted), and anything of it that still comes is late.
+    fn close(&mut self, id: u128) -> Vec<T> {
+        let Some(connection) = self.connections.get_mut(&id) else { return Vec::new() };
+        let deadline = connection.deadline(self.hold);
+        let mut rest = Vec::new();
+        let tally = connection.release_held(Some(u64::MAX), &mut rest);
+        connection.released = u64::MAX;
+        self.gaps += tally.gaps;
+        self.late += tally.late;
+        self.held -= rest.len();
+        reschedule(&mut self.deadlines, id, deadline, None);
+        rest
     }
 
     /// When the envelope held longest must be released; `None` if nothing is held.
@@ -336,6 +358,15 @@ fn reschedule(
 
 /// The connection (32 hex digits) and sequence of an uplink message id
 /// (`<connection>-<sequence>`); `None` for any other id.
+/// The connection of a reaper's offline event (`<connection>-reaped`).
+fn reaped_connection(message_id: &str) -> Option<u128> {
+    let connection = message_id.strip_suffix("-reaped")?;
+    if connection.len() != 32 || !connection.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(connection, 16).ok()
+}
+
 fn connection_and_sequence(message_id: &str) -> Option<(u128, u64)> {
     let (connection, sequence) = message_id.split_once('-')?;
     // from_str_radix and parse take a leading sign: only digits are an id.
@@ -651,6 +682,30 @@ mod tests {
         }
         assert_eq!(reorder.connections(), 0);
         assert_eq!(connection_and_sequence(&id(A, 7)), Some((0x1_0000_0000_0000_0001, 7)));
+    }
+
+    #[test]
+    fn a_reapers_offline_event_comes_after_what_its_connection_holds() {
+        let mut reorder = Reorder::new(HOLD);
+        let start = Instant::now();
+        let mut released = Vec::new();
+        for sequence in [0, 1, 3, 4] {
+            released.extend(push(&mut reorder, A, sequence, start));
+        }
+        push(&mut reorder, B, 0, start);
+        assert!(push(&mut reorder, B, 2, start).is_empty(), "another connection's gap");
+        assert_eq!(sequences(&released), [0, 1], "3 and 4 wait for 2");
+        let reaped = (A, u64::MAX);
+        let out: Vec<_> =
+            reorder.push(Some(&names::reaped_message_id(A)), reaped, start, |_| unreachable!()).collect();
+        assert_eq!(out, [(A, 3), (A, 4), reaped], "held first, then the event, at once");
+        assert_eq!((reorder.held(), reorder.gaps(), reorder.late()), (1, 1, 0), "B's gap is its own");
+        assert_eq!(push(&mut reorder, A, 2, start), [(A, 2)], "a straggler: released, late");
+        assert_eq!(reorder.late(), 1);
+        let unknown = "00000000000000010000000000000009";
+        let out: Vec<_> =
+            reorder.push(Some(&names::reaped_message_id(unknown)), (unknown, 0), start, |_| false).collect();
+        assert_eq!(out, [(unknown, 0)], "a connection not seen: the event alone");
     }
 
     #[test]
