@@ -8,6 +8,10 @@ use std::time::Duration;
 use clap::Parser;
 pub use tcpc_observe::{GrpcSecurity, KubeSwitch, LogFormat};
 
+/// The longest `--publish-linger`: a wait every envelope may pay, meant to be a
+/// millisecond or so, not a fraction of the publish timeout.
+const MAX_PUBLISH_LINGER: Duration = Duration::from_millis(100);
+
 /// The edge-gateway: terminates device TCP (TP and custom), publishes uplinks to NATS
 /// JetStream, routes sessions in Redis, and serves downlinks over gRPC.
 #[derive(Clone, Debug, Parser)]
@@ -257,6 +261,10 @@ impl Config {
         if self.uplink_partitions == 0 {
             return fail("--uplink-partitions must be at least 1");
         }
+        // Every envelope may wait this long before its publish even starts.
+        if self.limits.publish_linger > MAX_PUBLISH_LINGER {
+            return fail("--publish-linger must be at most 100ms");
+        }
         if let Err(error) = self.stream.validate() {
             return fail(&error);
         }
@@ -386,6 +394,8 @@ mod tests {
     fn validate_refuses_nonsense() {
         let config = Config::try_parse_from(["edge-gateway", "--max-in-flight", "0"]).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("--max-in-flight"));
+        let config = Config::try_parse_from(["edge-gateway", "--publish-linger", "1s"]).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("--publish-linger"));
         let config = Config::try_parse_from(["edge-gateway", "--drain-window", "60s"]).unwrap();
         assert!(config.validate().unwrap_err().to_string().contains("--shutdown-timeout"));
         let config =
