@@ -29,6 +29,38 @@ async fn accepts(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
 }
 
+/// Waits until `ready` says the server answers as the one `process` runs, or until the
+/// process exits first: false then. A free port is only free when it is read: another
+/// test's server can take it before this one binds it, and this one then exits, while
+/// the port answers (as someone else's server). Panics after [`crate::DEADLINE`].
+async fn ready_unless_exited<F, Fut>(what: &str, process: &mut Process, mut ready: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + crate::DEADLINE;
+    loop {
+        if process.exited() {
+            return false;
+        }
+        if ready().await {
+            return true;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The process id a Redis on `port` reports (`INFO server`), if one answers without a
+/// password.
+async fn redis_process_id(port: u16) -> Option<u32> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let connect = client.get_multiplexed_async_connection();
+    let mut connection = tokio::time::timeout(Duration::from_secs(1), connect).await.ok()?.ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await.ok()?;
+    info.lines().find_map(|line| line.strip_prefix("process_id:")).and_then(|id| id.trim().parse().ok())
+}
+
 /// A child process, killed (SIGKILL: a crash, not a shutdown) on drop.
 #[derive(Default)]
 pub struct Process(Option<Child>);
@@ -67,6 +99,11 @@ impl Process {
         }
     }
 
+    /// Its process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
     /// Whether the process has exited (reaped if so).
     pub fn exited(&mut self) -> bool {
         self.0.as_mut().is_none_or(|child| child.try_wait().ok().flatten().is_some())
@@ -97,7 +134,13 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub async fn spawn() -> Self {
-        Self::spawn_with(free_port(), Vec::new()).await
+        loop {
+            let mut server =
+                RedisServer { port: free_port(), extra: Vec::new(), process: Process::default() };
+            if server.try_start().await {
+                return server;
+            }
+        }
     }
 
     /// A server on `port` with `extra` arguments; returns once it accepts connections.
@@ -108,6 +151,12 @@ impl RedisServer {
     }
 
     async fn start(&mut self) {
+        assert!(self.try_start().await, "redis-server exited at start: port {} taken", self.port);
+    }
+
+    /// Starts the server and waits until it answers on its port; false if it exited first
+    /// (see [`ready_unless_exited`]).
+    async fn try_start(&mut self) -> bool {
         let port = self.port.to_string();
         // DEBUG SLEEP lets a test make Redis slow (a loaded server, a failover).
         let mut args = [
@@ -126,7 +175,14 @@ impl RedisServer {
         .to_vec();
         args.extend(self.extra.iter().cloned());
         self.process = Process::start("redis-server", &args);
-        wait_until("redis-server to accept connections", || accepts(self.port)).await;
+        let (port, pid) = (self.port, self.process.id());
+        // Without a password the server must say it is this process; with one, that it
+        // listens (and the exit check covers a lost port).
+        let password = self.extra.iter().any(|arg| arg == "--requirepass");
+        ready_unless_exited("redis-server to answer", &mut self.process, || async move {
+            if password { accepts(port).await } else { redis_process_id(port).await == pid }
+        })
+        .await
     }
 
     /// SIGKILL: the server dies (a crash, not a shutdown).
@@ -168,19 +224,49 @@ pub struct NatsServer {
     store: PathBuf,
     /// Arguments beyond a lone server's (its name and routes in a cluster).
     extra: Vec<String>,
+    /// The name a lone server is given, unique to this test process's servers: the
+    /// server on the port must be this one (see [`ready_unless_exited`]).
+    name: Option<String>,
     process: Process,
+}
+
+/// Lone nats-servers started by this test process, for their unique names.
+static NATS_STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether the NATS on `url` answers JetStream calls without an error, and (given
+/// `name`) is the server of that name.
+async fn jetstream_answers(url: &str, name: Option<&str>) -> bool {
+    let Ok(client) = async_nats::connect(url).await else { return false };
+    if name.is_some_and(|name| client.server_info().server_name != name) {
+        return false;
+    }
+    // The raw API call: its reply shape differs across server versions.
+    client.request("$JS.API.INFO", "".into()).await.is_ok_and(|reply| {
+        !reply.payload.is_empty() && !String::from_utf8_lossy(&reply.payload).contains("\"error\"")
+    })
 }
 
 impl NatsServer {
     pub async fn spawn() -> Self {
-        let mut server = Self::new(free_port(), Vec::new());
-        server.start().await;
-        server
+        loop {
+            let port = free_port();
+            let started = NATS_STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let name = format!("tcpc-test-{}-{started}", std::process::id());
+            let mut server = Self::new(port, vec!["--server_name".to_owned(), name.clone()]);
+            // Its own store: a server that lost its port to another of this process
+            // must not remove that one's store when it is dropped.
+            server.store = std::env::temp_dir().join(&name);
+            server.name = Some(name);
+            server.launch();
+            if server.ready().await {
+                return server;
+            }
+        }
     }
 
     /// A server not yet started, on `port` with `extra` arguments.
     pub(crate) fn new(port: u16, extra: Vec<String>) -> Self {
-        NatsServer { port, store: temp_dir("nats", port), extra, process: Process::default() }
+        NatsServer { port, store: temp_dir("nats", port), extra, name: None, process: Process::default() }
     }
 
     pub fn url(&self) -> String {
@@ -190,7 +276,17 @@ impl NatsServer {
     /// Starts the server (again) and waits until JetStream answers.
     pub async fn start(&mut self) {
         self.launch();
-        self.wait_for_jetstream().await;
+        assert!(self.ready().await, "nats-server exited at start: port {} taken", self.port);
+    }
+
+    /// Waits until this server answers JetStream calls; false if it exited first.
+    async fn ready(&mut self) -> bool {
+        let (url, name) = (self.url(), self.name.clone());
+        ready_unless_exited("nats-server JetStream to answer", &mut self.process, || {
+            let (url, name) = (url.clone(), name.clone());
+            async move { jetstream_answers(&url, name.as_deref()).await }
+        })
+        .await
     }
 
     /// Starts the process without waiting: a cluster's JetStream answers only once a
@@ -217,14 +313,7 @@ impl NatsServer {
         let url = self.url();
         wait_until("nats-server JetStream to answer", || {
             let url = url.clone();
-            async move {
-                let Ok(client) = async_nats::connect(&url).await else { return false };
-                // The raw API call: its reply shape differs across server versions.
-                client.request("$JS.API.INFO", "".into()).await.is_ok_and(|reply| {
-                    !reply.payload.is_empty()
-                        && !String::from_utf8_lossy(&reply.payload).contains("\"error\"")
-                })
-            }
+            async move { jetstream_answers(&url, None).await }
         })
         .await;
     }
@@ -254,5 +343,23 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.process.kill();
         let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_port_another_server_holds_is_not_taken_for_a_new_one() {
+        // Listening, never answering: what a port lost to another test's server looks like
+        // to this one's readiness check.
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let mut redis = RedisServer { port, extra: Vec::new(), process: Process::default() };
+        assert!(!redis.try_start().await, "redis-server could not listen: not ready");
+        let mut nats = NatsServer::new(port, Vec::new());
+        nats.launch();
+        assert!(!nats.ready().await, "nats-server could not listen: not ready");
     }
 }
