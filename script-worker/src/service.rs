@@ -135,7 +135,7 @@ impl Worker {
         };
         // With every worker subscribed to every downlink, a device's downlinks are its
         // uplink partition owner's, so that each is delivered once.
-        let owned: consume::OwnedPartitions = Arc::default();
+        let owned = consume::OwnedPartitions::default();
         let handles: Handles = match (&bus, settings.downlink_subscription) {
             (Some(_), DownlinkSubscription::Owner) => {
                 owner_handles(owned.clone(), settings.uplink_partitions)
@@ -406,7 +406,7 @@ pub type Handles = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 fn owner_handles(owned: consume::OwnedPartitions, partitions: u32) -> Handles {
     Arc::new(move |device_id| {
         let partition = names::partition_of(device_id, partitions);
-        owned.read().unwrap_or_else(|e| e.into_inner()).contains(&partition)
+        owned.holds(partition)
     })
 }
 

@@ -140,8 +140,24 @@ impl Lease {
     }
 }
 
-/// The partitions a worker owns, for whoever needs to know (the downlinks).
-pub type OwnedPartitions = Arc<std::sync::RwLock<std::collections::HashSet<u32>>>;
+/// The partitions a worker owns, each with its lease, for whoever needs to know (the
+/// downlinks). A partition leaves it before its lease is let go and joins it once the
+/// lease is held, so that two workers never both count it as theirs.
+#[derive(Clone, Default)]
+pub struct OwnedPartitions(Arc<std::sync::RwLock<HashMap<u32, Lease>>>);
+
+impl OwnedPartitions {
+    /// Whether `partition` is this worker's now: taken, and its lease still held for
+    /// sure (a lease that lapsed here, the worker frozen or cut off from Redis, may be
+    /// another worker's already, before the lease loop notices).
+    pub fn holds(&self, partition: u32) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(&partition).is_some_and(Lease::is_held)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u32, Lease>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// The partition owner.
 pub struct Partitions {
@@ -213,7 +229,7 @@ impl Partitions {
                     // lapsed, and another worker hold it): kept for a hand-over until
                     // it is taken again, below if its lease is still ours.
                     warn!(partition, "partition consumer ended; taking it again");
-                    this.set_owned(*partition, false);
+                    this.owned.write().remove(partition);
                 }
                 alive
             });
@@ -261,7 +277,7 @@ impl Partitions {
                     // in between): either way this consumer's generation is over.
                     warn!(partition, "partition lease lost; stopping its consumer");
                     this.pipeline.metrics.partitions_lost.inc();
-                    this.set_owned(partition, false);
+                    this.owned.write().remove(&partition);
                     let lost = owned.remove(&partition).expect("held");
                     lost.stop.cancel();
                     lost.task.abort();
@@ -280,17 +296,18 @@ impl Partitions {
                     lease.clone(),
                     pending.clone(),
                 ));
+                this.owned.write().insert(partition, lease.clone());
                 owned.insert(partition, Owned { stop, task, lease, generation, pending });
-                // Owned first, replayed after: a downlink of the partition is then
-                // either handled as ours or replayed here (`Downlinks::keep_unless_owned`).
-                this.set_owned(partition, true);
-                this.pipeline.mapper.downlinks.replay_hand_over();
                 info!(partition, generation, "partition taken");
             }
+            // Owned first, replayed after: a downlink of a partition taken (or whose
+            // lease, lapsed here, was renewed) is then either handled as ours or replayed
+            // here (`Downlinks::keep_unless_owned`).
+            this.pipeline.mapper.downlinks.replay_hand_over();
             // Partitions that now belong to another worker, let go of together.
             let leaving: Vec<u32> = owned.keys().copied().filter(|p| !desired.contains(p)).collect();
             let releases = leaving.into_iter().map(|partition| {
-                this.set_owned(partition, false);
+                this.owned.write().remove(&partition);
                 this.release(partition, owned.remove(&partition).expect("held"))
             });
             futures::future::join_all(releases).await;
@@ -299,7 +316,7 @@ impl Partitions {
             let pending: u64 = owned.values().map(|held| held.pending.load(Ordering::Relaxed)).sum();
             this.pipeline.metrics.uplink_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         }
-        this.owned.write().unwrap_or_else(|e| e.into_inner()).clear();
+        this.owned.write().clear();
         this.pipeline.metrics.uplink_pending.set(0);
         let tracker = TaskTracker::new();
         for (partition, held) in owned.drain() {
@@ -341,18 +358,6 @@ impl Partitions {
         held.into_iter()
             .map(|generation| generation.map(|generation| (generation > 0).then_some(generation)))
             .collect()
-    }
-
-    /// Keeps the shared set of owned partitions exact: a partition leaves it before its
-    /// lease is let go and joins it once the lease is held, so that two workers never
-    /// both count it as theirs.
-    fn set_owned(&self, partition: u32, owned: bool) {
-        let mut set = self.owned.write().unwrap_or_else(|e| e.into_inner());
-        if owned {
-            set.insert(partition);
-        } else {
-            set.remove(&partition);
-        }
     }
 
     async fn release(&self, partition: u32, held: Owned) {
@@ -578,5 +583,21 @@ mod tests {
         assert!(!lease.is_held(), "a stalled worker stops before the lease can have expired");
         lease.renewed(Instant::now());
         assert!(lease.is_held(), "renewed again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_is_held_for_downlinks_only_while_its_lease_is() {
+        let owned = OwnedPartitions::default();
+        let lease = Lease::new();
+        lease.renewed(Instant::now());
+        owned.write().insert(3, lease.clone());
+        assert!(owned.holds(3));
+        assert!(!owned.holds(4), "not taken");
+        tokio::time::advance(LEASE - LEASE_MARGIN).await;
+        assert!(!owned.holds(3), "lapsed here: another worker's, perhaps, before the lease loop knows");
+        lease.renewed(Instant::now());
+        assert!(owned.holds(3), "renewed");
+        owned.write().remove(&3);
+        assert!(!owned.holds(3), "let go");
     }
 }
