@@ -263,6 +263,18 @@ impl<T> Reorder<T> {
         rest
     }
 
+    /// Drops every envelope held, keeping each connection's progress: the caller's
+    /// delivery ended without acknowledging them, and they come again from the stream,
+    /// to wait for their gaps as before (a fresh reorder would take the first of them for
+    /// a new connection's and release it at once, ahead of its gap).
+    pub fn drop_held(&mut self) {
+        for connection in self.connections.values_mut() {
+            connection.held.clear();
+        }
+        self.deadlines.clear();
+        self.held = 0;
+    }
+
     /// When the envelope held longest must be released; `None` if nothing is held.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|&(deadline, _)| deadline)
@@ -706,6 +718,22 @@ mod tests {
         let out: Vec<_> =
             reorder.push(Some(&names::reaped_message_id(unknown)), (unknown, 0), start, |_| false).collect();
         assert_eq!(out, [(unknown, 0)], "a connection not seen: the event alone");
+    }
+
+    #[test]
+    fn held_envelopes_dropped_for_a_redelivery_wait_behind_their_gap_again() {
+        let mut reorder = Reorder::new(HOLD);
+        let now = Instant::now();
+        for sequence in [0, 1] {
+            push(&mut reorder, A, sequence, now);
+        }
+        assert!(push(&mut reorder, A, 3, now).is_empty(), "3 waits for 2");
+        reorder.drop_held();
+        assert_eq!((reorder.held(), reorder.next_deadline()), (0, None));
+        // Redelivered in the stream's order: 3 again, then 2.
+        assert!(push(&mut reorder, A, 3, now).is_empty(), "not taken for a new connection's first");
+        assert_eq!(push(&mut reorder, A, 2, now), [(A, 2), (A, 3)]);
+        assert_eq!((reorder.gaps(), reorder.late()), (0, 0));
     }
 
     #[test]

@@ -205,6 +205,7 @@ impl Worker {
                 partitions: settings.uplink_partitions,
                 pipeline: pipeline.clone(),
                 owned,
+                kept_order: consume::KeptOrder::default(),
             };
             tasks.spawn(partitions.run(stop.clone()));
             if let Some(watch) = &bus.edge_pods {

@@ -82,7 +82,7 @@ const RECORD_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// An envelope received and not yet delivered.
-struct Undelivered {
+pub(super) struct Undelivered {
     message: jetstream::Message,
     /// Its stream sequence.
     sequence: u64,
@@ -96,8 +96,8 @@ pub(super) struct Delivery<'a> {
     partition: u32,
     lease: &'a Lease,
     /// Each connection's envelopes put back in order (see [`crate::reorder`]): those
-    /// past a gap wait there.
-    reorder: Reorder<Undelivered>,
+    /// past a gap wait there. The consumer's, kept across its deliveries.
+    reorder: &'a mut Reorder<Undelivered>,
     /// Its gaps and late envelopes counted so far (the metrics count the differences).
     reorder_counts: (u64, u64),
     /// Released by the reorder and not delivered, in that order; the first `handed`
@@ -155,13 +155,18 @@ struct LeaseLapsed;
 struct LostInTransit;
 
 impl<'a> Delivery<'a> {
-    pub(super) fn new(partitions: &'a Partitions, partition: u32, lease: &'a Lease) -> Self {
+    pub(super) fn new(
+        partitions: &'a Partitions,
+        partition: u32,
+        lease: &'a Lease,
+        reorder: &'a mut Reorder<Undelivered>,
+    ) -> Self {
         Delivery {
             partitions,
             partition,
             lease,
-            reorder: Reorder::new(reorder::HOLD),
-            reorder_counts: (0, 0),
+            reorder_counts: (reorder.gaps(), reorder.late()),
+            reorder,
             undelivered: VecDeque::new(),
             handed: 0,
             epoch: partitions.pipeline.sink.epoch(),

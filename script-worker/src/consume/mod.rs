@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::pipeline::Pipeline;
+use crate::reorder::{self, Reorder};
 use deliver::Delivery;
 
 mod deliver;
@@ -171,6 +172,29 @@ pub struct Partitions {
     pub pipeline: Arc<Pipeline>,
     /// Kept equal to the partitions consumed here.
     pub owned: OwnedPartitions,
+    pub kept_order: KeptOrder,
+}
+
+/// Each partition's reorder between its deliveries under one lease generation: a
+/// delivery that ends (its NATS connection lost, deliveries lost in transit) leaves what
+/// it held unacknowledged, and the next one, after the partition is taken again, must
+/// hold it again behind the same gaps. Under another generation (another worker may
+/// have delivered meanwhile) the partition starts afresh.
+#[derive(Default)]
+pub struct KeptOrder(std::sync::Mutex<HashMap<u32, (u64, Reorder<deliver::Undelivered>)>>);
+
+impl KeptOrder {
+    fn take(&self, partition: u32, generation: u64) -> Reorder<deliver::Undelivered> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&partition) {
+            Some((kept, reorder)) if kept == generation => reorder,
+            _ => Reorder::new(reorder::HOLD),
+        }
+    }
+
+    fn keep(&self, partition: u32, generation: u64, mut reorder: Reorder<deliver::Undelivered>) {
+        reorder.drop_held();
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(partition, (generation, reorder));
+    }
 }
 
 struct Owned {
@@ -497,12 +521,14 @@ impl Partitions {
         pending: Arc<AtomicU64>,
     ) {
         let Some(consumer) = self.consumer(partition, generation, &stop).await else { return };
+        let mut reorder = self.kept_order.take(partition, generation);
         // Beside the delivery, not in its loop: a batch retried while the broker is
         // down is when the backlog grows, and must still be seen.
         tokio::select! {
-            () = Delivery::new(&self, partition, &lease).run(&consumer, &stop) => {}
+            () = Delivery::new(&self, partition, &lease, &mut reorder).run(&consumer, &stop) => {}
             () = keep_pending(partition, &consumer, &pending) => {}
         }
+        self.kept_order.keep(partition, generation, reorder);
         pending.store(0, Ordering::Relaxed);
     }
 
