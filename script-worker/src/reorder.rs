@@ -85,9 +85,11 @@ struct Held<T> {
     item: T,
 }
 
-/// What one pass over a connection's held envelopes released.
+/// What every connection holds, and has given up on, together.
 #[derive(Default)]
-struct Tally {
+struct Counts {
+    /// Envelopes held, over all connections.
+    held: usize,
     gaps: u64,
     late: u64,
 }
@@ -100,29 +102,29 @@ impl<T> Connection<T> {
     }
 
     /// Releases the held envelopes that are next in sequence, after giving up on the
-    /// gaps below `give_up_to` (each missing stretch counted as a gap), into `out`.
-    fn release_held(&mut self, give_up_to: Option<u64>, out: &mut Vec<T>) -> Tally {
-        let mut tally = Tally::default();
+    /// gaps below `give_up_to` (each missing stretch counted as a gap), into `out`;
+    /// `counts` follows.
+    fn release_held(&mut self, give_up_to: Option<u64>, out: &mut Vec<T>, counts: &mut Counts) {
         let mut ready = 0;
         for held in &self.held {
             if held.sequence <= self.released {
                 // A replay of one released meanwhile.
-                tally.late += 1;
+                counts.late += 1;
             } else if held.sequence == self.released + 1 {
                 self.released = held.sequence;
             } else if give_up_to.is_some_and(|last| held.sequence <= last) {
-                tally.gaps += 1;
+                counts.gaps += 1;
                 self.released = held.sequence;
             } else {
                 break;
             }
             ready += 1;
         }
+        counts.held -= ready;
         out.extend(self.held.drain(..ready).map(|held| held.item));
         if self.held.is_empty() {
             self.held = Vec::new();
         }
-        tally
     }
 }
 
@@ -156,10 +158,7 @@ pub struct Reorder<T> {
     /// The connections holding envelopes, by deadline: what [`Reorder::expire`] looks
     /// at, without a scan of every connection.
     deadlines: BTreeSet<(Instant, u128)>,
-    /// Envelopes held, over all connections.
-    held: usize,
-    gaps: u64,
-    late: u64,
+    counts: Counts,
     /// When idle connections are next looked for; `None` before the first push.
     next_prune: Option<Instant>,
 }
@@ -171,9 +170,7 @@ impl<T> Reorder<T> {
             hold,
             connections: HashMap::new(),
             deadlines: BTreeSet::new(),
-            held: 0,
-            gaps: 0,
-            late: 0,
+            counts: Counts::default(),
             next_prune: None,
         }
     }
@@ -209,7 +206,7 @@ impl<T> Reorder<T> {
         };
         connection.last_seen = now;
         if sequence <= connection.released {
-            self.late += 1;
+            self.counts.late += 1;
             return Released::new(Some(item), Vec::new());
         }
         let deadline = connection.deadline(self.hold);
@@ -217,9 +214,7 @@ impl<T> Reorder<T> {
             connection.released = sequence;
             let mut rest = Vec::new();
             if !connection.held.is_empty() {
-                let tally = connection.release_held(None, &mut rest);
-                self.late += tally.late;
-                self.held -= rest.len();
+                connection.release_held(None, &mut rest, &mut self.counts);
                 // Progress: the gap is filling (the edge re-sends one at a time), so what
                 // is still held waits for the hold from now.
                 for held in &mut connection.held {
@@ -233,15 +228,12 @@ impl<T> Reorder<T> {
         let last = is_last(&item);
         let at = connection.held.partition_point(|held| held.sequence <= sequence);
         connection.held.insert(at, Held { sequence, since: now, item });
-        self.held += 1;
+        self.counts.held += 1;
         let mut rest = Vec::new();
         if last {
             // Nothing before it can come any more (see the module): its gaps are given up
             // on now, not at the deadline.
-            let tally = connection.release_held(Some(sequence), &mut rest);
-            self.gaps += tally.gaps;
-            self.late += tally.late;
-            self.held -= rest.len();
+            connection.release_held(Some(sequence), &mut rest, &mut self.counts);
         }
         reschedule(&mut self.deadlines, id, deadline, connection.deadline(self.hold));
         Released::new(None, rest)
@@ -254,11 +246,8 @@ impl<T> Reorder<T> {
         let Some(connection) = self.connections.get_mut(&id) else { return Vec::new() };
         let deadline = connection.deadline(self.hold);
         let mut rest = Vec::new();
-        let tally = connection.release_held(Some(u64::MAX), &mut rest);
+        connection.release_held(Some(u64::MAX), &mut rest, &mut self.counts);
         connection.released = u64::MAX;
-        self.gaps += tally.gaps;
-        self.late += tally.late;
-        self.held -= rest.len();
         reschedule(&mut self.deadlines, id, deadline, None);
         rest
     }
@@ -272,7 +261,7 @@ impl<T> Reorder<T> {
             connection.held.clear();
         }
         self.deadlines.clear();
-        self.held = 0;
+        self.counts.held = 0;
     }
 
     /// When the envelope held longest must be released; `None` if nothing is held.
@@ -297,11 +286,7 @@ impl<T> Reorder<T> {
                 .filter(|held| held.since + hold <= now)
                 .map(|held| held.sequence)
                 .max();
-            let before = out.len();
-            let tally = connection.release_held(give_up_to, &mut out);
-            self.gaps += tally.gaps;
-            self.late += tally.late;
-            self.held -= out.len() - before;
+            connection.release_held(give_up_to, &mut out, &mut self.counts);
             if let Some(next) = connection.deadline(hold) {
                 self.deadlines.insert((next, id));
             }
@@ -311,7 +296,7 @@ impl<T> Reorder<T> {
 
     /// Envelopes held, over all connections.
     pub fn held(&self) -> usize {
-        self.held
+        self.counts.held
     }
 
     /// Connections remembered (the state kept, pruned after [`IDLE`]).
@@ -323,13 +308,13 @@ impl<T> Reorder<T> {
     /// envelopes past them were released over, at their deadline or at their
     /// connection's last envelope.
     pub fn gaps(&self) -> u64 {
-        self.gaps
+        self.counts.gaps
     }
 
     /// Envelopes released at or below their connection's last released sequence since
     /// the start: replays, and envelopes that came after their gap was given up on.
     pub fn late(&self) -> u64 {
-        self.late
+        self.counts.late
     }
 
     /// Forgets the connections with nothing held and no envelope for [`IDLE`], at most
