@@ -13,9 +13,11 @@
 //!
 //! One task per bus runs the bursts: it queues each publish on the client in arrival
 //! order (so one caller's envelopes still reach the bus in call order) and awaits the
-//! acknowledgements, each handed to its caller.
+//! acknowledgements, each handed to its caller and the last one's time recorded
+//! ([`LastAck`]: the stream probe's evidence).
 
 use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
@@ -25,7 +27,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{AckFuture, BusError};
+use super::{AckFuture, BusError, LastAck};
 
 /// Most publishes in one burst; a burst this full goes out without waiting for the
 /// linger (the rate alone coalesces).
@@ -51,13 +53,13 @@ pub(super) struct Linger {
 }
 
 impl Linger {
-    pub fn spawn(jetstream: jetstream::Context, linger: Duration) -> Self {
-        Self::spawn_to(jetstream, linger)
+    pub fn spawn(jetstream: jetstream::Context, linger: Duration, last_ack: Arc<LastAck>) -> Self {
+        Self::spawn_to(jetstream, linger, last_ack)
     }
 
-    fn spawn_to(to: impl Client, linger: Duration) -> Self {
+    fn spawn_to(to: impl Client, linger: Duration, last_ack: Arc<LastAck>) -> Self {
         let (requests, queued) = mpsc::channel(QUEUED);
-        tokio::spawn(run(queued, to, linger));
+        tokio::spawn(run(queued, to, linger, last_ack));
         Linger { requests }
     }
 
@@ -99,7 +101,7 @@ impl Client for jetstream::Context {
     }
 }
 
-async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Duration) {
+async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Duration, last_ack: Arc<LastAck>) {
     // The acknowledgements awaited, each resolving its caller's: polled alongside
     // everything else this task waits on, since the client's in-flight budget is only
     // given back as they complete.
@@ -141,9 +143,16 @@ async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Durat
                         }
                     };
                     match sent {
-                        Ok(ack) => acks.push(Box::pin(async move {
-                            let _ = acked.send(ack.await);
-                        })),
+                        Ok(ack) => {
+                            let last_ack = last_ack.clone();
+                            acks.push(Box::pin(async move {
+                                let stored = ack.await;
+                                if stored.is_ok() {
+                                    last_ack.record();
+                                }
+                                let _ = acked.send(stored);
+                            }));
+                        }
                         Err(error) => {
                             let _ = acked.send(Err(error));
                         }
@@ -160,7 +169,7 @@ async fn run(mut queued: mpsc::Receiver<Request>, to: impl Client, linger: Durat
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     use futures::future::{self, Ready};
 
@@ -194,7 +203,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_publish_after_a_quiet_spell_goes_at_once_and_those_soon_after_wait_together() {
         let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER);
+        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
         let start = Instant::now();
         publish(&linger, "a").await.await.unwrap();
         assert_eq!(recorder.sent(), [("a".to_owned(), start)], "nothing went before it");
@@ -216,7 +225,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_burst_goes_out_without_lingering() {
         let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER);
+        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
         let start = Instant::now();
         publish(&linger, "first").await.await.unwrap();
         // Within the linger of that one, all queued before the burst task runs (no
@@ -243,7 +252,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sent_waits_for_what_was_queued_before_it() {
         let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER);
+        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
         let start = Instant::now();
         publish(&linger, "a").await.await.unwrap();
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -84,18 +84,18 @@ const STREAM_PROBE: Duration = Duration::from_secs(5);
 
 /// When JetStream last acknowledged a publish of this pod's: proof that the stream is
 /// there and taking envelopes, whatever a probe says meanwhile.
-struct LastAck {
+pub(super) struct LastAck {
     epoch: Instant,
     /// Milliseconds since `epoch`, plus one (0: never).
     at: AtomicU64,
 }
 
 impl LastAck {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         LastAck { epoch: Instant::now(), at: AtomicU64::new(0) }
     }
 
-    fn record(&self) {
+    pub(super) fn record(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.at.store(ms + 1, Ordering::Relaxed);
     }
@@ -152,14 +152,15 @@ impl NatsBus {
             .max_ack_inflight(65_536)
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let last_ack = Arc::new(LastAck::new());
         Ok(NatsBus {
             client,
-            linger: Linger::spawn(jetstream.clone(), linger),
+            linger: Linger::spawn(jetstream.clone(), linger, last_ack.clone()),
             jetstream,
             stream: StreamCheck::new(tcpc_proto::stream::uplink_stream_config(stream)),
             stream_ready: AtomicBool::new(false),
             probe_timeout: publish_timeout,
-            last_ack: Arc::new(LastAck::new()),
+            last_ack,
         })
     }
 
@@ -231,16 +232,7 @@ impl UplinkBus for NatsBus {
             tcpc_proto::trace::inject(&tcpc_proto::trace::current(), |name, value| {
                 message = std::mem::take(&mut message).header(name, value.as_str());
             });
-            let ack = self.linger.publish(subject, message).await?;
-            let last_ack = self.last_ack.clone();
-            let ack: AckFuture = Box::pin(async move {
-                let stored = ack.await;
-                if stored.is_ok() {
-                    last_ack.record();
-                }
-                stored
-            });
-            Ok(ack)
+            self.linger.publish(subject, message).await
         })
     }
 
