@@ -180,20 +180,15 @@ impl NatsBus {
         loop {
             let probe = self.stream.ensure(&self.jetstream);
             let answer = match tokio::time::timeout(self.probe_timeout, probe).await {
+                Ok(Ok(_)) => Ok(()),
                 Ok(Err(error @ tcpc_proto::stream::StreamError::Incompatible { .. })) => {
                     Err(error.to_string())
                 }
-                Ok(answer) if self.last_ack.within(STREAM_PROBE) => {
-                    if let Err(error) = answer {
-                        tracing::debug!(%error, "stream probe failed while publishes are acknowledged");
-                    }
+                _ if self.last_ack.within(STREAM_PROBE) => {
+                    tracing::debug!("stream probe failed or timed out while publishes are acknowledged");
                     Ok(())
                 }
-                Ok(answer) => answer.map(drop).map_err(|error| error.to_string()),
-                Err(_) if self.last_ack.within(STREAM_PROBE) => {
-                    tracing::debug!("stream probe timed out while publishes are acknowledged");
-                    Ok(())
-                }
+                Ok(Err(error)) => Err(error.to_string()),
                 Err(_) => Err("timed out".to_owned()),
             };
             let delay = match answer {
