@@ -150,32 +150,10 @@ async fn device_list() -> Json<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routes::{ClaimAndRoute, RouteLookupError};
+    use crate::routes::NoRoutes;
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
-
-    struct NoRoutes;
-    impl RouteLookup for NoRoutes {
-        fn route<'a>(
-            &'a self,
-            _: &'a str,
-        ) -> BoxFuture<'a, Result<Option<tcpc_proto::route::Route>, RouteLookupError>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
-            Box::pin(async { Ok(true) })
-        }
-        fn purge<'a>(
-            &'a self,
-            _: &'a tcpc_proto::route::Route,
-        ) -> BoxFuture<'a, Result<(), RouteLookupError>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn claim_and_route<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
-            Box::pin(async { ClaimAndRoute { claim: Ok(true), route: Ok(None) } })
-        }
-    }
 
     fn state(forgotten: Arc<std::sync::Mutex<Vec<String>>>) -> Arc<ApiState> {
         let devices = crate::source::FileDevices::parse("[[device]]\ntoken='t'\nid='d1'\n").unwrap();

@@ -16,11 +16,11 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, join_all};
 use prost::Message as _;
 use tcpc_proto::v1::UplinkEnvelope;
-use tracing::warn;
+use tracing::{Instrument as _, Span, warn};
 
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::metrics::{Metrics, ReasonLabel};
-use crate::sink::{Epoch, PlatformSink, SinkError};
+use crate::sink::{Epoch, PlatformMessage, PlatformSink, SinkError};
 use crate::uplink::{MapError, Mapper};
 
 /// Resolves when every message of an envelope was acknowledged (or the envelope was
@@ -58,24 +58,61 @@ impl Pipeline {
     /// A transient failure: the lookups behind the mapping could not be made, or the
     /// sink cannot take messages (stopped).
     pub async fn handle(&self, encoded: Bytes, epoch: Epoch) -> Result<Handled, HandleError> {
-        self.metrics.envelopes.inc();
-        let envelope = match UplinkEnvelope::decode(&encoded[..]) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                self.metrics.uplink_errors.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
-                warn!(%error, "undecodable envelope");
-                return Ok(self.dead_letter(
-                    encoded,
-                    format!("undecodable envelope: {error}"),
-                    "undecodable",
-                ));
+        let mut handled = self.handle_all(vec![(encoded, Span::current())], epoch).await;
+        handled.pop().expect("one result per envelope")
+    }
+
+    /// [`Pipeline::handle`] for envelopes in order, each under its span, mapped together
+    /// (their scripts run in one go). Ends at the first failure: the envelopes after it
+    /// are not queued (they are handed again with it when it is retried).
+    pub async fn handle_all(
+        &self,
+        envelopes: Vec<(Bytes, Span)>,
+        epoch: Epoch,
+    ) -> Vec<Result<Handled, HandleError>> {
+        self.metrics.envelopes.inc_by(envelopes.len() as u64);
+        let decoded: Vec<_> =
+            envelopes.iter().map(|(encoded, _)| UplinkEnvelope::decode(&encoded[..])).collect();
+        let to_map: Vec<_> = decoded
+            .iter()
+            .zip(&envelopes)
+            .filter_map(|(envelope, (_, span))| Some((envelope.as_ref().ok()?, span.clone())))
+            .collect();
+        let mut mapped = self.mapper.map_all(&to_map).await.into_iter();
+        let mut handled = Vec::with_capacity(envelopes.len());
+        for ((encoded, span), envelope) in envelopes.into_iter().zip(decoded) {
+            let result = match envelope {
+                Err(error) => {
+                    self.metrics.uplink_errors.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
+                    warn!(%error, "undecodable envelope");
+                    Ok(self.dead_letter(encoded, format!("undecodable envelope: {error}"), "undecodable"))
+                }
+                Ok(_) => match mapped.next() {
+                    // The mapping ended at a transient failure before this envelope.
+                    None => break,
+                    Some(Ok(messages)) => self.queue(encoded, messages, epoch).instrument(span).await,
+                    Some(Err(error)) if error.is_transient() => Err(HandleError::Map(error)),
+                    Some(Err(error)) => {
+                        Ok(self.dead_letter(encoded, Chain(&error).to_string(), error.label()))
+                    }
+                },
+            };
+            let failed = result.is_err();
+            handled.push(result);
+            if failed {
+                break;
             }
-        };
-        let messages = match self.mapper.map(&envelope).await {
-            Ok(messages) => messages,
-            Err(error) if error.is_transient() => return Err(HandleError::Map(error)),
-            Err(error) => return Ok(self.dead_letter(encoded, Chain(&error).to_string(), error.label())),
-        };
+        }
+        handled
+    }
+
+    /// Queues an envelope's messages in order, with the future of their acknowledgement.
+    async fn queue(
+        &self,
+        encoded: Bytes,
+        messages: Vec<PlatformMessage>,
+        epoch: Epoch,
+    ) -> Result<Handled, HandleError> {
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in messages {
             deliveries.push(self.sink.publish(message, epoch).await.map_err(HandleError::Queue)?);

@@ -351,6 +351,26 @@ impl EdgeClients {
     }
 }
 
+/// A route store with no routes that grants every claim (unit tests).
+#[cfg(test)]
+pub(crate) struct NoRoutes;
+
+#[cfg(test)]
+impl RouteLookup for NoRoutes {
+    fn route<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Option<Route>, RouteLookupError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn pod_alive<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<bool, RouteLookupError>> {
+        Box::pin(async { Ok(true) })
+    }
+    fn purge<'a>(&'a self, _: &'a Route) -> BoxFuture<'a, Result<(), RouteLookupError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn claim_and_route<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, ClaimAndRoute> {
+        Box::pin(async { ClaimAndRoute { claim: Ok(true), route: Ok(None) } })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

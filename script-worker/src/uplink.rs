@@ -23,13 +23,13 @@ use tcpc_observe::Chain;
 
 use serde_json::{Map, Value as Json};
 use tcpc_proto::v1::{SessionEvent, SessionState, Uplink, UplinkEnvelope, UplinkKind, uplink_envelope};
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 use crate::devices::{Cmd1Mapping, Device, DeviceKind};
 use crate::metrics::Metrics;
 use crate::platform::topics;
 use crate::routes::{RouteLookup, RouteLookupError};
-use crate::scripts::{Call, CallContext, Output, ScriptError, Scripts};
+use crate::scripts::{Call, CallContext, Output, ScriptCall, ScriptError, Scripts};
 use crate::sink::PlatformMessage;
 use crate::source::{DeviceSource, SourceError};
 
@@ -90,25 +90,106 @@ pub struct Mapper {
     pub downlinks: Arc<crate::downlink::Downlinks>,
 }
 
+/// How far an envelope's mapping got before its device's script runs.
+enum Step {
+    /// Mapped, or failed, without a script.
+    Done(Result<Vec<PlatformMessage>, MapError>),
+    /// The device's uplink script decides (the call is taken when the scripts run).
+    Script { device: Arc<Device>, call: Option<Call>, message_id: String, span: tracing::Span },
+}
+
 impl Mapper {
     /// What `envelope` becomes.
     ///
     /// # Errors
     /// It cannot be mapped (reported here: log and metric).
     pub async fn map(&self, envelope: &UplinkEnvelope) -> Result<Vec<PlatformMessage>, MapError> {
-        let (device_id, result) = match &envelope.body {
-            Some(uplink_envelope::Body::Session(event)) => (&event.device_id, self.session(event).await),
-            Some(uplink_envelope::Body::Uplink(uplink)) => (&uplink.device_id, self.uplink(uplink).await),
-            None => (&String::new(), Err(MapError::Unknown)),
-        };
-        if let Err(error) = &result {
-            self.metrics
-                .uplink_errors
-                .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
-                .inc();
-            warn!(device_id = %device_id, error = %Chain(error), "uplink not mapped to the platform");
+        let mut mapped = self.map_all(&[(envelope, tracing::Span::current())]).await;
+        mapped.pop().expect("one result per envelope")
+    }
+
+    /// What each envelope becomes, in order, each under its span. The scripts of all of
+    /// them run together (one hop per engine thread, not one per message). Ends after
+    /// the first transient failure: the envelopes after it are mapped again when it is
+    /// retried. Failures are reported here (log and metric).
+    pub async fn map_all(
+        &self,
+        envelopes: &[(&UplinkEnvelope, tracing::Span)],
+    ) -> Vec<Result<Vec<PlatformMessage>, MapError>> {
+        let mut steps = Vec::with_capacity(envelopes.len());
+        for (envelope, span) in envelopes {
+            let step = self.step(envelope, span).instrument(span.clone()).await;
+            let transient = matches!(&step, Step::Done(Err(error)) if error.is_transient());
+            steps.push(step);
+            if transient {
+                break;
+            }
         }
-        result
+        let calls = steps
+            .iter_mut()
+            .filter_map(|step| match step {
+                Step::Script { device, call, span, .. } => {
+                    let call = call.take().expect("a call is taken once");
+                    let reference =
+                        device.settings.uplink_script.as_deref().expect("a step waits on a script it has");
+                    Some(ScriptCall { span: Scripts::span(&call, span), reference, call })
+                }
+                Step::Done(_) => None,
+            })
+            .collect();
+        let mut outputs = self.scripts.run_all(calls).await.into_iter();
+        let mut mapped = Vec::with_capacity(steps.len());
+        for (step, (envelope, _)) in steps.into_iter().zip(envelopes) {
+            let result = match step {
+                Step::Done(result) => result,
+                Step::Script { device, message_id, .. } => {
+                    let output = outputs.next().expect("one output per script call");
+                    decoded(&device, output, &message_id)
+                }
+            };
+            if let Err(error) = &result {
+                self.report(envelope, error);
+            }
+            let transient = result.as_ref().is_err_and(MapError::is_transient);
+            mapped.push(result);
+            if transient {
+                break;
+            }
+        }
+        mapped
+    }
+
+    fn report(&self, envelope: &UplinkEnvelope, error: &MapError) {
+        self.metrics
+            .uplink_errors
+            .get_or_create(&crate::metrics::ReasonLabel { reason: error.label() })
+            .inc();
+        let device_id = match &envelope.body {
+            Some(uplink_envelope::Body::Session(event)) => event.device_id.as_str(),
+            Some(uplink_envelope::Body::Uplink(uplink)) => uplink.device_id.as_str(),
+            None => "",
+        };
+        warn!(device_id = %device_id, error = %Chain(error), "uplink not mapped to the platform");
+    }
+
+    async fn step(&self, envelope: &UplinkEnvelope, span: &tracing::Span) -> Step {
+        match &envelope.body {
+            Some(uplink_envelope::Body::Session(event)) => Step::Done(self.session(event).await),
+            Some(uplink_envelope::Body::Uplink(uplink)) => match self.device(uplink).await {
+                Ok(device) if uplink.kind() == UplinkKind::Raw && device.settings.uplink_script.is_some() => {
+                    let call = script_call(&device, uplink);
+                    Step::Script {
+                        device,
+                        call: Some(call),
+                        message_id: message_id(uplink),
+                        span: span.clone(),
+                    }
+                }
+                Ok(device) => Step::Done(without_script(&device, uplink)),
+                Err(error) => Step::Done(Err(error)),
+            },
+            None => Step::Done(Err(MapError::Unknown)),
+        }
     }
 
     async fn session(&self, event: &SessionEvent) -> Result<Vec<PlatformMessage>, MapError> {
@@ -130,40 +211,44 @@ impl Mapper {
         }
     }
 
-    async fn uplink(&self, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
-        let device = self
-            .devices
-            .by_id(&uplink.device_id)
-            .await
-            .map_err(MapError::Device)?
-            .ok_or(MapError::UnknownDevice)?;
-        if uplink.kind() == UplinkKind::Raw {
-            return self.custom(&device, uplink).await;
-        }
-        official(&device, uplink.kind(), &uplink.payload, &message_id(uplink)).map(|message| vec![message])
+    async fn device(&self, uplink: &Uplink) -> Result<Arc<Device>, MapError> {
+        self.devices.by_id(&uplink.device_id).await.map_err(MapError::Device)?.ok_or(MapError::UnknownDevice)
     }
+}
 
-    async fn custom(&self, device: &Device, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
+/// An official frame's message, or a custom one's bytes as they are (the device has no
+/// script: the platform may run its own).
+fn without_script(device: &Device, uplink: &Uplink) -> Result<Vec<PlatformMessage>, MapError> {
+    if uplink.kind() == UplinkKind::Raw {
         let gateway = device.kind == DeviceKind::Gateway;
-        let Some(script) = &device.settings.uplink_script else {
-            // No script: the bytes go as they are (the platform may run its own script).
-            return Ok(vec![topics::envelope(topics::telemetry(gateway), &device.id, &uplink.payload)]);
-        };
-        let context = CallContext {
-            device_id: device.id.clone(),
-            device_number: device.number.clone(),
-            kind: "uplink".to_owned(),
-            topic: topics::telemetry(gateway),
-        };
-        let output =
-            self.scripts.run(script, Call::Decode { bytes: uplink.payload.to_vec(), context }).await?;
-        let Output::Json(value) = output else { return Err(MapError::Unknown) };
-        if value.is_null() {
-            // The script chose to drop this message.
-            return Ok(Vec::new());
-        }
-        script_result(device, value, &message_id(uplink)).map(|message| vec![message])
+        return Ok(vec![topics::envelope(topics::telemetry(gateway), &device.id, &uplink.payload)]);
     }
+    official(device, uplink.kind(), &uplink.payload, &message_id(uplink)).map(|message| vec![message])
+}
+
+/// The `decode` call of a custom device's uplink script.
+fn script_call(device: &Device, uplink: &Uplink) -> Call {
+    let context = CallContext {
+        device_id: device.id.clone(),
+        device_number: device.number.clone(),
+        kind: "uplink".to_owned(),
+        topic: topics::telemetry(device.kind == DeviceKind::Gateway),
+    };
+    Call::Decode { bytes: uplink.payload.to_vec(), context }
+}
+
+/// What a custom device's uplink script made of its bytes, on the platform.
+fn decoded(
+    device: &Device,
+    output: Result<Output, ScriptError>,
+    message_id: &str,
+) -> Result<Vec<PlatformMessage>, MapError> {
+    let Output::Json(value) = output? else { return Err(MapError::Unknown) };
+    if value.is_null() {
+        // The script chose to drop this message.
+        return Ok(Vec::new());
+    }
+    script_result(device, value, message_id).map(|message| vec![message])
 }
 
 /// The message id of the event or attributes an uplink becomes: the envelope's
@@ -299,6 +384,96 @@ mod tests {
         let raw =
             base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
         serde_json::from_slice(&raw).unwrap()
+    }
+
+    /// Devices from a file, but the platform cannot be asked about `down` (transient).
+    struct Flaky(crate::source::FileDevices);
+
+    impl DeviceSource for Flaky {
+        fn by_token<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<crate::source::Lookup, SourceError>> {
+            self.0.by_token(token)
+        }
+        fn by_id<'a>(
+            &'a self,
+            device_id: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Option<Arc<Device>>, SourceError>> {
+            if device_id == "down" {
+                return Box::pin(async { Err(SourceError::BackingOff) });
+            }
+            self.0.by_id(device_id)
+        }
+        fn forget<'a>(&'a self, device_id: &'a str) -> futures::future::BoxFuture<'a, ()> {
+            self.0.forget(device_id)
+        }
+        fn resolve<'a>(
+            &'a self,
+            reference: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Option<crate::source::Target>, SourceError>> {
+            self.0.resolve(reference)
+        }
+    }
+
+    fn raw(device_id: &str, byte: u8) -> UplinkEnvelope {
+        let uplink = Uplink {
+            device_id: device_id.to_owned(),
+            connection_id: "c".to_owned(),
+            kind: UplinkKind::Raw as i32,
+            payload: vec![byte].into(),
+            ..Default::default()
+        };
+        UplinkEnvelope { body: Some(uplink_envelope::Body::Uplink(uplink)) }
+    }
+
+    #[tokio::test]
+    async fn envelopes_mapped_together_keep_their_order_and_end_at_a_transient_failure() {
+        let file = r#"
+[[device]]
+token = "t1"
+id = "d"
+protocol = "custom"
+uplink_script = "function decode(b) { if (b[0] === 0) throw new Error('bad'); return {n: b[0]}; }"
+"#;
+        let devices: Arc<dyn DeviceSource> =
+            Arc::new(Flaky(crate::source::FileDevices::parse(file).unwrap()));
+        let routes: Arc<dyn RouteLookup> = Arc::new(crate::routes::NoRoutes);
+        let scripts = Arc::new(
+            Scripts::start(
+                crate::scripts::EngineKind::Quickjs,
+                Default::default(),
+                crate::scripts::Library::new(None),
+                2,
+            )
+            .unwrap(),
+        );
+        let metrics = Arc::new(Metrics::new(&mut Default::default()));
+        let downlinks = Arc::new(crate::downlink::Downlinks::new(
+            "plugin/TCP/".to_owned(),
+            devices.clone(),
+            routes.clone(),
+            Arc::default(),
+            scripts.clone(),
+            Arc::new(crate::sink::JsonLines),
+            metrics.clone(),
+            Arc::new(|_| true),
+            None,
+            tokio_util::task::TaskTracker::new(),
+        ));
+        let mapper = Mapper { devices, routes, scripts, metrics, downlinks };
+        let envelopes =
+            [raw("d", 1), raw("d", 0), raw("nobody", 2), raw("d", 3), raw("down", 4), raw("d", 5)];
+        let batch: Vec<_> = envelopes.iter().map(|e| (e, tracing::Span::none())).collect();
+        let mapped = mapper.map_all(&batch).await;
+        let shown: Vec<String> = mapped
+            .iter()
+            .map(|result| match result {
+                Ok(messages) => messages.iter().map(|m| values(m).to_string()).collect::<Vec<_>>().join(","),
+                Err(error) => error.label().to_owned(),
+            })
+            .collect();
+        assert_eq!(shown, [r#"{"n":1}"#, "script_error", "unknown_device", r#"{"n":3}"#, "lookup"]);
     }
 
     #[test]

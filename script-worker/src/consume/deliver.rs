@@ -50,7 +50,7 @@ use tcpc_proto::backoff::Backoff;
 use tcpc_proto::v1::{SessionState, UplinkEnvelope, uplink_envelope};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, warn};
+use tracing::warn;
 
 use super::{Lease, Partitions};
 use crate::metrics::ReasonLabel;
@@ -342,34 +342,43 @@ impl<'a> Delivery<'a> {
         }
     }
 
-    /// Hands the envelopes not in flight to the pipeline, in order, unless a retry is
-    /// pending; stops at the first that fails (it is retried after a back-off).
+    /// Hands the envelopes not in flight to the pipeline, in order and together (their
+    /// scripts run in one go), unless a retry is pending; stops at the first that fails
+    /// (it is retried after a back-off).
     async fn hand(&mut self) -> Result<(), LeaseLapsed> {
         let until = (self.handed + HAND_PER_TURN).min(self.undelivered.len());
-        while self.handed < until && self.retry_at.is_none() {
-            if !self.lease.is_held() {
-                return Err(LeaseLapsed);
-            }
-            if self.handed == 0 {
-                // Nothing in flight: the sink's current connection.
-                self.epoch = self.partitions.pipeline.sink.epoch();
-            }
-            let message = &self.undelivered[self.handed].message;
-            // One uplink, one trace: a child of the edge's publish, whose context the
-            // message's headers carry.
-            let span = tcpc_proto::nats_span!(
-                "process",
-                "consumer",
-                "process",
-                "process",
-                message.subject,
-                "messaging.message.id" =
-                    message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
-                "messaging.message.body.size" = message.payload.len(),
-            );
-            tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
-            let handled =
-                self.partitions.pipeline.handle(message.payload.clone(), self.epoch).instrument(span).await;
+        if self.handed == until || self.retry_at.is_some() {
+            return Ok(());
+        }
+        if !self.lease.is_held() {
+            return Err(LeaseLapsed);
+        }
+        if self.handed == 0 {
+            // Nothing in flight: the sink's current connection.
+            self.epoch = self.partitions.pipeline.sink.epoch();
+        }
+        let envelopes = self
+            .undelivered
+            .range(self.handed..until)
+            .map(|undelivered| {
+                let message = &undelivered.message;
+                // One uplink, one trace: a child of the edge's publish, whose context the
+                // message's headers carry.
+                let span = tcpc_proto::nats_span!(
+                    "process",
+                    "consumer",
+                    "process",
+                    "process",
+                    message.subject,
+                    "messaging.message.id" =
+                        message.headers.as_ref().and_then(|h| h.get(NATS_MESSAGE_ID)).map(|id| id.as_str()),
+                    "messaging.message.body.size" = message.payload.len(),
+                );
+                tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
+                (message.payload.clone(), span)
+            })
+            .collect();
+        for handled in self.partitions.pipeline.handle_all(envelopes, self.epoch).await {
             match handled {
                 Ok(handled) => {
                     self.undelivered[self.handed].handled = Some(handled);
@@ -377,7 +386,7 @@ impl<'a> Delivery<'a> {
                 }
                 Err(error) => {
                     self.retry(&error);
-                    return Ok(());
+                    break;
                 }
             }
         }

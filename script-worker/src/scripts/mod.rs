@@ -27,7 +27,6 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::Instrument as _;
 
 use crate::metrics::{CallLabel, CallReasonLabel, Metrics};
 
@@ -267,11 +266,20 @@ pub enum Output {
     Bytes(Vec<u8>),
 }
 
+/// Calls for one engine thread, run in order, answered together: one hop to the
+/// thread and one back for the lot (a hop costs more than a small converter).
 struct Job {
-    script: library::Resolved,
-    call: Call,
-    /// The result, and how long the engine took for it.
-    answer: oneshot::Sender<(Result<Output, ScriptError>, Duration)>,
+    calls: Vec<(library::Resolved, Call)>,
+    /// Each call's result, and how long the engine took for it.
+    answer: oneshot::Sender<Vec<(Result<Output, ScriptError>, Duration)>>,
+}
+
+/// A call for [`Scripts::run_all`]: the script reference (inline source or
+/// `lib:<name>`), the call, and its span (see [`Scripts::span`]).
+pub struct ScriptCall<'a> {
+    pub reference: &'a str,
+    pub call: Call,
+    pub span: tracing::Span,
 }
 
 /// Failures in a row that quarantine a script.
@@ -337,23 +345,29 @@ impl Scripts {
             let _runtime = runtime.as_ref().map(|r| r.enter());
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
-                if job.answer.is_closed() {
-                    // Its caller is gone (shutdown, a cancelled batch): no CPU for it.
-                    continue;
+                let mut answers = Vec::with_capacity(job.calls.len());
+                for (script, call) in &job.calls {
+                    if job.answer.is_closed() {
+                        // Its caller is gone (shutdown, a cancelled batch): no CPU for it.
+                        break;
+                    }
+                    let started = std::time::Instant::now();
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, call)
+                    });
+                    // A panic inside an engine must not end the worker's scripting: that
+                    // call fails, and the engine starts afresh (its state may be
+                    // inconsistent).
+                    let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                        tracing::error!(script = %script.hash, "script engine panicked; restarting it");
+                        engine = kind.build(limits);
+                        Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
+                    });
+                    answers.push((result, started.elapsed()));
                 }
-                let script = &job.script;
-                let started = std::time::Instant::now();
-                let run = std::panic::AssertUnwindSafe(|| {
-                    run_hashed(engine.as_mut(), &script.hash, &script.source, &script.name, &job.call)
-                });
-                // A panic inside an engine must not end the worker's scripting: that call
-                // fails, and the engine starts afresh (its state may be inconsistent).
-                let result = std::panic::catch_unwind(run).unwrap_or_else(|_| {
-                    tracing::error!(script = %script.hash, "script engine panicked; restarting it");
-                    engine = kind.build(limits);
-                    Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
-                });
-                let _ = job.answer.send((result, started.elapsed()));
+                if answers.len() == job.calls.len() {
+                    let _ = job.answer.send(answers);
+                }
             }
         })?;
         Ok(jobs)
@@ -361,9 +375,9 @@ impl Scripts {
 
     /// The engine thread of a script: by its content hash, so that each script is
     /// compiled and cached on one thread only.
-    fn shard_of(&self, hash: &ScriptHash) -> &mpsc::Sender<Job> {
+    fn shard_of(&self, hash: &ScriptHash) -> usize {
         let key = hash.get(..16).and_then(|prefix| u64::from_str_radix(prefix, 16).ok()).unwrap_or(0);
-        &self.shards[(key % self.shards.len() as u64) as usize]
+        (key % self.shards.len() as u64) as usize
     }
 
     /// Runs a call of the script `reference` (inline source or `lib:<name>`).
@@ -371,52 +385,105 @@ impl Scripts {
     /// # Errors
     /// The script is missing, quarantined, or failed.
     pub async fn run(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
+        let span = Self::span(&call, &tracing::Span::current());
+        let mut results = self.run_all(vec![ScriptCall { reference, call, span }]).await;
+        results.pop().expect("one result per call")
+    }
+
+    /// The span of one call, under `parent`: it lasts until the call's result is in.
+    pub fn span(call: &Call, parent: &tracing::Span) -> tracing::Span {
         let function = call.function();
-        let span = tracing::debug_span!(
+        tracing::debug_span!(
+            parent: parent,
             "script",
             "otel.name" = %format_args!("script {function}"),
             "tcpc.script.function" = function,
             "tcpc.device.id" = call.device_id(),
             "error.type" = tracing::field::Empty,
-        );
-        let result = self.run_measured(reference, call).instrument(span.clone()).await;
-        if let Err(error) = &result {
-            span.record("error.type", error.label());
-            if let Some(metrics) = &self.metrics {
-                let label = CallReasonLabel { call: function, reason: error.label() };
-                metrics.script_errors.get_or_create(&label).inc();
-            }
-        }
-        result
+        )
     }
 
-    async fn run_measured(&self, reference: &str, call: Call) -> Result<Output, ScriptError> {
-        let function = call.function();
-        let script = self.library.resolve(reference)?;
-        let key = (script.hash.clone(), call.device_id().to_owned());
-        if self.quarantined(&key) {
-            return Err(ScriptError::Quarantined);
+    /// Runs calls, each engine thread's share in one job (in the given order), and
+    /// returns their results in the same order.
+    pub async fn run_all(&self, calls: Vec<ScriptCall<'_>>) -> Vec<Result<Output, ScriptError>> {
+        let mut results: Vec<Option<Result<Output, ScriptError>>> = vec![None; calls.len()];
+        let mut spans = Vec::with_capacity(calls.len());
+        let mut keys = Vec::with_capacity(calls.len());
+        let mut shards: Vec<Vec<(usize, library::Resolved, Call)>> = vec![Vec::new(); self.shards.len()];
+        for (index, ScriptCall { reference, call, span }) in calls.into_iter().enumerate() {
+            spans.push((span, call.function()));
+            let script = match self.library.resolve(reference) {
+                Ok(script) => script,
+                Err(error) => {
+                    results[index] = Some(Err(error));
+                    keys.push(None);
+                    continue;
+                }
+            };
+            let key = (script.hash.clone(), call.device_id().to_owned());
+            if self.quarantined(&key) {
+                results[index] = Some(Err(ScriptError::Quarantined));
+                keys.push(None);
+                continue;
+            }
+            keys.push(Some(key));
+            shards[self.shard_of(&script.hash)].push((index, script, call));
         }
+        let jobs = shards.into_iter().enumerate().filter(|(_, calls)| !calls.is_empty()).map(
+            |(shard, calls)| async move {
+                let indices: Vec<usize> = calls.iter().map(|(index, _, _)| *index).collect();
+                let answers = self.send_job(shard, calls).await;
+                indices.into_iter().zip(answers)
+            },
+        );
+        for (index, (result, took)) in futures::future::join_all(jobs).await.into_iter().flatten() {
+            if let (Some(metrics), Some(took)) = (&self.metrics, took) {
+                let call = spans[index].1;
+                metrics.script_duration.get_or_create(&CallLabel { call }).observe(took.as_secs_f64());
+            }
+            results[index] = Some(result);
+        }
+        let results: Vec<_> = results.into_iter().map(|r| r.expect("every call answered")).collect();
+        for ((result, (span, function)), key) in results.iter().zip(&spans).zip(keys) {
+            if let Some(key) = key
+                && result != &Err(ScriptError::Busy)
+            {
+                self.record(key, result.is_ok());
+            }
+            if let Err(error) = result {
+                span.record("error.type", error.label());
+                if let Some(metrics) = &self.metrics {
+                    let label = CallReasonLabel { call: function, reason: error.label() };
+                    metrics.script_errors.get_or_create(&label).inc();
+                }
+            }
+        }
+        results
+    }
+
+    /// One job on engine thread `shard`: each call's result and the engine's time for
+    /// it (none when the job was not run in time: [`ScriptError::Busy`]).
+    async fn send_job(
+        &self,
+        shard: usize,
+        calls: Vec<(usize, library::Resolved, Call)>,
+    ) -> Vec<(Result<Output, ScriptError>, Option<Duration>)> {
+        let count = calls.len();
         let (answer, result) = oneshot::channel();
         let stopped = || ScriptError::Engine("the script thread stopped".to_owned());
+        let calls = calls.into_iter().map(|(_, script, call)| (script, call)).collect();
         let queued = async {
-            self.shard_of(&script.hash).send(Job { script, call, answer }).await.map_err(|_| stopped())?;
-            let (result, took) = result.await.map_err(|_| stopped())?;
-            if let Some(metrics) = &self.metrics {
-                metrics
-                    .script_duration
-                    .get_or_create(&CallLabel { call: function })
-                    .observe(took.as_secs_f64());
-            }
-            result
+            self.shards[shard].send(Job { calls, answer }).await.map_err(|_| stopped())?;
+            result.await.map_err(|_| stopped())
         };
-        // Past the deadline the engine skips the job (its answer channel is closed).
-        let result =
-            tokio::time::timeout(QUEUE_WAIT + self.cpu_time, queued).await.unwrap_or(Err(ScriptError::Busy));
-        if result != Err(ScriptError::Busy) {
-            self.record(key, result.is_ok());
+        // Each call has its CPU time; past the deadline the engine skips the rest of the
+        // job (its answer channel is closed).
+        let deadline = QUEUE_WAIT + self.cpu_time * u32::try_from(count).unwrap_or(u32::MAX);
+        match tokio::time::timeout(deadline, queued).await {
+            Ok(Ok(answers)) => answers.into_iter().map(|(result, took)| (result, Some(took))).collect(),
+            Ok(Err(error)) => vec![(Err(error), None); count],
+            Err(_) => vec![(Err(ScriptError::Busy), None); count],
         }
-        result
     }
 
     /// The content hash of the script a reference names.
@@ -484,6 +551,43 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn calls_run_together_answer_in_their_order_each_with_its_own_outcome() {
+        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None), 2).unwrap();
+        // Variants of one script on both engine threads, a failing one, a missing one.
+        let variants: Vec<String> = (0..8)
+            .map(|n| format!("function decode(b, ctx) {{ return {{n: {n}, d: ctx.device_id}}; }}"))
+            .collect();
+        assert!(variants.iter().any(|v| scripts.shard_of(&hash(v)) != scripts.shard_of(&hash(&variants[0]))));
+        let throws = "function decode(b) { throw new Error('bad'); }";
+        let mut references: Vec<&str> = variants.iter().map(String::as_str).collect();
+        references.insert(3, throws);
+        references.insert(5, "lib:absent");
+        let calls = references
+            .iter()
+            .enumerate()
+            .map(|(i, &reference)| ScriptCall {
+                reference,
+                call: decode_for(&format!("d{i}")),
+                span: tracing::Span::none(),
+            })
+            .collect();
+        let results = scripts.run_all(calls).await;
+        assert_eq!(results.len(), references.len());
+        let mut variant = 0;
+        for (i, result) in results.into_iter().enumerate() {
+            match i {
+                3 => assert!(matches!(result, Err(ScriptError::Thrown { .. })), "{result:?}"),
+                5 => assert!(matches!(result, Err(ScriptError::Library(_))), "{result:?}"),
+                _ => {
+                    let expected = serde_json::json!({"n": variant, "d": format!("d{i}")});
+                    assert_eq!(result, Ok(Output::Json(expected)), "call {i}");
+                    variant += 1;
+                }
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_slow_script_holds_up_only_its_own_engine_thread() {
         let limits = Limits { cpu_time: Duration::from_secs(2), ..Limits::default() };
@@ -492,7 +596,7 @@ mod tests {
         // A quick script that lands on the other thread (variants differ only in a comment).
         let quick = (0..1000)
             .map(|n| format!("function decode(b) {{ return {{ok: 1}}; }} // {n}"))
-            .find(|source| !std::ptr::eq(scripts.shard_of(&hash(source)), scripts.shard_of(&hash(slow))))
+            .find(|source| scripts.shard_of(&hash(source)) != scripts.shard_of(&hash(slow)))
             .expect("a variant of the quick script on the other thread");
         let (slow_done, mut finished) = mpsc::unbounded_channel();
         let slow_call = {
