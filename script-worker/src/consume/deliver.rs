@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use prost::Message as _;
 use tcpc_observe::Chain;
 use tcpc_proto::backoff::Backoff;
@@ -210,10 +210,7 @@ impl<'a> Delivery<'a> {
                 self.undelivered.extend(released);
                 self.count_reordering();
             }
-            let receiving = !draining
-                && self.retry_at.is_none()
-                && self.undelivered.len() + self.reorder.held() < MAX_IN_FLIGHT
-                && self.ledger.len() < MAX_UNACKNOWLEDGED;
+            let receiving = !draining && self.receiving();
             let retry_at = self.retry_at.unwrap_or_else(Instant::now);
             let hold_over_at = self.reorder.next_deadline();
             let ack_at = self.unacked.as_ref().map_or_else(Instant::now, |(_, _, since)| *since + ACK_DELAY);
@@ -240,25 +237,52 @@ impl<'a> Delivery<'a> {
                     self.count_reordering();
                 }
                 Event::Stop => draining = true,
-                Event::Pulled(Some(Ok(message))) => {
-                    if let Err(LostInTransit) = self.receive(message).await {
-                        draining = true;
+                Event::Pulled(next) => {
+                    draining = self.take(next).await;
+                    // What else the pull has ready comes in now: handed together, its
+                    // scripts run in one go.
+                    for _ in 1..HAND_PER_TURN {
+                        if draining || !self.receiving() {
+                            break;
+                        }
+                        let Some(next) = pulled.next().now_or_never() else { break };
+                        draining = self.take(next).await;
                     }
                 }
-                Event::Pulled(Some(Err(error))) if is_pull_over(&error) => {
-                    warn!(partition = self.partition, %error, "partition pull ended");
-                    draining = true;
-                }
-                Event::Pulled(Some(Err(error))) => {
-                    warn!(partition = self.partition, %error, "partition pull interrupted");
-                }
-                Event::Pulled(None) => draining = true,
             }
             if self.unacked.as_ref().is_some_and(|(_, covered, _)| *covered >= ACK_EVERY) {
                 self.acknowledge(false).await;
             }
         }
         self.acknowledge(true).await;
+    }
+
+    /// Whether another envelope may come in (no retry pending, room in flight and
+    /// unacknowledged).
+    fn receiving(&self) -> bool {
+        self.retry_at.is_none()
+            && self.undelivered.len() + self.reorder.held() < MAX_IN_FLIGHT
+            && self.ledger.len() < MAX_UNACKNOWLEDGED
+    }
+
+    /// Takes what the pull gave; whether the delivery must end (drain what is in
+    /// flight, then stop).
+    async fn take(
+        &mut self,
+        next: Option<Result<jetstream::Message, consumer::pull::MessagesError>>,
+    ) -> bool {
+        match next {
+            Some(Ok(message)) => matches!(self.receive(message).await, Err(LostInTransit)),
+            Some(Err(error)) if is_pull_over(&error) => {
+                warn!(partition = self.partition, %error, "partition pull ended");
+                true
+            }
+            Some(Err(error)) => {
+                warn!(partition = self.partition, %error, "partition pull interrupted");
+                false
+            }
+            None => true,
+        }
     }
 
     /// The consumer's continuous pull, opened again with back-off until `stop`.

@@ -269,9 +269,19 @@ pub enum Output {
 /// Calls for one engine thread, run in order, answered together: one hop to the
 /// thread and one back for the lot (a hop costs more than a small converter).
 struct Job {
-    calls: Vec<(library::Resolved, Call)>,
-    /// Each call's result, and how long the engine took for it.
-    answer: oneshot::Sender<Vec<(Result<Output, ScriptError>, Duration)>>,
+    calls: Vec<JobCall>,
+    answer: oneshot::Sender<Vec<Answer>>,
+}
+
+/// A call's result, and how long the engine took for it (none: not run).
+type Answer = (Result<Output, ScriptError>, Option<Duration>);
+
+struct JobCall {
+    script: library::Resolved,
+    call: Call,
+    /// The script's failures in a row for this device before the job: a job stops
+    /// running it for the device where the quarantine would have begun.
+    failures: u32,
 }
 
 /// A call for [`Scripts::run_all`]: the script reference (inline source or
@@ -346,10 +356,16 @@ impl Scripts {
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
                 let mut answers = Vec::with_capacity(job.calls.len());
-                for (script, call) in &job.calls {
+                let mut streaks = HashMap::new();
+                for JobCall { script, call, failures } in &job.calls {
                     if job.answer.is_closed() {
                         // Its caller is gone (shutdown, a cancelled batch): no CPU for it.
                         break;
+                    }
+                    let streak = streaks.entry((&script.hash, call.device_id())).or_insert(*failures);
+                    if *streak >= QUARANTINE_AFTER {
+                        answers.push((Err(ScriptError::Quarantined), None));
+                        continue;
                     }
                     let started = std::time::Instant::now();
                     let run = std::panic::AssertUnwindSafe(|| {
@@ -363,7 +379,8 @@ impl Scripts {
                         engine = kind.build(limits);
                         Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
                     });
-                    answers.push((result, started.elapsed()));
+                    *streak = if result.is_ok() { 0 } else { *streak + 1 };
+                    answers.push((result, Some(started.elapsed())));
                 }
                 if answers.len() == job.calls.len() {
                     let _ = job.answer.send(answers);
@@ -409,7 +426,7 @@ impl Scripts {
         let mut results: Vec<Option<Result<Output, ScriptError>>> = vec![None; calls.len()];
         let mut spans = Vec::with_capacity(calls.len());
         let mut keys = Vec::with_capacity(calls.len());
-        let mut shards: Vec<Vec<(usize, library::Resolved, Call)>> = vec![Vec::new(); self.shards.len()];
+        let mut shards: Vec<Vec<(usize, JobCall)>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
         for (index, ScriptCall { reference, call, span }) in calls.into_iter().enumerate() {
             spans.push((span, call.function()));
             let script = match self.library.resolve(reference) {
@@ -421,17 +438,17 @@ impl Scripts {
                 }
             };
             let key = (script.hash.clone(), call.device_id().to_owned());
-            if self.quarantined(&key) {
+            let Some(failures) = self.failures(&key) else {
                 results[index] = Some(Err(ScriptError::Quarantined));
                 keys.push(None);
                 continue;
-            }
+            };
             keys.push(Some(key));
-            shards[self.shard_of(&script.hash)].push((index, script, call));
+            shards[self.shard_of(&script.hash)].push((index, JobCall { script, call, failures }));
         }
         let jobs = shards.into_iter().enumerate().filter(|(_, calls)| !calls.is_empty()).map(
             |(shard, calls)| async move {
-                let indices: Vec<usize> = calls.iter().map(|(index, _, _)| *index).collect();
+                let indices: Vec<usize> = calls.iter().map(|(index, _)| *index).collect();
                 let answers = self.send_job(shard, calls).await;
                 indices.into_iter().zip(answers)
             },
@@ -445,8 +462,10 @@ impl Scripts {
         }
         let results: Vec<_> = results.into_iter().map(|r| r.expect("every call answered")).collect();
         for ((result, (span, function)), key) in results.iter().zip(&spans).zip(keys) {
+            // A call not run (busy, or quarantined during its job) says nothing of the
+            // script.
             if let Some(key) = key
-                && result != &Err(ScriptError::Busy)
+                && !matches!(result, Err(ScriptError::Busy | ScriptError::Quarantined))
             {
                 self.record(key, result.is_ok());
             }
@@ -463,15 +482,11 @@ impl Scripts {
 
     /// One job on engine thread `shard`: each call's result and the engine's time for
     /// it (none when the job was not run in time: [`ScriptError::Busy`]).
-    async fn send_job(
-        &self,
-        shard: usize,
-        calls: Vec<(usize, library::Resolved, Call)>,
-    ) -> Vec<(Result<Output, ScriptError>, Option<Duration>)> {
+    async fn send_job(&self, shard: usize, calls: Vec<(usize, JobCall)>) -> Vec<Answer> {
         let count = calls.len();
         let (answer, result) = oneshot::channel();
         let stopped = || ScriptError::Engine("the script thread stopped".to_owned());
-        let calls = calls.into_iter().map(|(_, script, call)| (script, call)).collect();
+        let calls = calls.into_iter().map(|(_, call)| call).collect();
         let queued = async {
             self.shards[shard].send(Job { calls, answer }).await.map_err(|_| stopped())?;
             result.await.map_err(|_| stopped())
@@ -480,7 +495,7 @@ impl Scripts {
         // job (its answer channel is closed).
         let deadline = QUEUE_WAIT + self.cpu_time * u32::try_from(count).unwrap_or(u32::MAX);
         match tokio::time::timeout(deadline, queued).await {
-            Ok(Ok(answers)) => answers.into_iter().map(|(result, took)| (result, Some(took))).collect(),
+            Ok(Ok(answers)) => answers,
             Ok(Err(error)) => vec![(Err(error), None); count],
             Err(_) => vec![(Err(ScriptError::Busy), None); count],
         }
@@ -494,9 +509,14 @@ impl Scripts {
         Ok(self.library.resolve(reference)?.hash)
     }
 
-    fn quarantined(&self, key: &HealthKey) -> bool {
+    /// The script's failures in a row for the device; none while it is quarantined.
+    fn failures(&self, key: &HealthKey) -> Option<u32> {
         let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        health.get(key).and_then(|h| h.quarantined_until).is_some_and(|until| Instant::now() < until)
+        match health.get(key) {
+            Some(h) if h.quarantined_until.is_some_and(|until| Instant::now() < until) => None,
+            Some(h) => Some(h.failures),
+            None => Some(0),
+        }
     }
 
     fn record(&self, key: HealthKey, ok: bool) {
@@ -549,6 +569,26 @@ mod tests {
             Ok(Output::Json(serde_json::json!({"ok": 1}))),
             "another device on the same script is served"
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_stops_running_a_script_for_a_device_where_its_quarantine_begins() {
+        let scripts = Scripts::start(EngineKind::Quickjs, Limits::default(), Library::new(None), 1).unwrap();
+        let shared = r#"function decode(b, ctx) { if (ctx.device_id === "bad") throw new Error("garbage"); return {ok: 1}; }"#;
+        let call = |device: &str| ScriptCall {
+            reference: shared,
+            call: decode_for(device),
+            span: tracing::Span::none(),
+        };
+        // One failure before the job: four more in it quarantine the script for "bad".
+        assert!(matches!(scripts.run(shared, decode_for("bad")).await, Err(ScriptError::Thrown { .. })));
+        let devices = ["bad", "bad", "good", "bad", "bad", "bad", "good"];
+        let results = scripts.run_all(devices.iter().map(|d| call(d)).collect()).await;
+        let labels: Vec<&str> =
+            results.iter().map(|r| r.as_ref().map_or_else(ScriptError::label, |_| "ok")).collect();
+        assert_eq!(labels, ["thrown", "thrown", "ok", "thrown", "thrown", "quarantined", "ok"]);
+        assert_eq!(scripts.run(shared, decode_for("bad")).await, Err(ScriptError::Quarantined));
+        assert!(scripts.run(shared, decode_for("good")).await.is_ok());
     }
 
     #[tokio::test]
