@@ -70,7 +70,6 @@ impl Pipeline {
         envelopes: Vec<(Bytes, Span)>,
         epoch: Epoch,
     ) -> Vec<Result<Handled, HandleError>> {
-        self.metrics.envelopes.inc_by(envelopes.len() as u64);
         let decoded: Vec<_> =
             envelopes.iter().map(|(encoded, _)| UplinkEnvelope::decode(&encoded[..])).collect();
         let to_map: Vec<_> = decoded
@@ -103,6 +102,8 @@ impl Pipeline {
                 break;
             }
         }
+        // Those after a failure are counted when they are handed again.
+        self.metrics.envelopes.inc_by(handled.len() as u64);
         handled
     }
 
