@@ -58,17 +58,20 @@ impl Pipeline {
     /// A transient failure: the lookups behind the mapping could not be made, or the
     /// sink cannot take messages (stopped).
     pub async fn handle(&self, encoded: Bytes, epoch: Epoch) -> Result<Handled, HandleError> {
-        let mut handled = self.handle_all(vec![(encoded, Span::current())], epoch).await;
+        let mut handled = self.handle_all(vec![(encoded, Span::current())], epoch, &|| true).await;
         handled.pop().expect("one result per envelope")
     }
 
     /// [`Pipeline::handle`] for envelopes in order, each under its span, mapped together
     /// (their scripts run in one go). Ends at the first failure: the envelopes after it
-    /// are not queued (they are handed again with it when it is retried).
+    /// are not queued (they are handed again with it when it is retried). Asks
+    /// `may_queue` before it queues each envelope's messages (a partition's lease can
+    /// lapse while the batch is mapped), and ends where it says no.
     pub async fn handle_all(
         &self,
         envelopes: Vec<(Bytes, Span)>,
         epoch: Epoch,
+        may_queue: &(dyn Fn() -> bool + Sync),
     ) -> Vec<Result<Handled, HandleError>> {
         let decoded: Vec<_> =
             envelopes.iter().map(|(encoded, _)| UplinkEnvelope::decode(&encoded[..])).collect();
@@ -80,8 +83,12 @@ impl Pipeline {
         let mut mapped = self.mapper.map_all(&to_map).await.into_iter();
         let mut handled = Vec::with_capacity(envelopes.len());
         for ((encoded, span), envelope) in envelopes.into_iter().zip(decoded) {
+            if !may_queue() {
+                break;
+            }
             let result = match envelope {
                 Err(error) => {
+                    let _in_span = span.enter();
                     self.metrics.uplink_errors.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
                     warn!(%error, "undecodable envelope");
                     Ok(self.dead_letter(encoded, format!("undecodable envelope: {error}"), "undecodable"))
@@ -152,4 +159,32 @@ async fn keep(
     letters.keep(envelope, reason).await.map_err(HandleError::DeadLetter)?;
     metrics.dead_letters.get_or_create(&ReasonLabel { reason: label }).inc();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::uplink::testing;
+
+    #[tokio::test]
+    async fn a_batch_ends_where_it_may_no_longer_queue() {
+        let mapper = testing::mapper();
+        let metrics = mapper.metrics.clone();
+        let pipeline = Pipeline {
+            mapper,
+            sink: Arc::new(crate::sink::JsonLines),
+            dead_letters: Arc::new(crate::dead_letter::LoggedDeadLetters),
+            metrics,
+        };
+        let envelopes =
+            (1..=3).map(|n| (Bytes::from(testing::raw("d", n).encode_to_vec()), Span::none())).collect();
+        // The lease holds for the first envelope only.
+        let asked = AtomicUsize::new(0);
+        let handled = pipeline.handle_all(envelopes, 0, &|| asked.fetch_add(1, Ordering::Relaxed) == 0).await;
+        assert_eq!(handled.len(), 1);
+        assert!(handled.into_iter().next().unwrap().unwrap().await.is_ok());
+        assert_eq!(pipeline.metrics.envelopes.get(), 1);
+    }
 }

@@ -139,7 +139,8 @@ impl Mapper {
             .collect();
         let mut outputs = self.scripts.run_all(calls).await.into_iter();
         let mut mapped = Vec::with_capacity(steps.len());
-        for (step, (envelope, _)) in steps.into_iter().zip(envelopes) {
+        for (step, (envelope, span)) in steps.into_iter().zip(envelopes) {
+            let _in_span = span.enter();
             let result = match step {
                 Step::Done(result) => result,
                 Step::Script { device, message_id, .. } => {
@@ -361,30 +362,11 @@ fn response(device: &Device, value: Json, topic: fn(&str) -> String) -> Result<P
     Ok(topics::envelope(topic(&message_id), &device.id, &bytes(&Json::Object(values))))
 }
 
+/// Unit tests' mapper: the one device `d`, custom, whose script returns `{n: <first
+/// byte>}` and throws on 0; the platform cannot be asked about the device `down`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use base64::Engine as _;
-    use serde_json::json;
-
-    fn device(kind: DeviceKind) -> Device {
-        Device {
-            id: "d".into(),
-            number: "D001".into(),
-            voucher_digest: String::new(),
-            kind,
-            sub_devices: vec![],
-            settings: Default::default(),
-        }
-    }
-
-    fn values(message: &PlatformMessage) -> Json {
-        let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
-        assert_eq!(envelope["device_id"], "d");
-        let raw =
-            base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
-        serde_json::from_slice(&raw).unwrap()
-    }
 
     /// Devices from a file, but the platform cannot be asked about `down` (transient).
     struct Flaky(crate::source::FileDevices);
@@ -416,7 +398,7 @@ mod tests {
         }
     }
 
-    fn raw(device_id: &str, byte: u8) -> UplinkEnvelope {
+    pub(crate) fn raw(device_id: &str, byte: u8) -> UplinkEnvelope {
         let uplink = Uplink {
             device_id: device_id.to_owned(),
             connection_id: "c".to_owned(),
@@ -427,8 +409,7 @@ mod tests {
         UplinkEnvelope { body: Some(uplink_envelope::Body::Uplink(uplink)) }
     }
 
-    #[tokio::test]
-    async fn envelopes_mapped_together_keep_their_order_and_end_at_a_transient_failure() {
+    pub(crate) fn mapper() -> Mapper {
         let file = r#"
 [[device]]
 token = "t1"
@@ -461,7 +442,39 @@ uplink_script = "function decode(b) { if (b[0] === 0) throw new Error('bad'); re
             None,
             tokio_util::task::TaskTracker::new(),
         ));
-        let mapper = Mapper { devices, routes, scripts, metrics, downlinks };
+        Mapper { devices, routes, scripts, metrics, downlinks }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+    use serde_json::json;
+    use testing::raw;
+
+    fn device(kind: DeviceKind) -> Device {
+        Device {
+            id: "d".into(),
+            number: "D001".into(),
+            voucher_digest: String::new(),
+            kind,
+            sub_devices: vec![],
+            settings: Default::default(),
+        }
+    }
+
+    fn values(message: &PlatformMessage) -> Json {
+        let envelope: Json = serde_json::from_slice(&message.payload).unwrap();
+        assert_eq!(envelope["device_id"], "d");
+        let raw =
+            base64::engine::general_purpose::STANDARD.decode(envelope["values"].as_str().unwrap()).unwrap();
+        serde_json::from_slice(&raw).unwrap()
+    }
+
+    #[tokio::test]
+    async fn envelopes_mapped_together_keep_their_order_and_end_at_a_transient_failure() {
+        let mapper = testing::mapper();
         let envelopes =
             [raw("d", 1), raw("d", 0), raw("nobody", 2), raw("d", 3), raw("down", 4), raw("d", 5)];
         let batch: Vec<_> = envelopes.iter().map(|e| (e, tracing::Span::none())).collect();

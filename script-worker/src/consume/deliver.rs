@@ -401,8 +401,12 @@ impl<'a> Delivery<'a> {
                 tcpc_proto::trace::follow_nats(&span, message.headers.as_ref());
                 (message.payload.clone(), span)
             })
-            .collect();
-        for handled in self.partitions.pipeline.handle_all(envelopes, self.epoch).await {
+            .collect::<Vec<_>>();
+        let count = envelopes.len();
+        let lease = self.lease;
+        let handled = self.partitions.pipeline.handle_all(envelopes, self.epoch, &|| lease.is_held()).await;
+        let short = handled.len() < count;
+        for handled in handled {
             match handled {
                 Ok(handled) => {
                     self.undelivered[self.handed].handled = Some(handled);
@@ -413,6 +417,9 @@ impl<'a> Delivery<'a> {
                     break;
                 }
             }
+        }
+        if short && !self.lease.is_held() {
+            return Err(LeaseLapsed);
         }
         Ok(())
     }

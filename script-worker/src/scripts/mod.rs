@@ -271,6 +271,9 @@ pub enum Output {
 struct Job {
     calls: Vec<JobCall>,
     answer: oneshot::Sender<Vec<Answer>>,
+    /// When it was queued: a job its thread reaches later than [`QUEUE_WAIT`] after
+    /// is answered busy without running.
+    queued: std::time::Instant,
 }
 
 /// A call's result, and how long the engine took for it (none: not run).
@@ -309,14 +312,15 @@ struct Health {
     quarantined_until: Option<Instant>,
 }
 
-/// How long a call may wait for its engine thread, beyond its own CPU time.
+/// How long a job may wait for its engine thread to reach it; past it the job is
+/// answered busy without running.
 pub const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// The scripts service: library resolution, engine threads, quarantine.
 pub struct Scripts {
     /// One queue per engine thread.
     shards: Vec<mpsc::Sender<Job>>,
-    /// One call's CPU time limit (its deadline is this plus [`QUEUE_WAIT`]).
+    /// One call's CPU time limit.
     cpu_time: Duration,
     library: Library,
     health: Mutex<HashMap<HealthKey, Health>>,
@@ -355,6 +359,11 @@ impl Scripts {
             let _runtime = runtime.as_ref().map(|r| r.enter());
             let mut engine = kind.build(limits);
             while let Some(job) = queue.blocking_recv() {
+                if job.queued.elapsed() > QUEUE_WAIT {
+                    let _ =
+                        job.answer.send(job.calls.iter().map(|_| (Err(ScriptError::Busy), None)).collect());
+                    continue;
+                }
                 let mut answers = Vec::with_capacity(job.calls.len());
                 let mut streaks = HashMap::new();
                 for JobCall { script, call, failures } in &job.calls {
@@ -421,7 +430,9 @@ impl Scripts {
     }
 
     /// Runs calls, each engine thread's share in one job (in the given order), and
-    /// returns their results in the same order.
+    /// returns their results in the same order. The calls are taken to be in their
+    /// messages' order: a busy one is retried with every call after it, so the outcomes
+    /// after it count only when they are made again (quarantine, error metrics).
     pub async fn run_all(&self, calls: Vec<ScriptCall<'_>>) -> Vec<Result<Output, ScriptError>> {
         let mut results: Vec<Option<Result<Output, ScriptError>>> = vec![None; calls.len()];
         let mut spans = Vec::with_capacity(calls.len());
@@ -461,7 +472,10 @@ impl Scripts {
             results[index] = Some(result);
         }
         let results: Vec<_> = results.into_iter().map(|r| r.expect("every call answered")).collect();
-        for ((result, (span, function)), key) in results.iter().zip(&spans).zip(keys) {
+        // The calls are in their messages' order, and a busy one is retried with every
+        // message after it: what those calls did is done again then, and counted then.
+        let retried = results.iter().position(|r| r == &Err(ScriptError::Busy)).unwrap_or(results.len());
+        for ((result, (span, function)), key) in results.iter().zip(&spans).zip(keys).take(retried + 1) {
             // A call not run (busy, or quarantined during its job) says nothing of the
             // script.
             if let Some(key) = key
@@ -487,13 +501,15 @@ impl Scripts {
         let (answer, result) = oneshot::channel();
         let stopped = || ScriptError::Engine("the script thread stopped".to_owned());
         let calls = calls.into_iter().map(|(_, call)| call).collect();
+        let job = Job { calls, answer, queued: std::time::Instant::now() };
         let queued = async {
-            self.shards[shard].send(Job { calls, answer }).await.map_err(|_| stopped())?;
+            self.shards[shard].send(job).await.map_err(|_| stopped())?;
             result.await.map_err(|_| stopped())
         };
-        // Each call has its CPU time; past the deadline the engine skips the rest of the
-        // job (its answer channel is closed).
-        let deadline = QUEUE_WAIT + self.cpu_time * u32::try_from(count).unwrap_or(u32::MAX);
+        // The engine answers a job it reaches too late as busy, and each call has its CPU
+        // time: this bound is only for an engine that does neither (past it, the engine
+        // skips the rest of the job: its answer channel is closed).
+        let deadline = 2 * QUEUE_WAIT + self.cpu_time * u32::try_from(count).unwrap_or(u32::MAX);
         match tokio::time::timeout(deadline, queued).await {
             Ok(Ok(answers)) => answers,
             Ok(Err(error)) => vec![(Err(error), None); count],
@@ -626,6 +642,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_reached_too_late_is_busy_and_what_comes_after_it_counts_when_retried() {
+        let limits = Limits { cpu_time: QUEUE_WAIT + Duration::from_secs(1), ..Limits::default() };
+        let scripts = Scripts::start(EngineKind::Quickjs, limits, Library::new(None), 2).unwrap();
+        let slow = "function decode(b) { while (true) {} }";
+        let on_thread = |thread: usize, body: &str| {
+            (0..1000)
+                .map(|n| format!("function decode(b) {{ {body} }} // {n}"))
+                .find(|source| scripts.shard_of(&hash(source)) == thread)
+                .expect("a variant on that thread")
+        };
+        let behind = on_thread(scripts.shard_of(&hash(slow)), "return {ok: 1};");
+        let throws = on_thread(1 - scripts.shard_of(&hash(slow)), "throw new Error('bad');");
+        // The slow call is queued first (one poll sends its job), and holds its thread
+        // past the queue wait of the job queued behind it.
+        let mut slow_call = Box::pin(scripts.run(slow, decode_for("a")));
+        assert!(futures::poll!(&mut slow_call).is_pending());
+        let call = |reference, device| ScriptCall {
+            reference,
+            call: decode_for(device),
+            span: tracing::Span::none(),
+        };
+        let results = scripts.run_all(vec![call(&behind, "b"), call(&throws, "c")]).await;
+        assert_eq!(results[0], Err(ScriptError::Busy));
+        assert!(matches!(results[1], Err(ScriptError::Thrown { .. })), "{:?}", results[1]);
+        // The failure after the busy call is not counted: it comes again with the retry.
+        assert_eq!(scripts.failures(&(hash(&throws), "c".to_owned())), Some(0));
+        assert_eq!(slow_call.await, Err(ScriptError::Timeout));
     }
 
     #[tokio::test(flavor = "multi_thread")]
