@@ -9,6 +9,9 @@ use script_worker::scripts::{self, Call, CallContext, Output};
 use tcpc_observe::{exit_status, usage_error};
 use tokio::net::TcpListener;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
