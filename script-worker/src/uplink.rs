@@ -99,15 +99,6 @@ enum Step {
 }
 
 impl Mapper {
-    /// What `envelope` becomes.
-    ///
-    /// # Errors
-    /// It cannot be mapped (reported here: log and metric).
-    pub async fn map(&self, envelope: &UplinkEnvelope) -> Result<Vec<PlatformMessage>, MapError> {
-        let mut mapped = self.map_all(&[(envelope, tracing::Span::current())]).await;
-        mapped.pop().expect("one result per envelope")
-    }
-
     /// What each envelope becomes, in order, each under its span. The scripts of all of
     /// them run together (one hop per engine thread, not one per message). Ends after
     /// the first transient failure: the envelopes after it are mapped again when it is
