@@ -371,8 +371,10 @@ impl Scripts {
                         // Its caller is gone (shutdown, a cancelled batch): no CPU for it.
                         break;
                     }
-                    let streak = streaks.entry((&script.hash, call.device_id())).or_insert(*failures);
-                    if *streak >= QUARANTINE_AFTER {
+                    // Kept only for a device whose script failed: none in the usual job.
+                    let key = (&script.hash, call.device_id());
+                    let streak = streaks.get(&key).copied().unwrap_or(*failures);
+                    if streak >= QUARANTINE_AFTER {
                         answers.push((Err(ScriptError::Quarantined), None));
                         continue;
                     }
@@ -388,7 +390,11 @@ impl Scripts {
                         engine = kind.build(limits);
                         Err(ScriptError::Engine("the script engine failed on this call".to_owned()))
                     });
-                    *streak = if result.is_ok() { 0 } else { *streak + 1 };
+                    match (&result, streak) {
+                        (Ok(_), 0) => {}
+                        (Ok(_), _) => drop(streaks.insert(key, 0)),
+                        (Err(_), _) => drop(streaks.insert(key, streak + 1)),
+                    }
                     answers.push((result, Some(started.elapsed())));
                 }
                 if answers.len() == job.calls.len() {
