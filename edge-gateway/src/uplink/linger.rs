@@ -196,16 +196,22 @@ mod tests {
 
     const LINGER: Duration = Duration::from_millis(5);
 
+    /// A linger to a recorder, the time it started, after its first publish ("a").
+    async fn started() -> (Recorder, Linger, Instant) {
+        let recorder = Recorder::default();
+        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
+        let start = Instant::now();
+        publish(&linger, "a").await.await.unwrap();
+        (recorder, linger, start)
+    }
+
     async fn publish(linger: &Linger, subject: &str) -> AckFuture {
         linger.publish(subject.to_owned(), PublishMessage::build()).await.unwrap()
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_publish_after_a_quiet_spell_goes_at_once_and_those_soon_after_wait_together() {
-        let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
-        let start = Instant::now();
-        publish(&linger, "a").await.await.unwrap();
+        let (recorder, linger, start) = started().await;
         assert_eq!(recorder.sent(), [("a".to_owned(), start)], "nothing went before it");
         tokio::time::sleep(Duration::from_millis(2)).await;
         let b = publish(&linger, "b").await;
@@ -224,10 +230,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_burst_goes_out_without_lingering() {
-        let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
-        let start = Instant::now();
-        publish(&linger, "first").await.await.unwrap();
+        let (recorder, linger, start) = started().await;
         // Within the linger of that one, all queued before the burst task runs (no
         // co-operative yield in between).
         let acks = tokio::task::unconstrained(async {
@@ -245,16 +248,13 @@ mod tests {
         assert_eq!(sent.len(), 1 + BURST);
         assert!(sent.iter().all(|(_, at)| *at == start), "none waited");
         let order: Vec<String> =
-            std::iter::once("first".to_owned()).chain((0..BURST).map(|n| n.to_string())).collect();
+            std::iter::once("a".to_owned()).chain((0..BURST).map(|n| n.to_string())).collect();
         assert_eq!(sent.into_iter().map(|(subject, _)| subject).collect::<Vec<_>>(), order);
     }
 
     #[tokio::test(start_paused = true)]
     async fn sent_waits_for_what_was_queued_before_it() {
-        let recorder = Recorder::default();
-        let linger = Linger::spawn_to(recorder.clone(), LINGER, Arc::new(LastAck::new()));
-        let start = Instant::now();
-        publish(&linger, "a").await.await.unwrap();
+        let (recorder, linger, start) = started().await;
         tokio::time::sleep(Duration::from_millis(1)).await;
         let _ack = publish(&linger, "b").await;
         linger.sent().await.unwrap();
